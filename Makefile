@@ -1,0 +1,32 @@
+# `make demo` and `make test` each work as the only command on a fresh machine: they install first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT := results/runs
+DEMO_EPOCHS ?=
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+demo: $(STAMP)
+	$(BIN)/python -m cilbench.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check cilbench methods tests
+
+bench: $(STAMP)
+	$(BIN)/cilbench bench
+
+clean:
+	rm -rf results/runs results/report

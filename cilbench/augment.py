@@ -1,0 +1,144 @@
+"""Batched augmentation on the device, drawn from a seeded generator.
+
+Each op takes a float batch in [0, 1] (N, C, H, W) and returns one of the same kind; no per-sample Python.
+Semantics follow torchvision's transforms of the same name (RandomCrop with zero padding, ColorJitter
+factors drawn uniformly in [1-b, 1+b]); ColorJitter's ops are applied in a fixed order rather than a random
+one, which is the one documented difference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .protocol import AugmentConfig
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, device=device, generator=gen) * (hi - lo) + lo
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """RandomCrop(size, padding): zero-pad, then take a window at a random offset per image."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=gen)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=gen)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]          # n, h, 1
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]          # n, 1, w
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], device=x.device, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], gen: torch.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """RandomResizedCrop: a random area fraction and aspect ratio per image, bilinear resample."""
+    n = x.shape[0]
+    area = _uniform(n, scale[0], scale[1], gen, x.device)
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen, x.device)
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).clamp(max=1.0)
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(n, device=x.device, generator=gen) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, device=x.device, generator=gen) * 2 - 1) * (1 - h)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor[:, None, None, None] * x + (1 - factor[:, None, None, None]) * other).clamp_(0, 1)
+
+
+def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float,
+                 gen: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    if brightness > 0:
+        x = _blend(x, torch.zeros_like(x), _uniform(n, max(0.0, 1 - brightness), 1 + brightness, gen, x.device))
+    if contrast > 0:
+        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = _blend(x, mean.expand_as(x), _uniform(n, max(0.0, 1 - contrast), 1 + contrast, gen, x.device))
+    if saturation > 0 and x.shape[1] == 3:
+        x = _blend(x, _gray(x).expand_as(x), _uniform(n, max(0.0, 1 - saturation), 1 + saturation, gen, x.device))
+    return x
+
+
+def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    pick = torch.rand(x.shape[0], device=x.device, generator=gen) < p
+    return torch.where(pick[:, None, None, None], _gray(x).expand_as(x), x)
+
+
+def cutout(x: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero a side x side square (clipped at the border) centred at a random pixel of each image."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n,), device=x.device, generator=gen)
+    cx = torch.randint(0, w, (n,), device=x.device, generator=gen)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    inside = ((ys - cy[:, None, None]).abs() <= side // 2) & ((xs - cx[:, None, None]).abs() <= side // 2)
+    if side % 2 == 0:   # even side: the square spans [c - side/2, c + side/2)
+        inside &= (ys - cy[:, None, None] < side // 2) & (xs - cx[:, None, None] < side // 2)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
+class Augmenter:
+    """Turns uint8 batches into normalised float batches: `train` with the card's ops, `test` without."""
+
+    def __init__(self, cfg: AugmentConfig, channels: int, device: torch.device,
+                 channels_last: bool = False):
+        self.cfg = cfg
+        mean = cfg.mean if len(cfg.mean) == channels else [sum(cfg.mean) / len(cfg.mean)] * channels
+        std = cfg.std if len(cfg.std) == channels else [sum(cfg.std) / len(cfg.std)] * channels
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.device = device
+        self.channels_last = channels_last
+        self.gen = torch.Generator(device=device)
+
+    def seed(self, seed: int) -> None:
+        self.gen.manual_seed(seed)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).float().div_(255.0)
+
+    def test(self, images: torch.Tensor) -> torch.Tensor:
+        return self._finish(self.to_float(images))
+
+    def train(self, images: torch.Tensor) -> torch.Tensor:
+        cfg, g = self.cfg, self.gen
+        x = self.to_float(images)
+        if cfg.random_resized_crop:
+            x = random_resized_crop(x, cfg.random_resized_crop, tuple(cfg.rrc_scale), g)
+        if cfg.crop_padding:
+            x = random_crop(x, cfg.crop_padding, g)
+        if cfg.flip:
+            x = random_flip(x, g)
+        if cfg.brightness or cfg.contrast or cfg.saturation:
+            x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, g)
+        if cfg.grayscale_p:
+            x = random_grayscale(x, cfg.grayscale_p, g)
+        x = (x - self.mean) / self.std
+        if cfg.cutout:
+            x = cutout(x, cfg.cutout, g)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x

@@ -1,0 +1,132 @@
+"""Backbones with explicit channel widths, so a (pruned) network can be rebuilt from its spec.
+
+A spec is a plain dict: {"name", "in_channels", "stem", "stem_kind", "shortcut", "stages"} where
+`stages` lists, per stage, the blocks as [inner width, output width]. The standard architectures are specs
+generated from (name, width); pruning produces narrower specs of the same shape.
+
+- resnet32 / resnet20: the CIFAR ResNets of iCaRL/PyCIL (16-32-64, option-A shortcuts, 64-d features;
+  resnet32 has 0.46M parameters);
+- resnet18_cifar: 3x3 stem, no max-pool (DER's CIFAR ResNet-18, 512-d);
+- resnet18_imagenet: 7x7/2 stem + max-pool (512-d);
+- resnet18_reduced: nf=20, CIFAR stem (the "reduced ResNet-18" of GEM/ER/PCR, 160-d).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+STANDARD = {
+    # name: (blocks per stage, default base width, stage width multipliers, stem kind, shortcut kind)
+    "resnet32": (5, 16, (1, 2, 4), "cifar", "A"),
+    "resnet20": (3, 16, (1, 2, 4), "cifar", "A"),
+    "resnet18_cifar": (2, 64, (1, 2, 4, 8), "cifar", "B"),
+    "resnet18_imagenet": (2, 64, (1, 2, 4, 8), "imagenet", "B"),
+    "resnet18_reduced": (2, 20, (1, 2, 4, 8), "cifar", "B"),
+}
+
+
+def standard_spec(name: str, in_channels: int = 3, width: int = 0) -> dict:
+    if name not in STANDARD:
+        raise UserError(f"unknown backbone '{name}'; known: {', '.join(STANDARD)}")
+    blocks, default_width, mults, stem_kind, shortcut = STANDARD[name]
+    base = width or default_width
+    stages = [[[base * m, base * m] for _ in range(blocks)] for m in mults]
+    return {"name": name, "in_channels": in_channels, "stem": base, "stem_kind": stem_kind,
+            "shortcut": shortcut, "stages": stages}
+
+
+class ShortcutA(nn.Module):
+    """Parameter-free shortcut: stride-2 subsampling and zero channels appended (PyCIL DownsampleA)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.pad, self.stride = out_channels - in_channels, stride
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = F.avg_pool2d(x, 1, self.stride)   # == x[..., ::2, ::2], as PyCIL
+        if self.pad > 0:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.pad))
+        elif self.pad < 0:
+            x = x[:, : x.shape[1] + self.pad]
+        return x
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, mid_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid_ch)
+        self.conv2 = nn.Conv2d(mid_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        if stride == 1 and in_ch == out_ch:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ShortcutA(in_ch, out_ch, stride)
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Feature extractor: image -> d-dim feature after global average pooling.
+
+    `forward_stages` returns the output of the stem and of every stage (EXACFS-style methods use them).
+    """
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = copy.deepcopy(spec)
+        stem = spec["stem"]
+        if spec["stem_kind"] == "imagenet":
+            self.stem = nn.Sequential(nn.Conv2d(spec["in_channels"], stem, 7, 2, 3, bias=False),
+                                      nn.BatchNorm2d(stem), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(spec["in_channels"], stem, 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+        stages, in_ch = [], stem
+        for s, blocks in enumerate(spec["stages"]):
+            layers = []
+            for b, (mid, out) in enumerate(blocks):
+                stride = 2 if (s > 0 and b == 0) else 1
+                layers.append(BasicBlock(in_ch, mid, out, stride, spec["shortcut"]))
+                in_ch = out
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        self.out_dim = in_ch
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = [self.stem(x)]
+        for stage in self.stages:
+            outs.append(stage(outs[-1]))
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def build_backbone(name_or_spec: str | dict, in_channels: int = 3, width: int = 0) -> ResNet:
+    spec = name_or_spec if isinstance(name_or_spec, dict) else standard_spec(name_or_spec, in_channels, width)
+    return ResNet(spec)
+
+
+def count_params(*modules: nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())

@@ -1,0 +1,136 @@
+"""The `cilbench` command line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import yaml
+
+from .errors import TrainingDiverged, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Class-incremental learning benchmark: one protocol, one trainer, one metric path.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    method: str = typer.Option(..., "--method", "-m", help="method name (see `cilbench list`)"),
+    protocol: str = typer.Option(..., "--protocol", "-p", help="card name from protocols/ or a YAML path"),
+    seed: int = typer.Option(0, help="seed for initialisation, batch order and augmentation"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key: train.lr=0.05, der.aux_weight=0.5"),
+    epochs: Optional[int] = typer.Option(None, help="cap every training phase at N epochs (quick tries)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    data_root: Optional[str] = typer.Option(None, help="data folder (else $CILBENCH_DATA, else a cache dir)"),
+    out: str = typer.Option("results/runs", help="root of the run directories"),
+    tag: Optional[str] = typer.Option(None, help="suffix of the run name: <method>+<tag>"),
+    resume: bool = typer.Option(False, help="continue an unfinished run after its last finished task"),
+    force: bool = typer.Option(False, help="replace an existing run directory"),
+    deterministic: bool = typer.Option(False, help="deterministic algorithms (slower; exact replays)"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N tasks, leaving a resumable run"),
+    quiet: bool = typer.Option(False, help="no progress output"),
+):
+    """Run one method on one protocol; results go to <out>/<protocol>/<method>[+<tag>]/seed<k>/."""
+    from .runner import RunRequest, execute
+    from .summary import print_run_summary
+    if epochs is not None and epochs < 1:
+        _fail(f"--epochs must be >= 1, got {epochs}")
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    request = RunRequest(method=method, protocol=protocol, seed=seed, overrides=list(set_), epochs=epochs,
+                         device=device, data_root=data_root, out=out, tag=tag, resume=resume, force=force,
+                         deterministic=deterministic, stop_after=stop_after, quiet=quiet)
+    try:
+        path = execute(request)
+    except UserError as exc:
+        _fail(str(exc))
+    except TrainingDiverged as exc:
+        _fail(f"run failed: {exc}", code=1)
+    except KeyboardInterrupt:
+        _fail("interrupted; the run can be continued with --resume", code=130)
+    print_run_summary(path)
+
+
+@app.command("list")
+def list_():
+    """Methods (regimes, exemplars) and protocols (task counts)."""
+    from .method import known_methods
+    from .protocol import known_protocols, load_protocol
+    typer.echo("methods:")
+    for name, entry in known_methods().items():
+        cls = entry.cls
+        memory = "exemplars" if cls.uses_exemplars else "no exemplars"
+        alias = f" (= {cls.family} with {entry.defaults})" if entry.defaults else ""
+        typer.echo(f"  {name:<14} {'/'.join(cls.regimes):<15} {memory:<13} {cls.summary}{alias}")
+    typer.echo("protocols:")
+    for name in known_protocols():
+        p = load_protocol(name)
+        typer.echo(f"  {name:<26} {p.dataset:<11} {p.regime:<8} {p.tasks:>3} tasks  {p.description}")
+
+
+@app.command("show-protocol")
+def show_protocol(protocol: str = typer.Argument(..., help="card name or YAML path")):
+    """Print the fully resolved protocol card."""
+    from .config import to_dict
+    from .protocol import load_protocol
+    try:
+        p = load_protocol(protocol)
+    except UserError as exc:
+        _fail(str(exc))
+    resolved = to_dict(p)
+    resolved["task_sizes"] = p.task_sizes
+    typer.echo(yaml.safe_dump(resolved, sort_keys=False).rstrip())
+
+
+@app.command()
+def download(dataset: str = typer.Argument(..., help="cifar10 | cifar100"),
+             data_root: Optional[str] = typer.Option(None, help="target folder")):
+    """Download a data set in torchvision's format (needs internet)."""
+    from .data import default_data_root, download as fetch
+    try:
+        root = fetch(dataset, Path(data_root) if data_root else default_data_root())
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"{dataset} is in {root}")
+
+
+@app.command()
+def report(runs: str = typer.Option("results/runs", help="root of the run directories"),
+           out: str = typer.Option("results/report", help="where tables, plots and index.html go"),
+           protocol: List[str] = typer.Option([], "--protocol", help="only these protocols"),
+           methods: List[str] = typer.Option([], "--methods", help="only these run names / methods"),
+           metric: List[str] = typer.Option([], "--metric", help="only these metric columns (avg, last, bwt, ...)")):
+    """Paper-style tables, plots and an HTML report from every run found."""
+    from .report import build_report
+    try:
+        index = build_report(Path(runs), Path(out), protocols=protocol or None, methods=methods or None,
+                             metrics=metric or None)
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"report written: {index}")
+
+
+@app.command()
+def bench(device: str = typer.Option("auto"), images: int = typer.Option(10000, help="images per pipeline test"),
+          steps: int = typer.Option(30, help="training steps per timing")):
+    """Throughput of the engine's data pipeline and training step against reference paths."""
+    from .bench import run_bench
+    run_bench(device, images, steps)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:   # errors raised outside a command body
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The one fit loop every method trains through, plus batched feature extraction.
+
+Methods hand the engine a loss function, the parameters to train and an index set into the stream's
+training tensors; the engine does batching, on-device augmentation, the optimiser and schedule, bf16
+autocast on CUDA, gradient clipping, a NaN/inf guard and per-epoch events.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Literal
+
+import torch
+from torch import nn
+
+from .augment import Augmenter
+from .errors import TrainingDiverged
+from .protocol import TrainConfig
+from .stream import Stream
+
+
+@dataclass
+class RuntimeOptions:
+    """How a run executes; none of these change the protocol."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True              # bf16 autocast on CUDA
+    channels_last: bool = True    # on CUDA
+    compile: bool = False         # torch.compile each network the method prepares
+    deterministic: bool = False
+    max_epochs: int | None = None  # cap for every training phase (--epochs)
+    threads: int = 0              # CPU threads (0 = torch default)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=False)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+@dataclass
+class Batch:
+    """What a loss function receives. `views[0]` is the first augmented view; `x` is an alias for it."""
+    views: list[torch.Tensor]
+    y: torch.Tensor
+    idx: torch.Tensor
+    epoch: int
+    step: int                 # batch index within the epoch, 0-based
+    steps_per_epoch: int
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.views[0]
+
+
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    final_loss: float
+    seconds: float
+    images: int = 0
+    history: list[float] = field(default_factory=list)
+
+
+def schedule_factor(cfg: TrainConfig, epochs: int, epoch: int) -> float:
+    """Learning-rate multiplier for a 0-based epoch. When a phase is capped below its budget the warm-up and
+    milestones shrink in proportion, so a short run keeps the schedule's shape."""
+    scale = epochs / cfg.epochs
+    warmup = min(round(cfg.warmup_epochs * scale), max(epochs - 1, 0))
+    if epoch < warmup:
+        return (epoch + 1) / warmup
+    e, span = epoch - warmup, max(epochs - warmup, 1)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * e / span))
+    if cfg.schedule == "multistep":
+        passed = sum(1 for m in cfg.milestones if e >= round(m * scale))
+        return cfg.gamma ** passed
+    return 1.0
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Engine:
+    def __init__(self, stream: Stream, options: RuntimeOptions, device: torch.device,
+                 on_epoch: Callable[[dict], None] | None = None):
+        self.stream = stream
+        self.options = options
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.channels_last = options.channels_last and self.cuda
+        self.augmenter = Augmenter(stream.protocol.augment, stream.image_shape[0], device, self.channels_last)
+        self.order_gen = torch.Generator()
+        self.on_epoch = on_epoch
+        self.task = 0
+
+    # --- seeding ------------------------------------------------------------------------------------
+    def begin_task(self, seed: int, task: int) -> None:
+        """Reseed every generator from (seed, task): a resumed run replays exactly what a full run does."""
+        self.task = task
+        task_seed = seed * 100_003 + task
+        torch.manual_seed(task_seed)
+        self.order_gen.manual_seed(task_seed)
+        self.augmenter.seed(task_seed + 1)
+
+    # --- modules ------------------------------------------------------------------------------------
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Move a network to the device (channels_last on CUDA) and compile it if asked."""
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if self.options.compile:
+            module.compile()
+        return module
+
+    def autocast(self):
+        if self.cuda and self.options.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def epochs_for(self, cfg: TrainConfig) -> int:
+        cap = self.options.max_epochs
+        return min(cfg.epochs, cap) if cap else cfg.epochs
+
+    # --- data ---------------------------------------------------------------------------------------
+    def batches(self, indices: torch.Tensor, batch_size: int, shuffle: bool, drop_last: bool = False):
+        n = len(indices)
+        order = torch.randperm(n, generator=self.order_gen) if shuffle else torch.arange(n)
+        order = order.to(indices.device)
+        stop = n - n % batch_size if (drop_last and n >= batch_size) else n
+        for start in range(0, stop, batch_size):
+            yield indices[order[start:start + batch_size]]
+
+    def train_views(self, idx: torch.Tensor, views: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+        images = self.stream.train.images[idx]
+        labels = self.stream.train.labels[idx].to(self.device, non_blocking=True)
+        return [self.augmenter.train(images) for _ in range(views)], labels
+
+    # --- training -----------------------------------------------------------------------------------
+    def fit(self, params: Iterable, loss_fn: LossFn, indices: torch.Tensor, cfg: TrainConfig, *,
+            phase: str = "train", views: int = 1, modules: Iterable[nn.Module] = (),
+            before_step: Callable[[Batch], None] | None = None,
+            after_step: Callable[[Batch], None] | None = None, drop_last: bool = False,
+            shuffle: bool = True) -> FitResult:
+        """Train `params` to minimise `loss_fn` over `indices` (into the stream's train split).
+
+        `modules` are put in train mode at every epoch start (frozen parts of an ExtractorStack stay in eval).
+        `before_step` runs between backward and the optimiser step (gradient surgery, e.g. DER's mask
+        gradient compensation); `after_step` after it (online replay updates its buffer there).
+        """
+        params = list(params)
+        optimizer = make_optimizer(params, cfg)
+        flat = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+        epochs = self.epochs_for(cfg)
+        steps = math.ceil(len(indices) / cfg.batch_size) if not drop_last else max(len(indices) // cfg.batch_size, 1)
+        result = FitResult(epochs=epochs, final_loss=float("nan"), seconds=0.0)
+        start = time.perf_counter()
+        for epoch in range(epochs):
+            factor = schedule_factor(cfg, epochs, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * factor
+            for m in modules:
+                m.train()
+            t0, seen = time.perf_counter(), 0
+            loss_sum = torch.zeros((), device=self.device)
+            for step, idx in enumerate(self.batches(indices, cfg.batch_size, shuffle, drop_last)):
+                views_x, y = self.train_views(idx, views)
+                batch = Batch(views_x, y, idx, epoch, step, steps)
+                with self.autocast():
+                    loss = loss_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if before_step is not None:
+                    before_step(batch)
+                if cfg.clip_norm:
+                    torch.nn.utils.clip_grad_norm_(flat, cfg.clip_norm)
+                optimizer.step()
+                if after_step is not None:
+                    after_step(batch)
+                loss_sum += loss.detach().float()
+                seen += len(idx)
+            mean_loss = float(loss_sum) / max(steps, 1)   # one sync per epoch
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(self.task, epoch, phase)
+            seconds = time.perf_counter() - t0
+            result.history.append(mean_loss)
+            result.images += seen
+            if self.on_epoch is not None:
+                self.on_epoch({"task": self.task, "phase": phase, "epoch": epoch, "epochs": epochs,
+                               "loss": mean_loss, "lr": cfg.lr * factor, "seconds": seconds,
+                               "images_per_s": seen / max(seconds, 1e-9)})
+        result.final_loss = result.history[-1] if result.history else float("nan")
+        result.seconds = time.perf_counter() - start
+        return result
+
+    # --- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tensor, split: str = "train",
+              batch_size: int | None = None) -> torch.Tensor:
+        """fn over test-transformed images of `split` at `indices`, batched, concatenated (float32)."""
+        data = getattr(self.stream, split)
+        batch_size = batch_size or self.stream.protocol.eval_batch_size
+        outs = []
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            with self.autocast():
+                outs.append(fn(self.augmenter.test(data.images[idx])).float())
+        if not outs:
+            return torch.empty(0, device=self.device)
+        return torch.cat(outs)
+
+
+def phase_config(base: TrainConfig, **changes) -> TrainConfig:
+    """A training phase derived from the protocol's budget (e.g. KD: weight_decay=0, epochs=130)."""
+    return replace(base, **changes)

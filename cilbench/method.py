@@ -1,0 +1,146 @@
+"""The method plug-in contract and registry.
+
+A method is a class in methods/<name>.py decorated with `@register("name")`. It declares a typed config
+(dataclass with the paper's defaults), whether it uses exemplars and which regimes it supports, and
+implements `learn`, `scores`, `inference_footprint`, `state_dict` / `load_state_dict`. The harness does
+evaluation, memory updates, checkpoints and metrics; a method never evaluates itself.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .backbones import build_backbone
+from .engine import Engine
+from .errors import UserError
+from .memory import ExemplarMemory, ReservoirMemory
+from .protocol import Protocol
+from .stream import Stream, Task
+
+
+@dataclass
+class NoOptions:
+    """This method has no options of its own."""
+
+
+@dataclass
+class Context:
+    """What a method gets from the harness."""
+    protocol: Protocol
+    stream: Stream
+    engine: Engine
+    memory: ExemplarMemory | ReservoirMemory | None
+    device: torch.device
+    seed: int
+    log: Any = None           # callable(str) for progress messages
+    extra: dict = field(default_factory=dict)
+
+    def new_backbone(self) -> nn.Module:
+        spec = self.protocol.backbone
+        return self.engine.prepare(build_backbone(spec.name, self.stream.image_shape[0], spec.width))
+
+    def train_indices(self, task: Task) -> torch.Tensor:
+        """New-class samples plus the exemplars this protocol and method are allowed."""
+        if self.memory is None or not len(self.memory):
+            return task.train_idx
+        return torch.cat([task.train_idx, self.memory.indices().to(task.train_idx.device)])
+
+    def seen_indices(self, task: Task) -> torch.Tensor:
+        """Every training sample of every class seen so far (the joint upper bound only)."""
+        return torch.nonzero(self.stream.train.labels < task.n_seen).flatten()
+
+
+@dataclass
+class Footprint:
+    extractors: int
+    params: int
+
+
+class Method:
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""                 # config section shared by aliases (der_prune -> der)
+    Config: ClassVar[type] = NoOptions
+    uses_exemplars: ClassVar[bool] = True
+    regimes: ClassVar[tuple[str, ...]] = ("offline",)
+    summary: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any, ctx: Context):
+        self.cfg = cfg
+        self.ctx = ctx
+
+    @classmethod
+    def run_tag(cls, cfg: Any) -> str | None:
+        """A tag that belongs in the run name (e.g. the pool size of TSD: 'N3')."""
+        return None
+
+    def learn(self, task: Task, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def networks(self) -> list[nn.Module]:
+        """Modules put in eval mode before evaluation and herding."""
+        raise NotImplementedError
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores over all seen classes for a normalised batch."""
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features herding selects exemplars on (DER: the concatenated super-feature)."""
+        raise NotImplementedError
+
+    def inference_footprint(self) -> Footprint:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def eval(self) -> None:
+        for net in self.networks():
+            net.eval()
+
+
+@dataclass
+class Entry:
+    cls: type[Method]
+    defaults: dict
+
+
+REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, **defaults):
+    """Class decorator: `@register("der")`; `register("der_prune", prune=True)(DER)` adds an alias."""
+    def wrap(cls: type[Method]) -> type[Method]:
+        if not cls.name:
+            cls.name = name
+        if not cls.family:
+            cls.family = cls.name
+        REGISTRY[name] = Entry(cls, defaults)
+        return cls
+    return wrap
+
+
+def load_plugins() -> None:
+    import methods
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"methods.{info.name}")
+
+
+def get_method(name: str) -> Entry:
+    load_plugins()
+    if name not in REGISTRY:
+        raise UserError(f"unknown method '{name}'; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def known_methods() -> dict[str, Entry]:
+    load_plugins()
+    return dict(sorted(REGISTRY.items()))

@@ -1,0 +1,307 @@
+"""One run: resolve the config, build stream/engine/memory/method, learn task by task, evaluate, store."""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import apply_override, build, parse_override, to_dict
+from .data import load_dataset
+from .engine import Engine, RuntimeOptions, resolve_device, set_deterministic
+from .errors import TrainingDiverged, UserError
+from .memory import ExemplarMemory, make_memory
+from .method import Context, Entry, Method, get_method
+from .metrics import summarize
+from .protocol import Protocol, build_protocol, card_path, load_card
+from .store import RunStore, run_dir
+from .stream import Stream, Task
+
+
+@dataclass
+class RunRequest:
+    method: str
+    protocol: str
+    seed: int = 0
+    overrides: list[str] = field(default_factory=list)
+    epochs: int | None = None
+    device: str = "auto"
+    data_root: str | None = None
+    out: str = "results/runs"
+    tag: str | None = None
+    resume: bool = False
+    force: bool = False
+    deterministic: bool = False
+    stop_after: int | None = None
+    quiet: bool = False
+
+
+@dataclass
+class Resolved:
+    entry: Entry
+    protocol: Protocol
+    method_cfg: Any
+    runtime: RuntimeOptions
+    run_name: str
+    config: dict
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve(request: RunRequest) -> Resolved:
+    entry = get_method(request.method)
+    cls = entry.cls
+    card = load_card(request.protocol)
+    card_file = str(card_path(request.protocol))
+    sections = {request.method, cls.family}
+    method_cli: dict = {}
+    runtime_cli: dict = {}
+    for text in request.overrides:
+        path, value = parse_override(text)
+        if path[0] in sections:
+            if len(path) < 2:
+                raise UserError(f"--set {text}: name a key of {path[0]}, e.g. --set {path[0]}.<key>=<value>")
+            apply_override(method_cli, path[1:], value)
+        elif path[0] == "runtime":
+            apply_override(runtime_cli, path[1:], value)
+        elif path[0] == "methods":
+            raise UserError(f"--set {text}: set method options as {request.method}.<key>=<value>")
+        else:
+            apply_override(card, path, value)
+    where = card_file if not request.overrides else f"{card_file} with --set"
+    protocol = build_protocol(card, where)
+    if protocol.regime not in cls.regimes:
+        raise UserError(f"method '{request.method}' supports the {'/'.join(cls.regimes)} regime, protocol "
+                        f"'{protocol.name}' is {protocol.regime}; pick a protocol of a supported regime")
+    from_card = _deep_merge(protocol.methods.get(cls.family, {}), protocol.methods.get(request.method, {}))
+    build(cls.Config, _deep_merge(entry.defaults, from_card), f"{card_file}: methods.{cls.family}")
+    method_cfg = build(cls.Config, _deep_merge(_deep_merge(entry.defaults, from_card), method_cli),
+                       f"--set {request.method}")
+    runtime_base = {"device": request.device, "deterministic": request.deterministic,
+                    "max_epochs": request.epochs}
+    runtime = build(RuntimeOptions, _deep_merge(runtime_base, runtime_cli), "--set runtime")
+    parts = [request.method, cls.run_tag(method_cfg), request.tag]
+    run_name = "+".join(p for p in parts if p)
+    config = {"method": request.method, "run_name": run_name, "seed": request.seed,
+              "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime)}
+    return Resolved(entry, protocol, method_cfg, runtime, run_name, config)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@torch.no_grad()
+def evaluate(method: Method, stream: Stream, engine: Engine, task: Task):
+    """Top-1/top-5 over all seen classes, and one row of the accuracy matrices (percent)."""
+    method.eval()
+    idx = task.test_idx
+    scores = engine.apply(method.scores, idx, split="test")
+    if scores.shape[1] != task.n_seen:
+        raise RuntimeError(f"{method.name}.scores returned {scores.shape[1]} columns, expected {task.n_seen}")
+    labels = stream.test.labels[idx].to(scores.device)
+    k = min(5, task.n_seen)
+    topk = scores.topk(k, dim=1).indices
+    correct1 = (topk[:, 0] == labels).float()
+    correct5 = (topk == labels[:, None]).any(dim=1).float()
+    task_ids = stream.task_of_label.to(scores.device)[labels]
+    row, row5 = [], []
+    for j in range(task.index + 1):
+        mask = task_ids == j
+        row.append(100 * float(correct1[mask].mean()))
+        row5.append(100 * float(correct5[mask].mean()))
+    return 100 * float(correct1.mean()), 100 * float(correct5.mean()), row, row5
+
+
+class Reporter:
+    """Progress on the terminal: a bar per task and epoch when interactive, a line per task otherwise."""
+
+    def __init__(self, quiet: bool, total_tasks: int):
+        self.quiet = quiet
+        self.interactive = sys.stderr.isatty() and not quiet
+        self.progress = None
+        self.bar = None
+        if self.interactive:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[info]}"), transient=True)
+            self.tasks_bar = self.progress.add_task("tasks", total=total_tasks, info="")
+            self.progress.start()
+
+    def epoch(self, event: dict) -> None:
+        if not self.progress:
+            return
+        key = (event["task"], event["phase"])
+        if self.bar is None or self.bar[0] != key:
+            if self.bar is not None:
+                self.progress.remove_task(self.bar[1])
+            bar = self.progress.add_task(f"task {event['task']} {event['phase']}", total=event["epochs"], info="")
+            self.bar = (key, bar)
+        self.progress.update(self.bar[1], completed=event["epoch"] + 1,
+                             info=f"loss {event['loss']:.3f} lr {event['lr']:.4f}")
+
+    def task_done(self, line: str) -> None:
+        if self.progress:
+            self.progress.advance(self.tasks_bar)
+            self.progress.console.print(line)
+        elif not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def execute(request: RunRequest) -> Path:
+    resolved = resolve(request)
+    protocol, runtime, cls = resolved.protocol, resolved.runtime, resolved.entry.cls
+    store = RunStore(run_dir(request.out, protocol.name, resolved.run_name, request.seed))
+    checkpoint = None
+    device = resolve_device(runtime.device)
+    if request.resume and store.exists():
+        stored = store.read_config()
+        _check_same_config(stored, resolved.config)
+        checkpoint = store.load_checkpoint(device)
+        manifest = store.read_manifest()
+        if manifest.get("status") == "complete":
+            raise UserError(f"run {store.path} is already complete; use --force to run it again")
+    else:
+        store.create(force=request.force)
+    set_deterministic(runtime.deterministic)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    dataset = load_dataset(protocol, request.data_root)
+    stream = Stream(protocol, dataset, device)
+    memory = make_memory(protocol.memory, device) if cls.uses_exemplars else None
+    reporter = Reporter(request.quiet, stream.num_tasks)
+
+    def on_epoch(event: dict) -> None:
+        store.append_event(event)
+        reporter.epoch(event)
+
+    engine = Engine(stream, runtime, device, on_epoch=on_epoch)
+    ctx = Context(protocol, stream, engine, memory, device, request.seed)
+    engine.begin_task(request.seed, 0)
+    method = cls(resolved.method_cfg, ctx)
+
+    steps, acc, acc5 = [], [], []
+    start_task = 0
+    if checkpoint is not None:
+        method.load_state_dict(checkpoint["method"])
+        if memory is not None and checkpoint["memory"] is not None:
+            memory.load_state_dict(checkpoint["memory"], device)
+        steps, acc, acc5 = checkpoint["steps"], checkpoint["acc"], checkpoint["acc5"]
+        start_task = checkpoint["next_task"]
+        store.truncate_events(start_task)
+    else:
+        store.write_config(resolved.config)
+    manifest = {
+        "status": "running", "method": request.method, "run_name": resolved.run_name,
+        "protocol": protocol.name, "seed": request.seed, "tag": request.tag,
+        "cilbench_version": __version__, "cilbench_commit": _git_commit(), "torch": torch.__version__,
+        "python": platform.python_version(), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "deterministic": runtime.deterministic, "started": _now(), "finished": None,
+        "tasks_done": start_task, "tasks_total": stream.num_tasks, "error": None,
+    }
+    store.write_manifest(manifest)
+    bytes_per_sample = int(torch.tensor(stream.image_shape).prod())
+    try:
+        for t in range(start_task, stream.num_tasks):
+            task = stream.task(t)
+            engine.begin_task(request.seed, t)
+            t0 = time.perf_counter()
+            method.learn(task, ctx)
+            if isinstance(memory, ExemplarMemory):
+                method.eval()
+                memory.update(task.classes, stream.class_indices,
+                              lambda idx: engine.apply(method.features, idx), engine.order_gen)
+            train_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            top1, top5, row, row5 = evaluate(method, stream, engine, task)
+            eval_s = time.perf_counter() - t1
+            footprint = method.inference_footprint()
+            steps.append({"step": t, "classes_seen": task.n_seen, "top1": round(top1, 4), "top5": round(top5, 4),
+                          "extractors": footprint.extractors, "params": footprint.params,
+                          "memory_size": len(memory) if memory is not None else 0,
+                          "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
+                          "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3)})
+            acc.append(row)
+            acc5.append(row5)
+            store.write_steps(steps)
+            store.write_matrix("acc_matrix.csv", acc)
+            store.write_matrix("acc_matrix_top5.csv", acc5)
+            store.save_checkpoint({"next_task": t + 1, "method": method.state_dict(),
+                                   "memory": memory.state_dict() if memory is not None else None,
+                                   "steps": steps, "acc": acc, "acc5": acc5})
+            manifest["tasks_done"] = t + 1
+            store.write_manifest(manifest)
+            reporter.task_done(f"task {t + 1}/{stream.num_tasks}: {task.n_seen} classes, top-1 {top1:.2f}, "
+                               f"top-5 {top5:.2f}, {footprint.extractors} extractor(s), "
+                               f"{footprint.params / 1e6:.3f}M params, train {train_s:.1f}s")
+            if request.stop_after and t + 1 >= request.stop_after and t + 1 < stream.num_tasks:
+                manifest.update(status="interrupted", error=f"stopped after task {t + 1} (--stop-after)")
+                store.write_manifest(manifest)
+                return store.path
+    except TrainingDiverged as exc:
+        manifest.update(status="failed", error=str(exc), finished=_now())
+        store.write_manifest(manifest)
+        raise
+    except KeyboardInterrupt:
+        manifest.update(status="interrupted", error="interrupted; continue with --resume")
+        store.write_manifest(manifest)
+        raise
+    finally:
+        reporter.close()
+    metrics = summarize([s["top1"] for s in steps], [s["top5"] for s in steps], acc, acc5)
+    metrics.update(params_avg=sum(s["params"] for s in steps) / len(steps), params_last=steps[-1]["params"],
+                   extractors_last=steps[-1]["extractors"],
+                   train_seconds=sum(s["train_seconds"] for s in steps),
+                   eval_seconds=sum(s["eval_seconds"] for s in steps))
+    store.write_metrics(metrics)
+    manifest.update(status="complete", finished=_now())
+    store.write_manifest(manifest)
+    return store.path
+
+
+def _check_same_config(stored: dict, current: dict) -> None:
+    def flat(d: Any, prefix: str = "") -> dict:
+        if isinstance(d, dict):
+            out = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+    a, b = flat(stored), flat(current)
+    for key in sorted(set(a) | set(b)):
+        if key == "runtime.device":
+            continue
+        if a.get(key) != b.get(key):
+            raise UserError(f"--resume: '{key}' is {b.get(key)!r} now but {a.get(key)!r} in the stored run; "
+                            "resume with the same options or start over with --force")

@@ -1,0 +1,1 @@
+"""Method plug-ins. Every module here registers its methods with `cilbench.method.register`."""
