@@ -118,10 +118,14 @@ def report(runs: str = typer.Option("results/runs", help="root of the run direct
 
 @app.command()
 def bench(device: str = typer.Option("auto"), images: int = typer.Option(10000, help="images per pipeline test"),
-          steps: int = typer.Option(30, help="training steps per timing")):
+          steps: int = typer.Option(30, help="training steps per timing"),
+          compile: bool = typer.Option(False, help="torch.compile the networks (CUDA)")):
     """Throughput of the engine's data pipeline and training step against reference paths."""
     from .bench import run_bench
-    run_bench(device, images, steps)
+    try:
+        run_bench(device, images, steps, compile=compile)
+    except UserError as exc:
+        _fail(str(exc))
 
 
 def main() -> None:

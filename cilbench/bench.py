@@ -1,0 +1,153 @@
+"""`cilbench bench`: throughput figures for the data pipeline and the training step.
+
+(1) Data pipeline alone: the engine's batched on-device augmentation against a torchvision DataLoader with
+    per-sample PIL transforms (RandomCrop(32, 4), flip, ColorJitter(brightness=63/255), ToTensor, Normalize),
+    which is how PyCIL/DER feed CIFAR.
+(2) Full ResNet-32 training steps on 32x32 data through `Engine.fit` against a bare PyTorch loop over the
+    same model and pre-made, already-augmented tensors on the device (the ceiling).
+Nothing is downloaded: images are random uint8 CIFAR-shaped arrays (throughput does not depend on content).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import build_backbone
+from .config import build
+from .data import Dataset, Split
+from .engine import Engine, RuntimeOptions, resolve_device
+from .protocol import Protocol
+from .stream import Stream
+
+CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bench_stream(n: int, device: torch.device, classes: int = 100) -> Stream:
+    card = {"name": "bench", "dataset": "synthetic", "num_classes": classes, "base": 0, "step": classes,
+            "tasks": 1, "memory": {"policy": "none"},
+            "augment": {"crop_padding": 4, "flip": True, "brightness": 63 / 255, "mean": list(CIFAR_MEAN),
+                        "std": list(CIFAR_STD)}}
+    protocol = build(Protocol, card, "bench")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(n) % classes
+    return Stream(protocol, Dataset("bench", classes, Split(images, labels), Split(images[:classes], labels[:classes])),
+                  device)
+
+
+def pipeline_engine(stream: Stream, engine: Engine, batch: int) -> float:
+    idx = torch.arange(len(stream.train.labels), device=stream.train.labels.device)
+    for b in engine.batches(idx[: batch * 2], batch, shuffle=True):   # warm-up
+        engine.train_views(b)
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    for b in engine.batches(idx, batch, shuffle=True):
+        views, _ = engine.train_views(b)
+    _sync(engine.device)
+    return len(idx) / (time.perf_counter() - t0)
+
+
+def pipeline_pil(images: np.ndarray, labels: np.ndarray, batch: int, workers: int) -> float:
+    from PIL import Image
+    from torchvision import transforms
+
+    class PILDataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                          transforms.ColorJitter(brightness=63 / 255), transforms.ToTensor(),
+                                          transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return self.tf(Image.fromarray(images[i])), int(labels[i])
+
+    loader = torch.utils.data.DataLoader(PILDataset(), batch_size=batch, shuffle=True, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    t0 = time.perf_counter()
+    count = 0
+    for x, _ in loader:
+        count += len(x)
+    return count / (time.perf_counter() - t0)
+
+
+def train_engine(stream: Stream, engine: Engine, batch: int, steps: int) -> float:
+    from .protocol import TrainConfig
+    net = engine.prepare(build_backbone("resnet32"))
+    head = engine.prepare(torch.nn.Linear(net.out_dim, 100))
+    idx = torch.arange(batch * steps, device=stream.train.labels.device)
+    cfg = TrainConfig(epochs=1, batch_size=batch, schedule="constant")
+
+    def loss_fn(b):
+        return F.cross_entropy(head(net(b.x)), b.y)
+
+    params = [*net.parameters(), *head.parameters()]
+    engine.fit(params, loss_fn, idx[: batch * 3], cfg, modules=[net])    # warm-up (and compile, if on)
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    engine.fit(params, loss_fn, idx, cfg, modules=[net])
+    _sync(engine.device)
+    return steps / (time.perf_counter() - t0)
+
+
+def train_bare(engine: Engine, batch: int, steps: int) -> float:
+    """The ceiling: the same model, optimiser and precision settings over pre-made device tensors."""
+    device = engine.device
+    net = engine.prepare(build_backbone("resnet32"))
+    head = engine.prepare(torch.nn.Linear(net.out_dim, 100))
+    fmt = torch.channels_last if engine.channels_last else torch.contiguous_format
+    xs = torch.randn(steps, batch, 3, 32, 32, device=device).contiguous(memory_format=torch.contiguous_format)
+    xs = [x.contiguous(memory_format=fmt) for x in xs]
+    ys = torch.randint(0, 100, (steps, batch), device=device)
+    opt = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    net.train()
+
+    def step(x, y):
+        with engine.autocast():
+            loss = F.cross_entropy(head(net(x)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(3):
+        step(xs[i], ys[i])
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(xs[i], ys[i])
+    _sync(device)
+    return steps / (time.perf_counter() - t0)
+
+
+def run_bench(device_name: str = "auto", images: int = 10000, steps: int = 30, batch: int = 128,
+              compile: bool = False) -> dict:
+    device = resolve_device(device_name)
+    workers = min(4, os.cpu_count() or 1)
+    stream = _bench_stream(images, device)
+    engine = Engine(stream, RuntimeOptions(device=device_name, compile=compile), device)
+    engine.begin_task(0, 0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}; torch {torch.__version__}; batch {batch}; "
+          f"bf16 autocast {engine.cuda and engine.options.amp}; channels_last {engine.channels_last}; "
+          f"compile {compile}")
+    cpu_images = stream.train.images.cpu().permute(0, 2, 3, 1).numpy()
+    cpu_labels = stream.train.labels.cpu().numpy()
+    fast = pipeline_engine(stream, engine, batch)
+    slow = pipeline_pil(cpu_images, cpu_labels, batch, workers)
+    print(f"(1) data pipeline: engine {fast:,.0f} img/s; PIL DataLoader ({workers} workers) {slow:,.0f} img/s; "
+          f"speed-up x{fast / slow:.1f} (target >= 5)")
+    eng = train_engine(stream, engine, batch, steps)
+    bare = train_bare(engine, batch, steps)
+    print(f"(2) ResNet-32 training: engine {eng:.1f} steps/s ({eng * batch:,.0f} img/s); bare loop over pre-made "
+          f"tensors {bare:.1f} steps/s; engine at {100 * eng / bare:.0f}% of the bare loop (target >= 90%)")
+    return {"device": name, "pipeline_engine": fast, "pipeline_pil": slow, "train_engine": eng, "train_bare": bare}
