@@ -41,6 +41,8 @@ def run(
     from .summary import print_run_summary
     if epochs is not None and epochs < 1:
         _fail(f"--epochs must be >= 1, got {epochs}")
+    if stop_after is not None and stop_after < 1:
+        _fail(f"--stop-after must be >= 1, got {stop_after}")
     if device not in ("auto", "cpu", "cuda"):
         _fail(f"--device must be auto, cpu or cuda, got {device!r}")
     request = RunRequest(method=method, protocol=protocol, seed=seed, overrides=list(set_), epochs=epochs,

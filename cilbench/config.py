@@ -22,44 +22,46 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against annotation `tp`, converting the harmless cases (int -> float)."""
+def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting the harmless cases (int -> float).
+
+    `where` names the source (a card file, "--set ..."), `key` the dotted key inside it."""
     origin = get_origin(tp)
+    fail = lambda what: UserError(f"{where}: key '{key}': expected {what}, got {value!r}")  # noqa: E731
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
-                return _coerce(value, option, where)
-            except UserError as exc:
-                errors.append(str(exc))
-        raise UserError(f"{where}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+                return _coerce(value, option, where, key)
+            except UserError:
+                pass
+        raise fail(" or ".join(_type_name(o) for o in options if o is not type(None)))
     if origin is Literal:
         if value not in get_args(tp):
-            raise UserError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+            raise fail(f"one of {_type_name(tp)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: expected a list, got {value!r}")
+            raise fail("a list")
         (item_tp, *_) = get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, where, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
+            raise fail("a mapping")
         _, val_tp = get_args(tp) or (Any, Any)
-        return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+        return {k: _coerce(v, val_tp, where, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping of {tp.__name__} options, got {value!r}")
-        return build(tp, value, where)
+            raise fail(f"a mapping of {tp.__name__} options")
+        return build(tp, value, where, prefix=f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -76,22 +78,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, dict):
             return value
     else:
-        raise TypeError(f"unsupported config annotation {tp!r} at {where}")
-    raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+    raise fail(_type_name(tp))
 
 
-def build(cls: type, data: dict | None, where: str) -> Any:
-    """Instantiate dataclass `cls` from `data`; unknown keys and wrong types raise UserError."""
+def build(cls: type, data: dict | None, where: str, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from `data`; unknown keys and wrong types raise UserError naming the
+    source `where` and the dotted key (`prefix` is the key path of a nested section)."""
     data = data or {}
     if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {data!r}")
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(fields))})")
-    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name)
-              for name, value in data.items()}
+        raise UserError(f"{where}: unknown key '{prefix}{unknown[0]}' (known in "
+                        f"{prefix.rstrip('.') or 'this section'}: {', '.join(sorted(fields))})")
+    kwargs = {name: _coerce(value, hints[name], where, f"{prefix}{name}") for name, value in data.items()}
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:

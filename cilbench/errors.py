@@ -9,6 +9,7 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the run is marked failed with the task and epoch named."""
 
     def __init__(self, task: int, epoch: int, phase: str):
-        super().__init__(f"non-finite loss in task {task}, epoch {epoch} ({phase} phase); "
+        """`task` and `epoch` are 0-based; the message counts from 1 like the progress output."""
+        super().__init__(f"non-finite loss in task {task + 1}, epoch {epoch + 1} ({phase} phase); "
                          "lower the learning rate or enable clipping (--set train.clip_norm=1.0)")
         self.task, self.epoch, self.phase = task, epoch, phase

@@ -123,9 +123,13 @@ class ReservoirMemory:
         if grow:
             self.idx = torch.cat([self.idx, torch.zeros(grow, dtype=torch.int64, device=self.device)])
             self.labels = torch.cat([self.labels, torch.zeros(grow, dtype=torch.int64, device=self.device)])
-            for key, value in payload.items():
-                old = self.payload.get(key)
-                pad = torch.zeros((grow, *value.shape[1:]), dtype=value.dtype, device=self.device)
+        # every payload tensor (registered earlier or first seen now) spans the whole buffer
+        for key in [*self.payload, *(k for k in payload if k not in self.payload)]:
+            ref = payload[key] if key in payload else self.payload[key]
+            old = self.payload.get(key)
+            have = 0 if old is None else len(old)
+            if have < filled:
+                pad = torch.zeros((filled - have, *ref.shape[1:]), dtype=ref.dtype, device=self.device)
                 self.payload[key] = pad if old is None else torch.cat([old, pad])
         # later samples overwrite earlier ones in the same slot, as the sequential algorithm does
         last = {s: src for s, src in zip(slots, sources)}

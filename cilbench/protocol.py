@@ -76,7 +76,7 @@ class SyntheticConfig:
     channels: int = 3
     train_per_class: int = 100
     test_per_class: int = 40
-    noise: float = 0.35
+    noise: float = 1.0
     seed: int = 0
 
 

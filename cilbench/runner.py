@@ -84,18 +84,18 @@ def resolve(request: RunRequest) -> Resolved:
             raise UserError(f"--set {text}: set method options as {request.method}.<key>=<value>")
         else:
             apply_override(card, path, value)
-    where = card_file if not request.overrides else f"{card_file} with --set"
+    where = card_file if not request.overrides else f"{card_file} (with --set)"
     protocol = build_protocol(card, where)
     if protocol.regime not in cls.regimes:
         raise UserError(f"method '{request.method}' supports the {'/'.join(cls.regimes)} regime, protocol "
                         f"'{protocol.name}' is {protocol.regime}; pick a protocol of a supported regime")
     from_card = _deep_merge(protocol.methods.get(cls.family, {}), protocol.methods.get(request.method, {}))
-    build(cls.Config, _deep_merge(entry.defaults, from_card), f"{card_file}: methods.{cls.family}")
-    method_cfg = build(cls.Config, _deep_merge(_deep_merge(entry.defaults, from_card), method_cli),
-                       f"--set {request.method}")
+    build(cls.Config, _deep_merge(entry.defaults, from_card), card_file, prefix=f"methods.{cls.family}.")
+    method_cfg = build(cls.Config, _deep_merge(_deep_merge(entry.defaults, from_card), method_cli), "--set",
+                       prefix=f"{request.method}.")
     runtime_base = {"device": request.device, "deterministic": request.deterministic,
                     "max_epochs": request.epochs}
-    runtime = build(RuntimeOptions, _deep_merge(runtime_base, runtime_cli), "--set runtime")
+    runtime = build(RuntimeOptions, _deep_merge(runtime_base, runtime_cli), "--set", prefix="runtime.")
     parts = [request.method, cls.run_tag(method_cfg), request.tag]
     run_name = "+".join(p for p in parts if p)
     config = {"method": request.method, "run_name": run_name, "seed": request.seed,
@@ -192,12 +192,14 @@ def execute(request: RunRequest) -> Path:
         if manifest.get("status") == "complete":
             raise UserError(f"run {store.path} is already complete; use --force to run it again")
     else:
-        store.create(force=request.force)
+        store.check_free(force=request.force)
     set_deterministic(runtime.deterministic)
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
-    dataset = load_dataset(protocol, request.data_root)
+    dataset = load_dataset(protocol, request.data_root)   # before any file is written: missing data leaves nothing
     stream = Stream(protocol, dataset, device)
+    if checkpoint is None:
+        store.create(force=request.force)
     memory = make_memory(protocol.memory, device) if cls.uses_exemplars else None
     reporter = Reporter(request.quiet, stream.num_tasks)
 

@@ -38,11 +38,15 @@ class RunStore:
     def exists(self) -> bool:
         return (self.path / "manifest.json").exists() or (self.path / "config.yaml").exists()
 
+    def check_free(self, force: bool) -> None:
+        """Stop early (before any work) when the directory is taken and --force was not given."""
+        if self.path.exists() and any(self.path.iterdir()) and not force:
+            raise UserError(f"run directory {self.path} already exists: pass --resume to continue it "
+                            "or --force to replace it")
+
     def create(self, force: bool) -> None:
-        if self.path.exists() and any(self.path.iterdir()):
-            if not force:
-                raise UserError(f"run directory {self.path} already exists: pass --resume to continue it "
-                                "or --force to replace it")
+        self.check_free(force)
+        if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
 

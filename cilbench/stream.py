@@ -58,7 +58,9 @@ class Stream:
                             f"have no training samples in {dataset.name}")
 
     def _remap(self, split: Split, storage: torch.device) -> Split:
-        lookup = torch.full((int(split.labels.max()) + 1,), -1, dtype=torch.int64)
+        # sized for the order too: a class of the order may be absent from this split (a partial copy)
+        size = max(int(split.labels.max()) if len(split.labels) else -1, max(self.order)) + 1
+        lookup = torch.full((size,), -1, dtype=torch.int64)
         lookup[torch.tensor(self.order)] = torch.arange(len(self.order))
         labels = lookup[split.labels]
         keep = labels >= 0

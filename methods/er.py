@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cilbench.errors import UserError
+from cilbench.memory import ReservoirMemory
 from cilbench.method import Context, register
 from cilbench.nets import expand_head
 
@@ -19,6 +21,12 @@ class ExperienceReplay(SingleNetwork):
     uses_exemplars = True
     regimes = ("online",)
     summary = "online experience replay with a reservoir buffer"
+
+    def __init__(self, cfg, ctx: Context):
+        if not isinstance(ctx.memory, ReservoirMemory):
+            raise UserError(f"er replays from a reservoir buffer, but protocol '{ctx.protocol.name}' has "
+                            f"memory.policy {ctx.protocol.memory.policy}; use --set memory.policy=reservoir")
+        super().__init__(cfg, ctx)
 
     def learn(self, task, ctx: Context) -> None:
         self.head = expand_head(self.head, self.backbone.out_dim, task.n_seen, self.cfg.inherit_head)

@@ -1,0 +1,180 @@
+"""Batched on-device augmentation: shapes, dtype, seeding, and what each op does to the pixels."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cilbench.augment import (
+    Augmenter,
+    color_jitter,
+    cutout,
+    random_crop,
+    random_flip,
+    random_grayscale,
+    random_resized_crop,
+)
+from cilbench.protocol import AugmentConfig
+
+CPU = torch.device("cpu")
+
+
+def _gen(seed=0):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def _images(n=16, c=3, side=16, seed=0):
+    g = _gen(seed)
+    return torch.randint(0, 256, (n, c, side, side), generator=g, dtype=torch.uint8)
+
+
+def _all_ops():
+    return AugmentConfig(random_resized_crop=12, crop_padding=2, flip=True, brightness=0.4, contrast=0.4,
+                         saturation=0.4, grayscale_p=0.2, cutout=4)
+
+
+def test_test_transform_is_exact_normalisation():
+    cfg = AugmentConfig(mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 0.125])
+    aug = Augmenter(cfg, 3, CPU)
+    x = _images()
+    out = aug.test(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    assert torch.allclose(out, (x.float() / 255 - mean) / std, atol=1e-6)
+
+
+def test_single_channel_data_with_a_three_value_mean():
+    aug = Augmenter(AugmentConfig(mean=[0.2, 0.4, 0.6], std=[0.5, 0.5, 0.5]), 1, CPU)
+    x = _images(c=1)
+    assert torch.allclose(aug.test(x), (x.float() / 255 - 0.4) / 0.5, atol=1e-6)
+
+
+def test_train_shapes_and_dtype():
+    x = _images()
+    aug = Augmenter(_all_ops(), 3, CPU)
+    aug.seed(0)
+    out = aug.train(x)
+    assert out.dtype == torch.float32
+    assert out.shape == (16, 3, 12, 12)          # random-resized crop sets the output side
+    no_rrc = Augmenter(AugmentConfig(crop_padding=4, flip=True, brightness=0.25, cutout=8), 3, CPU)
+    no_rrc.seed(0)
+    assert no_rrc.train(x).shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_same_seed_same_batch_different_seed_different_batch():
+    x = _images()
+    outs = []
+    for seed in (0, 0, 1):
+        aug = Augmenter(_all_ops(), 3, CPU)
+        aug.seed(seed)
+        outs.append(aug.train(x))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+def test_consecutive_batches_differ_and_reseeding_replays():
+    x = _images()
+    aug = Augmenter(_all_ops(), 3, CPU)
+    aug.seed(5)
+    first, second = aug.train(x), aug.train(x)
+    assert not torch.equal(first, second)
+    aug.seed(5)
+    assert torch.equal(aug.train(x), first)
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    pad = 2
+    x = torch.rand(32, 3, 8, 8, generator=_gen(1)) + 0.5      # no zeros in the content
+    out = random_crop(x, pad, _gen(2))
+    assert out.shape == x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    offsets = []
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert len(found) == 1, f"image {i} is not a window of its padded image"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 3                   # offsets are drawn per image
+    assert any(o != (pad, pad) for o in offsets)
+
+
+def test_flip_mirrors_some_images_and_keeps_the_rest():
+    x = torch.rand(64, 3, 5, 7, generator=_gen(3))
+    out = random_flip(x, _gen(4))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert any(flipped) and any(kept)
+    # flipping is horizontal: the column order reverses
+    i = flipped.index(True)
+    assert torch.equal(out[i][..., 0], x[i][..., -1])
+
+
+@pytest.mark.parametrize("side", [5, 4])
+def test_cutout_zeroes_one_square(side):
+    n, h, w = 64, 16, 16
+    x = torch.ones(n, 3, h, w)
+    out = cutout(x, side, _gen(5))
+    full = 0
+    for i in range(n):
+        zero = out[i] == 0
+        assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2])   # same square on all channels
+        mask = zero[0]
+        rows = torch.nonzero(mask.any(1)).flatten()
+        cols = torch.nonzero(mask.any(0)).flatten()
+        assert len(rows) and len(cols), "cutout must zero something"
+        # a rectangle (a square clipped at the border), contiguous, at most side x side
+        assert len(rows) <= side and len(cols) <= side
+        assert rows.tolist() == list(range(int(rows[0]), int(rows[-1]) + 1))
+        assert cols.tolist() == list(range(int(cols[0]), int(cols[-1]) + 1))
+        assert int(mask.sum()) == len(rows) * len(cols)
+        assert torch.equal(out[i][:, ~mask], x[i][:, ~mask])                      # the rest is untouched
+        if len(rows) == side and len(cols) == side:
+            full += 1
+    assert full > 0
+
+
+def test_cutout_in_the_augmenter_zeroes_the_normalised_output():
+    cfg = AugmentConfig(cutout=4, mean=[0.5] * 3, std=[0.5] * 3)
+    aug = Augmenter(cfg, 3, CPU)
+    aug.seed(0)
+    x = torch.full((8, 3, 16, 16), 255, dtype=torch.uint8)    # normalises to 1.0 everywhere
+    out = aug.train(x)
+    zeros = (out == 0).all(1).flatten(1).sum(1)
+    assert (zeros > 0).all() and (zeros <= 16).all()
+    assert ((out == 0) | (out == 1)).all()
+
+
+def test_random_resized_crop_output_size_and_full_view_identity():
+    x = torch.rand(6, 3, 20, 20, generator=_gen(6))
+    out = random_resized_crop(x, 9, (0.08, 1.0), _gen(7))
+    assert out.shape == (6, 3, 9, 9)
+    # the whole image at its own size is returned unchanged
+    same = random_resized_crop(x, 20, (1.0, 1.0), _gen(8), ratio=(1.0, 1.0))
+    assert torch.allclose(same, x, atol=1e-5)
+    # a crop keeps values in the input range (bilinear interpolation)
+    assert out.min() >= x.min() - 1e-6 and out.max() <= x.max() + 1e-6
+
+
+def test_color_jitter_brightness_scales_each_image_within_range():
+    x = torch.full((32, 3, 4, 4), 0.5)
+    out = color_jitter(x, 0.5, 0.0, 0.0, _gen(9))
+    per_image = out.flatten(1)
+    assert torch.equal(per_image.min(1).values, per_image.max(1).values)      # one factor per image
+    assert (per_image[:, 0] >= 0.25 - 1e-6).all() and (per_image[:, 0] <= 0.75 + 1e-6).all()
+    assert len(set(per_image[:, 0].tolist())) > 1
+    assert 0 <= float(color_jitter(torch.rand(8, 3, 4, 4), 0.9, 0.9, 0.9, _gen(1)).min())
+    assert float(color_jitter(torch.rand(8, 3, 4, 4), 0.9, 0.9, 0.9, _gen(1)).max()) <= 1
+
+
+def test_grayscale_with_p_one_makes_channels_equal():
+    x = torch.rand(4, 3, 6, 6, generator=_gen(10))
+    out = random_grayscale(x, 1.0, _gen(11))
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+    expected = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    assert torch.allclose(out[:, 0], expected, atol=1e-6)
+    assert torch.equal(random_grayscale(x, 0.0, _gen(11)), x)
