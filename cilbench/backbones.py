@@ -2,7 +2,10 @@
 
 A spec is a plain dict: {"name", "in_channels", "stem", "stem_kind", "shortcut", "stages"} where
 `stages` lists, per stage, the blocks as [inner width, output width]. The standard architectures are specs
-generated from (name, width); pruning produces narrower specs of the same shape.
+generated from (name, width); pruning produces narrower specs of the same shape. A pruned spec may carry an
+optional "shortcut_index": {"<stage>.<block>": [int, ...]} giving, for a parameter-free shortcut, the input
+channel each output channel copies (-1: zero), used when pruning removed different channels on the two sides
+of a residual connection (cilbench/pruning.py).
 
 - resnet32 / resnet20: the CIFAR ResNets of iCaRL/PyCIL (16-32-64, option-A shortcuts, 64-d features;
   resnet32 has 0.46M parameters);
@@ -57,14 +60,37 @@ class ShortcutA(nn.Module):
         return x
 
 
+class IndexShortcut(nn.Module):
+    """Parameter-free shortcut of a pruned network: stride subsampling as ShortcutA, then output channel p
+    copies input channel index[p], or is zero where index[p] == -1. ShortcutA is the index
+    [0, ..., in-1, -1, ...]; the identity is [0, ..., in-1]."""
+
+    def __init__(self, in_channels: int, index: list[int], stride: int):
+        super().__init__()
+        self.in_channels, self.stride, self.index = in_channels, stride, [int(i) for i in index]
+        if any(i < -1 or i >= in_channels for i in self.index):
+            raise ValueError(f"shortcut index out of range for {in_channels} input channels: {self.index}")
+        gather = torch.tensor([i if i >= 0 else in_channels for i in self.index], dtype=torch.int64)
+        self.register_buffer("gather", gather, persistent=False)
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = F.avg_pool2d(x, 1, self.stride)
+        x = F.pad(x, (0, 0, 0, 0, 0, 1))          # one zero channel at position in_channels
+        return x[:, self.gather]                  # backward: index_put with accumulate (deterministic)
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int, shortcut: str):
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int, shortcut: str,
+                 index: list[int] | None = None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, mid_ch, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid_ch)
         self.conv2 = nn.Conv2d(mid_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        if stride == 1 and in_ch == out_ch:
+        if index is not None:
+            self.shortcut = IndexShortcut(in_ch, index, stride)
+        elif stride == 1 and in_ch == out_ch:
             self.shortcut = nn.Identity()
         elif shortcut == "A":
             self.shortcut = ShortcutA(in_ch, out_ch, stride)
@@ -94,11 +120,12 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(nn.Conv2d(spec["in_channels"], stem, 3, 1, 1, bias=False),
                                       nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, in_ch = [], stem
+        index = spec.get("shortcut_index", {})
         for s, blocks in enumerate(spec["stages"]):
             layers = []
             for b, (mid, out) in enumerate(blocks):
                 stride = 2 if (s > 0 and b == 0) else 1
-                layers.append(BasicBlock(in_ch, mid, out, stride, spec["shortcut"]))
+                layers.append(BasicBlock(in_ch, mid, out, stride, spec["shortcut"], index.get(f"{s}.{b}")))
                 in_ch = out
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)

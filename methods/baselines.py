@@ -36,7 +36,7 @@ class SingleNetwork(Method):
         raise NotImplementedError
 
     def learn(self, task: Task, ctx: Context) -> None:
-        self.head = expand_head(self.head, self.backbone.out_dim, task.n_seen, self.cfg.inherit_head)
+        self.head = expand_head(self.head, self.backbone.out_dim, task.n_seen, self.cfg.inherit_head).to(ctx.device)
         params = [*self.backbone.parameters(), *self.head.parameters()]
         ctx.engine.fit(params, self.loss, self.training_indices(task, ctx), ctx.protocol.train,
                        phase="ce", modules=[self.backbone])

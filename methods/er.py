@@ -29,7 +29,7 @@ class ExperienceReplay(SingleNetwork):
         super().__init__(cfg, ctx)
 
     def learn(self, task, ctx: Context) -> None:
-        self.head = expand_head(self.head, self.backbone.out_dim, task.n_seen, self.cfg.inherit_head)
+        self.head = expand_head(self.head, self.backbone.out_dim, task.n_seen, self.cfg.inherit_head).to(ctx.device)
         params = [*self.backbone.parameters(), *self.head.parameters()]
         memory, engine = ctx.memory, ctx.engine
 

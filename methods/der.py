@@ -1,0 +1,294 @@
+"""DER: Dynamically Expandable Representation for class-incremental learning (Yan, Xie, He; CVPR 2021).
+
+Per task t:
+- stage 1 (representation learning): every old extractor is frozen (parameters, BN statistics, eval mode,
+  no_grad; nets.ExtractorStack); a new extractor F_t initialised from F_{t-1} is added; the super-feature
+  [F_1(x), ..., F_t(x)] feeds a linear classifier over all seen classes whose old block is inherited; an
+  auxiliary classifier on F_t(x) alone predicts |new classes| + 1 labels (every old class is label 0).
+  Loss: CE + aux_weight * CE_aux (+ sparsity_weight * L_S with pruning).
+- with pruning (`prune: true`, alias `der_prune`): HAT-style channel masks sigma(s * e) on F_t, s annealed
+  within each epoch, gradient compensation, sparsity loss; after stage 1 the masks are binarised and F_t is
+  physically pruned (cilbench/pruning.py); the classifier's columns of removed feature channels are dropped.
+- stage 2 (classifier learning): the classifier is re-initialised and retrained on a class-balanced subset
+  of new data + memory with a temperature, extractors frozen in eval mode (train augmentation still on).
+  Weight aligning (PyCIL) is an alternative.
+Herding then runs on the concatenated super-features (features()).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cilbench.backbones import build_backbone, count_params
+from cilbench.engine import phase_config
+from cilbench.memory import class_balanced_subset
+from cilbench.method import Context, Footprint, Method, register
+from cilbench.nets import ExtractorStack, drop_columns, expand_head, linear_head
+from cilbench.protocol import TrainConfig
+from cilbench.pruning import ChannelMasks, anneal, describe, prune, regrow
+from cilbench.stream import Task
+
+
+@dataclass
+class DERConfig:
+    # --- model -------------------------------------------------------------------------------------
+    aux_weight: float = 1.0                 # lambda_a (0 turns the auxiliary classifier off); never at t=1
+    inherit_head: bool = True               # paper: the old classifier block is inherited; False = C-DER re-init
+    head_bias: bool = True                  # C-DER: False (use_bias: False); also for the aux classifier
+    reset_head_after_warmup: bool = False   # C-DER: classifier and aux classifier re-initialised after warm-up
+    # --- stage-1 schedule ---------------------------------------------------------------------------
+    schedule: Literal["paper", "card"] = "paper"   # paper: warm-up + multistep scaled to the card's epochs
+    warmup_epochs: int = 10                 # paper recipe, in epochs of a recipe_epochs-long run
+    milestones: list[int] = field(default_factory=lambda: [100, 120])   # counted after warm-up
+    recipe_epochs: int = 170                # the recipe's total (CIFAR 10 + 160; ImageNet 10 + 120)
+    base_schedule: Literal["paper", "code"] = "paper"   # code: C-DER's B50 base-task schedule (no warm-up)
+    base_epochs: int = 200                  # base_schedule: code (scaled like the recipe)
+    base_milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    # --- stage 2: classifier learning ---------------------------------------------------------------
+    classifier_stage: Literal["balanced", "wa", "none"] = "balanced"   # wa: PyCIL's weight aligning
+    classifier_stage_first_task: bool = False   # C-DER skips stage 2 at t=1
+    balanced_reinit: bool = True            # paper: re-initialise the classifier before stage 2
+    balanced_temperature: float = 5.0       # delta (CIFAR 5, ImageNet 1; from the card)
+    balanced_epochs: int = 30
+    balanced_lr: Optional[float] = None     # None: the card's lr (0.1 on the CIFAR/ImageNet cards)
+    balanced_milestones: list[int] = field(default_factory=lambda: [15])
+    balanced_per_class: Optional[int] = None   # None: the smallest class count (C-DER)
+    # --- pruning ------------------------------------------------------------------------------------
+    prune: bool = False
+    sparsity_weight: float = 0.75           # lambda_s (from the card)
+    mask_scope: Literal["shared", "internal"] = "shared"   # spec A.9.2 choice B / choice A
+    s_max: float = 400.0
+    sparsity_kernel: Literal["area", "side"] = "area"     # K_l = k*k or k
+    grad_comp: Literal["paper", "hat", "none"] = "paper"  # eq. 9; hat: times s_max
+    clamp_cosh: Optional[float] = 50.0      # HAT thres_cosh (s*e inside cosh); None: unclamped
+    clamp_mask: Optional[float] = 6.0       # HAT thres_emb (e after each step); None: unclamped
+    mask_init_mean: float = 0.0             # e ~ N(mean, std^2) (HAT: nn.Embedding, N(0, 1))
+    mask_init_std: float = 1.0
+    mask_weight_decay: float = 0.0          # weight decay on e
+    prune_init: Literal["full", "regrow", "pruned"] = "full"   # F_t from F_{t-1} before pruning / its
+    #                                         surviving channels + fresh rest / the pruned F_{t-1}^P
+
+
+def aux_labels(y: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Auxiliary-classifier labels: old class -> 0, new class c -> c - n_old + 1."""
+    return torch.where(y < n_old, torch.zeros_like(y), y - n_old + 1)
+
+
+def _scaled(epochs: float, f: float) -> int:
+    return int(round(epochs * f))
+
+
+@register("der")
+class DER(Method):
+    Config = DERConfig
+    uses_exemplars = True
+    regimes = ("offline",)
+    summary = "dynamically expandable representation: one frozen extractor per task, aux loss, balanced head"
+
+    def __init__(self, cfg: DERConfig, ctx: Context):
+        super().__init__(cfg, ctx)
+        self.stack = ExtractorStack()
+        self.head: nn.Linear | None = None
+        self.prev_full: dict | None = None   # pruning: {"spec", "weights"} of the last extractor before pruning
+        self.prev_keep: dict | None = None   # pruning: surviving channels of each group of that extractor
+        self.log: list[dict] = []            # per task: pruning statistics
+
+    # --- schedules -------------------------------------------------------------------------------------
+    def stage1_config(self, task: Task) -> TrainConfig:
+        cfg, base = self.cfg, self.ctx.protocol.train
+        f = base.epochs / cfg.recipe_epochs
+        if task.index == 0 and self.ctx.protocol.base > 0 and cfg.base_schedule == "code":
+            return phase_config(base, epochs=max(1, _scaled(cfg.base_epochs, f)), schedule="multistep",
+                                warmup_epochs=0, milestones=[_scaled(m, f) for m in cfg.base_milestones],
+                                gamma=0.1)
+        if cfg.schedule == "card":
+            return base
+        return phase_config(base, schedule="multistep", warmup_epochs=_scaled(cfg.warmup_epochs, f),
+                            milestones=[_scaled(m, f) for m in cfg.milestones], gamma=0.1)
+
+    def stage2_config(self) -> TrainConfig:
+        cfg, base = self.cfg, self.ctx.protocol.train
+        return phase_config(base, epochs=cfg.balanced_epochs, lr=cfg.balanced_lr or base.lr,
+                            schedule="multistep", milestones=list(cfg.balanced_milestones), gamma=0.1,
+                            warmup_epochs=0)
+
+    # --- building blocks -------------------------------------------------------------------------------
+    def new_extractor(self, ctx: Context) -> nn.Module:
+        """F_1: a fresh backbone; F_t: initialised from F_{t-1} (with pruning: see prune_init)."""
+        cfg = self.cfg
+        if not len(self.stack):
+            return ctx.new_backbone()
+        if cfg.prune and self.prev_full is not None and cfg.prune_init in ("full", "regrow"):
+            full = build_backbone(self.prev_full["spec"]).to(ctx.device)
+            full.load_state_dict(self.prev_full["weights"])
+            if cfg.prune_init == "regrow":
+                graph = describe(full, cfg.mask_scope, cfg.sparsity_kernel)
+                keep = {g: k.to(ctx.device) for g, k in self.prev_keep.items()}
+                full = regrow(build_backbone(self.prev_full["spec"]).to(ctx.device), full, graph, keep)
+            net = full
+        else:
+            net = copy.deepcopy(self.stack.extractors[-1])
+        for p in net.parameters():
+            p.requires_grad_(True)
+        return ctx.engine.prepare(net.train())
+
+    def expand(self, task: Task) -> nn.Linear:
+        """The classifier over all seen classes and the current super-feature (old block inherited)."""
+        inherit = self.cfg.inherit_head and self.head is not None
+        head = expand_head(self.head if inherit else None, self.stack.out_dim, task.n_seen, inherit=inherit,
+                           bias=self.cfg.head_bias)
+        return self.ctx.engine.prepare(head)
+
+    def balanced_indices(self, task: Task, ctx: Context) -> torch.Tensor:
+        indices = ctx.train_indices(task)
+        labels = ctx.stream.train.labels[indices]
+        return class_balanced_subset(indices, labels, ctx.engine.order_gen, self.cfg.balanced_per_class)
+
+    # --- the task --------------------------------------------------------------------------------------
+    def learn(self, task: Task, ctx: Context) -> None:
+        cfg, engine = self.cfg, ctx.engine
+        for i in range(len(self.stack)):
+            if not self.stack.frozen[i]:
+                self.stack.freeze(i)
+        new = self.new_extractor(ctx)
+        old_dim = self.stack.out_dim
+        slot = self.stack.add(new)
+        head = self.expand(task)
+        n_old = task.n_old
+        aux = None
+        if n_old > 0 and cfg.aux_weight > 0:
+            aux = engine.prepare(linear_head(new.out_dim, task.n_new + 1, bias=cfg.head_bias))
+        masks = None
+        if cfg.prune:
+            masks = ChannelMasks(new, cfg.mask_scope, cfg.s_max, cfg.sparsity_kernel, cfg.mask_init_mean,
+                                 cfg.mask_init_std).attach()
+
+        params = [*new.parameters(), *head.parameters()] + ([*aux.parameters()] if aux is not None else [])
+        groups = [{"params": params}]
+        if masks is not None:
+            groups.append({"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay})
+        train_cfg = self.stage1_config(task)
+        epochs = engine.epochs_for(train_cfg)
+        warmup = min(round(train_cfg.warmup_epochs * epochs / train_cfg.epochs), max(epochs - 1, 0))
+
+        def loss_fn(batch):
+            if masks is not None:
+                masks.s = anneal(batch.step, batch.steps_per_epoch, cfg.s_max)
+            if cfg.reset_head_after_warmup and warmup and batch.epoch == warmup and batch.step == 0:
+                with torch.no_grad():
+                    for layer in (head, aux):
+                        if layer is not None:
+                            layer.reset_parameters()
+            feats = self.stack.features_each(batch.x)
+            loss = F.cross_entropy(head(torch.cat(feats, dim=1)), batch.y)
+            if aux is not None:
+                loss = loss + cfg.aux_weight * F.cross_entropy(aux(feats[-1]), aux_labels(batch.y, n_old))
+            if masks is not None and cfg.sparsity_weight:
+                loss = loss + cfg.sparsity_weight * masks.sparsity()
+            return loss
+
+        before = after = None
+        if masks is not None:
+            def before(batch):
+                masks.compensate(cfg.grad_comp, cfg.clamp_cosh)
+
+            def after(batch):
+                masks.clamp_(cfg.clamp_mask)
+
+        engine.fit(groups, loss_fn, ctx.train_indices(task), train_cfg, phase="der", modules=[self.stack],
+                   before_step=before, after_step=after)
+
+        if masks is not None:
+            masks.detach()
+            keep = masks.keep()
+            self.prev_full = {"spec": copy.deepcopy(new.spec),
+                              "weights": {k: v.detach().clone() for k, v in new.state_dict().items()}}
+            self.prev_keep = {g: k.clone() for g, k in keep.items()}
+            pruned = engine.prepare(prune(new, masks.graph, keep))
+            self.stack.replace(slot, pruned, frozen=False)
+            cols = torch.cat([torch.arange(old_dim), old_dim + keep[masks.graph.out]]).to(head.weight.device)
+            head = drop_columns(head, cols)
+            self.log.append({"task": task.index, "params_before": count_params(new),
+                             "params_after": count_params(pruned), "out_dim": pruned.out_dim,
+                             "kept": {g: len(k) for g, k in keep.items()}})
+            if ctx.log:
+                ctx.log(f"der: task {task.index} extractor pruned {count_params(new)} -> {count_params(pruned)} "
+                        f"params, feature dim {new.out_dim} -> {pruned.out_dim}")
+        self.stack.freeze(slot)
+        self.head = head
+
+        if task.index > 0 or cfg.classifier_stage_first_task:
+            if cfg.classifier_stage == "balanced":
+                self.balanced_finetune(task, ctx)
+            elif cfg.classifier_stage == "wa":
+                self.weight_align(task)
+
+    def balanced_finetune(self, task: Task, ctx: Context) -> None:
+        """Stage 2: (re-initialised) classifier on a class-balanced subset, CE(logits / delta), extractors
+        frozen in eval mode, train augmentation applied."""
+        cfg = self.cfg
+        if cfg.balanced_reinit:
+            self.head = ctx.engine.prepare(linear_head(self.stack.out_dim, task.n_seen, bias=cfg.head_bias))
+        head, stack = self.head, self.stack
+        subset = self.balanced_indices(task, ctx)
+        stack.eval()
+
+        def loss_fn(batch):
+            with torch.no_grad():
+                u = stack(batch.x)
+            return F.cross_entropy(head(u) / cfg.balanced_temperature, batch.y)
+
+        ctx.engine.fit(head.parameters(), loss_fn, subset, self.stage2_config(), phase="der_classifier")
+
+    @torch.no_grad()
+    def weight_align(self, task: Task) -> None:
+        """PyCIL's weight aligning: new-class weight rows rescaled to the old rows' mean norm."""
+        w = self.head.weight
+        n_old = task.n_old
+        gamma = w[:n_old].norm(dim=1).mean() / w[n_old:].norm(dim=1).mean()
+        w[n_old:] *= gamma
+
+    # --- inference -------------------------------------------------------------------------------------
+    def networks(self):
+        return [self.stack, self.head]
+
+    def scores(self, x):
+        return self.head(self.stack(x))
+
+    def features(self, x):
+        return self.stack(x)
+
+    def inference_footprint(self) -> Footprint:
+        return Footprint(len(self.stack), count_params(self.stack, self.head))
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"stack_extra": self.stack.extra_state(), "stack": self.stack.state_dict(),
+                 "head": self.head.state_dict(), "log": copy.deepcopy(self.log)}
+        if self.prev_full is not None:
+            state["prev_full"] = {"spec": copy.deepcopy(self.prev_full["spec"]),
+                                  "weights": {k: v.cpu() for k, v in self.prev_full["weights"].items()}}
+            state["prev_keep"] = {g: k.cpu() for g, k in self.prev_keep.items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.ctx.device
+        self.stack = self.ctx.engine.prepare(ExtractorStack.rebuild(state["stack_extra"], state["stack"], device))
+        out_f, in_f = state["head"]["weight"].shape
+        self.head = self.ctx.engine.prepare(linear_head(in_f, out_f, bias="bias" in state["head"]))
+        self.head.load_state_dict(state["head"])
+        self.log = copy.deepcopy(state.get("log", []))
+        if "prev_full" in state:
+            self.prev_full = {"spec": copy.deepcopy(state["prev_full"]["spec"]),
+                              "weights": {k: v.to(device) for k, v in state["prev_full"]["weights"].items()}}
+            self.prev_keep = {g: k.clone() for g, k in state["prev_keep"].items()}
+        else:
+            self.prev_full = self.prev_keep = None
+
+
+register("der_prune", prune=True)(DER)

@@ -1,0 +1,351 @@
+"""DER / DER with pruning (methods/der.py, cilbench/pruning.py). CPU, small: a 6-class synthetic card."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from cilbench.backbones import build_backbone, count_params
+from cilbench.cli import app
+from cilbench.config import build
+from cilbench.data import load_dataset
+from cilbench.engine import Engine, RuntimeOptions
+from cilbench.memory import make_memory
+from cilbench.method import Context, get_method
+from cilbench.protocol import build_protocol
+from cilbench.pruning import ChannelMasks, anneal, describe, prune
+from cilbench.stream import Stream
+from methods.der import DER, DERConfig, aux_labels
+
+TINY_CARD = {
+    "name": "tiny_der", "dataset": "synthetic", "num_classes": 6, "class_order": "natural", "base": 0,
+    "step": 2, "tasks": 3, "regime": "offline",
+    "memory": {"policy": "fixed_total", "total": 24, "selection": "herding"},
+    "backbone": {"name": "resnet20", "width": 4},
+    "train": {"epochs": 4, "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+              "weight_decay": 0.0005, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
+    "augment": {"crop_padding": 1, "flip": True, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    "eval_batch_size": 200,
+    "data": {"synthetic": {"classes": 6, "image_size": 8, "channels": 3, "train_per_class": 24,
+                           "test_per_class": 8, "noise": 0.3, "seed": 0}},
+    "methods": {"der": {"sparsity_weight": 0.75, "balanced_temperature": 5.0}},
+}
+
+
+@pytest.fixture
+def card_path(tmp_path):
+    path = tmp_path / "tiny_der.yaml"
+    path.write_text(yaml.safe_dump(TINY_CARD))
+    return str(path)
+
+
+def make_ctx(max_epochs=1):
+    protocol = build_protocol(dict(TINY_CARD), "tiny")
+    device = torch.device("cpu")
+    stream = Stream(protocol, load_dataset(protocol, None), device)
+    engine = Engine(stream, RuntimeOptions(device="cpu", max_epochs=max_epochs), device)
+    memory = make_memory(protocol.memory, device)
+    return Context(protocol, stream, engine, memory, device, seed=0), stream, engine, memory
+
+
+def run_task(method, ctx, stream, engine, memory, t):
+    task = stream.task(t)
+    engine.begin_task(0, t)
+    method.learn(task, ctx)
+    method.eval()
+    memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
+                  engine.order_gen)
+    return task
+
+
+def der(ctx, **options):
+    return DER(build(DERConfig, {"sparsity_weight": 0.75, **options}, "test"), ctx)
+
+
+def randomize_bn(net):
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+
+
+# --- unit tests ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prune_on", [False, True])
+def test_old_extractor_bit_identical_and_stack_grows(prune_on):
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx, prune=prune_on, balanced_epochs=1)
+    run_task(method, ctx, stream, engine, memory, 0)
+    first = {k: v.clone() for k, v in method.stack.extractors[0].state_dict().items()}
+    assert any("running_mean" in k for k in first)
+    dims = method.stack.dims
+    run_task(method, ctx, stream, engine, memory, 1)
+    assert len(method.stack) == 2 and method.stack.frozen == [True, True]
+    after = method.stack.extractors[0].state_dict()
+    assert first.keys() == after.keys()
+    for k, v in first.items():
+        assert torch.equal(v, after[k]), k          # weights and BN buffers (incl. num_batches_tracked)
+    assert method.stack.dims[0] == dims[0]
+    assert method.head.in_features == sum(method.stack.dims)
+    assert method.head.out_features == 4
+    fp = method.inference_footprint()
+    assert fp.extractors == 2 and fp.params == count_params(method.stack, method.head)
+
+
+def test_head_old_block_inherited():
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx)
+    run_task(method, ctx, stream, engine, memory, 0)
+    old = method.head.weight.detach().clone()
+    old_bias = method.head.bias.detach().clone()
+    task = stream.task(1)
+    method.stack.add(build_backbone(method.stack.specs()[0]))     # what learn() does before expanding
+    head = method.expand(task)
+    assert head.weight.shape == (4, 2 * old.shape[1])
+    assert torch.equal(head.weight[:2, : old.shape[1]], old)
+    assert torch.equal(head.bias[:2], old_bias)
+    method.cfg.inherit_head = False
+    assert not torch.equal(method.expand(task).weight[:2, : old.shape[1]], old)
+
+
+def test_aux_label_mapping():
+    y = torch.tensor([0, 3, 4, 5, 6, 9])
+    assert aux_labels(y, 5).tolist() == [0, 0, 0, 1, 2, 5]      # old -> 0, new c -> c - n_old + 1
+    assert aux_labels(torch.tensor([2, 3]), 2).tolist() == [1, 2]
+
+
+def test_balanced_subset_equal_counts():
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx, balanced_epochs=1)
+    run_task(method, ctx, stream, engine, memory, 0)
+    task = stream.task(1)
+    idx = method.balanced_indices(task, ctx)
+    labels = stream.train.labels[idx]
+    classes, counts = torch.unique(labels, return_counts=True)
+    assert classes.tolist() == [0, 1, 2, 3]
+    assert len(set(counts.tolist())) == 1 and counts[0] == memory.quota == 12
+    assert len(torch.unique(idx)) == len(idx)
+
+
+@pytest.mark.parametrize("name,width", [("resnet20", 8), ("resnet18_reduced", 4)])
+@pytest.mark.parametrize("scope", ["shared", "internal"])
+def test_pruned_equals_binarised_masked(name, width, scope):
+    torch.manual_seed(0)
+    net = build_backbone(name, 3, width)
+    randomize_bn(net)
+    masks = ChannelMasks(net, scope).attach()
+    masks.binary = True
+    x = torch.randn(5, 3, 16, 16)
+    net.eval()
+    with torch.no_grad():
+        masked = net(x)
+    masks.detach()
+    keep = masks.keep()
+    small = prune(net, masks.graph, keep).eval()
+    with torch.no_grad():
+        out = small(x)
+    cols = keep[masks.graph.out]
+    assert out.shape == (5, len(cols))
+    torch.testing.assert_close(out, masked[:, cols], rtol=1e-5, atol=1e-5)
+    dropped = torch.ones(masked.shape[1], dtype=torch.bool)
+    dropped[cols] = False
+    assert masked[:, dropped].abs().max().item() == 0 if dropped.any() else True
+    assert count_params(small) < count_params(net)
+    # the pruned spec is plain data and rebuilds the same network
+    rebuilt = build_backbone(small.spec)
+    rebuilt.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), out)
+    if scope == "internal":
+        assert small.out_dim == net.out_dim
+    # pruning again the pruned network (prune_init: pruned) still matches
+    masks2 = ChannelMasks(small, scope).attach()
+    masks2.binary = True
+    with torch.no_grad():
+        masked2 = small(x)
+    masks2.detach()
+    keep2 = masks2.keep()
+    smaller = prune(small, masks2.graph, keep2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(smaller(x), masked2[:, keep2[masks2.graph.out]], rtol=1e-5, atol=1e-5)
+
+
+def toy_net():
+    # stem 1 -> 2 channels, one block [mid 3, out 2] with an identity shortcut
+    spec = {"name": "toy", "in_channels": 1, "stem": 2, "stem_kind": "cifar", "shortcut": "A",
+            "stages": [[[3, 2]]]}
+    return build_backbone(spec)
+
+
+def test_sparsity_loss_by_hand():
+    net = toy_net()
+    masks = ChannelMasks(net, "shared")
+    assert sorted(masks.graph.masked) == ["m0_0", "t0"]         # stem and block output share one mask
+    s = 2.0
+    masks.s = s
+    e_t, e_m = [0.3, -0.5], [1.0, 0.0, -2.0]
+    with torch.no_grad():
+        masks.e["t0"].copy_(torch.tensor(e_t))
+        masks.e["m0_0"].copy_(torch.tensor(e_m))
+    sig = lambda v: 1 / (1 + math.exp(-s * v))
+    n_t, n_m = sum(map(sig, e_t)), sum(map(sig, e_m))
+    # convs: stem (1 -> t, 3x3), conv1 (t -> m, 3x3), conv2 (m -> t, 3x3); ||m_0|| = 1 input channel
+    num = 9 * 1 * n_t + 9 * n_t * n_m + 9 * n_m * n_t
+    den = 9 * 1 * 2 + 9 * 2 * 3 + 9 * 3 * 2
+    assert masks.sparsity().item() == pytest.approx(num / den, rel=1e-6)
+    # internal scope: stem and inner conv masked, the block output not
+    masks_a = ChannelMasks(net, "internal")
+    masks_a.s = s
+    with torch.no_grad():
+        masks_a.e["t0"].copy_(torch.tensor(e_t))
+        masks_a.e["m0_0"].copy_(torch.tensor(e_m))
+    num_a = 9 * 1 * n_t + 9 * n_t * n_m + 9 * n_m * 2
+    assert masks_a.sparsity().item() == pytest.approx(num_a / den, rel=1e-6)
+    # K_l = k instead of k*k
+    masks_k = ChannelMasks(net, "shared", kernel="side")
+    assert masks_k._den == 3 * (2 + 6 + 6)
+
+
+def test_anneal_and_gradient_compensation():
+    assert anneal(0, 10, 400) == pytest.approx(1 / 400)
+    assert anneal(9, 10, 400) == pytest.approx(400)
+    assert anneal(0, 1, 400) == 400
+    net = toy_net()
+    masks = ChannelMasks(net, "shared")
+    e = masks.e["t0"]
+    with torch.no_grad():
+        e.copy_(torch.tensor([0.2, -0.1]))
+    for s in (0.5, 3.0, 50.0):
+        masks.s = s
+        e.grad = None
+        torch.sigmoid(s * e).sum().backward()
+        masks.compensate("paper", clamp=None)
+        sig = torch.sigmoid(e.detach())
+        # eq. 9 removes s: the gradient at s = 1 (float32 rounding of sigma'(s e) at large s)
+        torch.testing.assert_close(e.grad, sig * (1 - sig), rtol=5e-3, atol=1e-6)
+    # huge s * e: finite (clamped cosh, underflowed gradient stays 0)
+    masks.s = 400.0
+    with torch.no_grad():
+        e.copy_(torch.tensor([6.0, -6.0]))
+    e.grad = None
+    torch.sigmoid(400.0 * e).sum().backward()
+    masks.compensate("paper", clamp=50.0)
+    assert torch.isfinite(e.grad).all()
+
+
+def test_describe_shared_streams_resnet20():
+    net = build_backbone("resnet20", 3, 4)
+    g = describe(net, "shared")
+    streams = {g.blocks[i].t_out for i in range(len(g.blocks))}
+    assert len(streams) == 3                                    # one mask per residual stream
+    assert g.stem == g.blocks[0].t_out
+    assert len(g.masked) == 3 + 9                              # 3 streams + 9 inner convs
+
+
+@pytest.mark.parametrize("options", [
+    {"prune": True, "prune_init": "regrow", "mask_scope": "internal", "grad_comp": "hat"},
+    {"prune": True, "prune_init": "pruned", "clamp_cosh": None, "clamp_mask": None},
+    {"classifier_stage": "wa", "schedule": "card", "inherit_head": False, "head_bias": False},
+    {"reset_head_after_warmup": True, "classifier_stage_first_task": True, "aux_weight": 0.0},
+])
+def test_options_run_and_state_round_trip(tmp_path, options):
+    ctx, stream, engine, memory = make_ctx(max_epochs=2)
+    method = der(ctx, balanced_epochs=1, **options)
+    for t in range(3):
+        run_task(method, ctx, stream, engine, memory, t)
+    assert len(method.stack) == 3 and method.head.out_features == 6
+    if options.get("prune"):
+        assert all(d <= 16 for d in method.stack.dims)
+    path = tmp_path / "state.pt"
+    torch.save(method.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    other = der(ctx, balanced_epochs=1, **options)
+    other.load_state_dict(state)
+    x = engine.augmenter.test(stream.test.images[:16])
+    method.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(method.scores(x), other.scores(x))
+    assert other.inference_footprint() == method.inference_footprint()
+    # the next task starts from the same extractor either way
+    a, b = method.new_extractor(ctx).state_dict(), other.new_extractor(ctx).state_dict()
+    if options.get("prune_init") != "regrow":     # regrow draws a fresh init
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_schedules():
+    ctx, stream, *_ = make_ctx()
+    method = der(ctx)
+    paper = method.stage1_config(stream.task(0))
+    assert (paper.schedule, paper.warmup_epochs, paper.milestones, paper.epochs) == ("multistep", 0, [2, 3], 4)
+    method.cfg.schedule = "card"
+    assert method.stage1_config(stream.task(0)) == ctx.protocol.train
+    two = method.stage2_config()
+    assert (two.epochs, two.milestones, two.lr, two.warmup_epochs) == (30, [15], 0.05, 0)
+    # C-DER's B50 base-task schedule (200 epochs, 60/120/160, no warm-up), scaled to the card's budget
+    method.cfg.base_schedule = "code"
+    ctx.protocol = dataclasses.replace(ctx.protocol, base=2)
+    base = method.stage1_config(stream.task(0))
+    assert (base.epochs, base.milestones, base.warmup_epochs) == (5, [1, 3, 4], 0)
+    assert method.stage1_config(stream.task(1)) == ctx.protocol.train      # later tasks: schedule card
+
+
+def test_registry_alias():
+    entry = get_method("der_prune")
+    assert entry.cls is DER and entry.defaults == {"prune": True} and DER.family == "der"
+
+
+# --- CLI end to end ------------------------------------------------------------------------------------
+
+def cli_run(out, card, method, *extra):
+    result = CliRunner().invoke(app, ["run", "--method", method, "--protocol", card, "--epochs", "1",
+                                      "--device", "cpu", "--out", str(out), "--quiet", *extra])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out / "tiny_der" / method / "seed0"
+
+
+def read_steps(run):
+    import csv
+    with open(run / "steps.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_der_and_der_prune(tmp_path, card_path):
+    runs = {}
+    for method in ("der", "der_prune"):
+        run = cli_run(tmp_path, card_path, method)
+        for name in ("config.yaml", "manifest.json", "steps.csv", "acc_matrix.csv", "metrics.json",
+                     "events.jsonl", "checkpoint.pt"):
+            assert (run / name).exists(), name
+        assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+        steps = read_steps(run)
+        assert [int(s["extractors"]) for s in steps] == [1, 2, 3]
+        assert [int(s["classes_seen"]) for s in steps] == [2, 4, 6]
+        params = [int(s["params"]) for s in steps]
+        assert params[0] < params[1] < params[2]
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["steps"] == 3 and metrics["extractors_last"] == 3
+        phases = {json.loads(line)["phase"] for line in (run / "events.jsonl").read_text().splitlines()}
+        assert phases == {"der", "der_classifier"}
+        runs[method] = params
+    assert all(p < q for p, q in zip(runs["der_prune"], runs["der"]))
+
+
+def test_cli_der_prune_resume_equals_full(tmp_path, card_path):
+    full = cli_run(tmp_path / "full", card_path, "der_prune", "--deterministic")
+    part = cli_run(tmp_path / "part", card_path, "der_prune", "--deterministic", "--stop-after", "2")
+    assert json.loads((part / "manifest.json").read_text())["status"] == "interrupted"
+    cli_run(tmp_path / "part", card_path, "der_prune", "--deterministic", "--resume")
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((part / "metrics.json").read_text())
+    for key in ("train_seconds", "eval_seconds"):
+        a.pop(key), b.pop(key)
+    assert a == b
+    assert [s["params"] for s in read_steps(full)] == [s["params"] for s in read_steps(part)]
