@@ -1,37 +1,81 @@
-"""The one-run summary `cilbench run` prints at the end."""
+"""The one-run summary `cilbench run` prints at the end, in the report's table style (cilbench.report):
+the per-step table, then the run's row as `cilbench report` shows it, with the published rows of the same
+method and protocol and the differences where protocol, backbone and memory match."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+
+from .errors import UserError
+from .report import (
+    Column,
+    Row,
+    RunGroup,
+    Stat,
+    Table,
+    default_metrics,
+    load_reference,
+    protocol_table,
+    read_run,
+    status_text,
+    to_rich,
+)
 
 
-def _fmt(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _steps(path: Path) -> list[dict]:
+    """Per-step rows of a run of any status (empty when steps.csv is missing or unreadable)."""
+    try:
+        with open(path / "steps.csv") as fh:
+            return [{"step": int(r["step"]), "classes_seen": int(r["classes_seen"]), "top1": float(r["top1"]),
+                     "top5": float(r["top5"]), "extractors": int(r["extractors"]), "params": int(r["params"]),
+                     "train_seconds": float(r.get("train_seconds") or 0),
+                     "eval_seconds": float(r.get("eval_seconds") or 0)} for r in csv.DictReader(fh)]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def steps_table(title: str, steps: list[dict]) -> Table:
+    """Accuracy and footprint after each step of one run."""
+    cols = [Column("step", "Step"), Column("classes", "Classes"), Column("top1", "Top-1"), Column("top5", "Top-5"),
+            Column("ext", "#Ext"), Column("params", "#Params M"), Column("train", "Train s"),
+            Column("eval", "Eval s")]
+    rows = []
+    for s in steps:
+        params = s["params"] / 1e6
+        rows.append(Row("ours", {
+            "step": Stat(s["step"], digits=0), "classes": Stat(s["classes_seen"], digits=0),
+            "top1": Stat(s["top1"]), "top5": Stat(s["top5"]), "ext": Stat(s["extractors"], digits=0),
+            "params": Stat(params, digits=2 if params >= 1 else 3),
+            "train": Stat(s["train_seconds"], digits=1), "eval": Stat(s["eval_seconds"], digits=1)}))
+    return Table(title, cols, rows)
 
 
 def print_run_summary(path: Path, console: Console | None = None) -> None:
     console = console or Console()
-    manifest = json.loads((path / "manifest.json").read_text())
-    with open(path / "steps.csv") as fh:
-        steps = list(csv.DictReader(fh))
-    table = Table(title=f"{manifest['run_name']} on {manifest['protocol']} (seed {manifest['seed']}): "
-                        f"{manifest['status']}")
-    for col in ("step", "classes", "top-1", "top-5", "#extractors", "#params (M)", "train s", "eval s"):
-        table.add_column(col, justify="right")
-    for s in steps:
-        table.add_row(s["step"], s["classes_seen"], _fmt(float(s["top1"])), _fmt(float(s["top5"])),
-                      s["extractors"], _fmt(int(s["params"]) / 1e6, 3), _fmt(float(s["train_seconds"]), 1),
-                      _fmt(float(s["eval_seconds"]), 1))
-    console.print(table)
-    metrics_path = path / "metrics.json"
-    if metrics_path.exists() and manifest["status"] == "complete":
-        m = json.loads(metrics_path.read_text())
-        console.print(f"Avg {_fmt(m['avg_acc'])}  Last {_fmt(m['last_acc'])}  BWT {_fmt(m['bwt'])}  "
-                      f"Forgetting {_fmt(m['forgetting'])}  Avg top-5 {_fmt(m['avg_acc_top5'])}")
-    else:
-        console.print(f"status {manifest['status']}: {manifest.get('error') or ''}")
+    path = Path(path)
+    digits = path.name[4:]
+    run = read_run(path, path.parent.parent.name, path.parent.name, int(digits) if digits.isdigit() else 0)
+    steps = _steps(path)
+    if steps:
+        console.print(to_rich(steps_table(f"{run.run_name} on {run.protocol} (seed {run.seed}): {run.status}",
+                                          steps)))
+    if not run.ok:
+        console.print(f"status {status_text(run)}")
+        console.print(f"results: {path}")
+        return
+    group = RunGroup(run.protocol, run.run_name, [run])
+    try:
+        refs, _ = load_reference()
+    except UserError:
+        refs = []
+    refs = [r for r in refs if r.protocol == run.protocol and r.match and r.match in (run.method, run.run_name)]
+    metrics = default_metrics(group.dataset, group.regime)
+    table = protocol_table(run.protocol, [group], refs,
+                           metrics + ([] if "forgetting" in metrics else ["forgetting"]))
+    table.title = "Result (as in `cilbench report`)"
+    console.print(to_rich(table))
+    for note in table.notes[1:]:
+        console.print(f"  {note}", style="dim")
     console.print(f"results: {path}")

@@ -1,0 +1,492 @@
+"""`cilbench report` and the run summary, from run directories written directly (no training)."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import struct
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from rich.console import Console
+from typer.testing import CliRunner
+
+from cilbench import plots
+from cilbench.cli import app
+from cilbench.config import to_dict
+from cilbench.errors import UserError
+from cilbench.protocol import PROTOCOL_DIR, known_protocols, load_protocol
+from cilbench.report import (
+    REFERENCE_DIR,
+    build_report,
+    group_runs,
+    load_reference,
+    resolve_metrics,
+    scan_runs,
+    strip_n_tag,
+)
+from cilbench.store import RunStore, run_dir
+from cilbench.summary import print_run_summary
+
+# --------------------------------------------------------------------------------------------------------
+# Building run directories with known numbers
+
+
+def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str = "complete",
+             avg: float = 70.0, last: float = 60.0, bwt: float = -5.0, top1: list[float] | None = None,
+             extractors: list[int] | None = None, params: list[int] | None = None, tasks_done: int | None = None,
+             memory_size: int = 20, max_epochs: int | None = None, write_metrics: bool | None = None) -> Path:
+    """A run directory as cilbench.runner writes it, with the numbers given (metrics.json is not recomputed
+    from the steps on purpose: the report must take the summary numbers as written)."""
+    p = load_protocol(protocol)
+    T = p.tasks
+    top1 = top1 or [round(90 - 30 * t / max(1, T - 1), 4) for t in range(T)]
+    extractors = extractors or [1] * T
+    params = params or [464_154] * T
+    done = T if tasks_done is None else tasks_done
+    sizes = p.task_sizes
+    store = RunStore(run_dir(root, protocol, run_name, seed))
+    store.create(force=True)
+    method = run_name.split("+")[0]
+    store.write_config({"method": method, "run_name": run_name, "seed": seed, "protocol": to_dict(p),
+                        "method_config": {}, "runtime": {"device": "cpu", "max_epochs": max_epochs}})
+    steps, matrix, matrix5 = [], [], []
+    for t in range(done):
+        steps.append({"step": t, "classes_seen": sum(sizes[: t + 1]), "top1": top1[t], "top5": min(100, top1[t] + 15),
+                      "extractors": extractors[t], "params": params[t], "memory_size": memory_size,
+                      "memory_bytes": 0, "train_seconds": 1.0, "eval_seconds": 0.1})
+        matrix.append([max(0.0, top1[t] - 5 * (t - j)) for j in range(t + 1)])
+        matrix5.append([min(100.0, v + 15) for v in matrix[-1]])
+    store.write_steps(steps)
+    store.write_matrix("acc_matrix.csv", matrix)
+    store.write_matrix("acc_matrix_top5.csv", matrix5)
+    store.write_manifest({"status": status, "method": method, "run_name": run_name, "protocol": protocol,
+                          "seed": seed, "tasks_done": done, "tasks_total": T,
+                          "error": None if status == "complete" else f"test {status}"})
+    if write_metrics if write_metrics is not None else status == "complete":
+        store.write_metrics({"steps": done, "avg_acc": avg, "last_acc": last, "bwt": bwt, "forgetting": -bwt,
+                             "avg_acc_top5": avg + 15, "last_acc_top5": last + 15, "bwt_top5": bwt / 2,
+                             "forgetting_top5": -bwt / 2, "avg_acc_task_mean": avg, "last_acc_task_mean": last,
+                             "params_avg": sum(params[:done]) / done, "params_last": params[done - 1],
+                             "extractors_last": extractors[done - 1]})
+    return store.path
+
+
+def make_runs(root: Path) -> Path:
+    """der on cifar100_b50s25 (3 tasks, resnet32): 3 complete seeds, one failed, one still running;
+    tsd_grc at N=2 and N=3 on the same protocol; replay on digits_b0s2."""
+    ext, par = [1, 2, 3], [460_000, 920_000, 1_380_000]
+    for seed, (a, la, b) in enumerate([(70.0, 60.0, -5.0), (72.0, 61.0, -6.0), (74.0, 62.0, -7.0)]):
+        make_run(root, "cifar100_b50s25", "der", seed, avg=a, last=la, bwt=b, extractors=ext, params=par)
+    make_run(root, "cifar100_b50s25", "der", 3, status="failed", tasks_done=1, avg=0.0)
+    make_run(root, "cifar100_b50s25", "der", 4, status="running", tasks_done=2, avg=0.0)
+    make_run(root, "cifar100_b50s25", "tsd_grc+N2", 0, avg=71.0, last=63.0, extractors=[1, 2, 2],
+             params=[460_000, 920_000, 920_000])
+    make_run(root, "cifar100_b50s25", "tsd_grc+N3", 0, avg=73.0, last=64.0, extractors=ext, params=par)
+    make_run(root, "digits_b0s2", "replay", 0, avg=95.0, last=88.0, memory_size=200)
+    make_run(root, "digits_b0s2", "replay", 1, avg=97.0, last=90.0, memory_size=200)
+    return root
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    return make_runs(tmp_path / "runs")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The report of make_runs() with default options, built once for the tests that only read it."""
+    base = tmp_path_factory.mktemp("report")
+    build_report(make_runs(base / "runs"), base / "out")
+    return base / "out"
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def test_protocol_table_values_std_seeds_and_excluded_runs(built):
+    rows = read_csv(built / "tables" / "cifar100_b50s25.csv")
+    der = next(r for r in rows if r["kind"] == "ours" and r["method"] == "der")
+    assert der["seeds"] == "3"                                   # failed and running seeds not counted
+    assert float(der["avg"]) == pytest.approx(72.0) and float(der["avg_std"]) == pytest.approx(2.0)
+    assert float(der["last"]) == pytest.approx(61.0) and float(der["last_std"]) == pytest.approx(1.0)
+    assert float(der["bwt"]) == pytest.approx(-6.0) and float(der["bwt_std"]) == pytest.approx(1.0)
+    assert float(der["ext_last"]) == 3 and float(der["ext_avg"]) == pytest.approx(2.0)
+    assert float(der["params_last"]) == pytest.approx(1.38) and float(der["params_avg"]) == pytest.approx(0.92)
+    single = next(r for r in rows if r["kind"] == "ours" and r["method"] == "tsd_grc+N2")
+    assert single["seeds"] == "1" and single["avg_std"] == ""    # no std from one seed
+    incomplete = {r["method"]: r["source"] for r in rows if r["kind"] == "incomplete"}
+    assert set(incomplete) == {"der seed3", "der seed4"}
+    assert "failed after 1/3 tasks" in incomplete["der seed3"]
+    assert "running after 2/3 tasks" in incomplete["der seed4"]
+    md = (built / "tables" / "cifar100_b50s25.md").read_text()
+    assert "| der | resnet32 | 3 | 3 | 2.00 | 1.38 | 0.92 | 72.00 ± 2.00 | 61.00 ± 1.00 | -6.00 ± 1.00 |" in md
+    assert "~~der seed3~~" in md
+
+
+def test_complete_without_metrics_or_broken_manifest_is_not_averaged(runs, tmp_path):
+    make_run(runs, "digits_b0s2", "replay", 2, avg=10.0, write_metrics=False)     # says complete, no metrics
+    bad = run_dir(runs, "digits_b0s2", "replay", 3)
+    bad.mkdir(parents=True)
+    (bad / "manifest.json").write_text("{not json")
+    build_report(runs, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv")
+    replay = next(r for r in rows if r["kind"] == "ours")
+    assert replay["seeds"] == "2" and float(replay["avg"]) == pytest.approx(96.0)
+    statuses = {r["seed"]: r["status"] for r in read_csv(tmp_path / "out" / "tables" / "runs.csv")
+                if r["protocol"] == "digits_b0s2"}
+    assert statuses == {"0": "complete", "1": "complete", "2": "incomplete", "3": "unreadable"}
+
+
+def test_summary_table_has_protocols_as_column_groups(built):
+    rows = read_csv(built / "tables" / "summary.csv")
+    header = list(rows[0].keys())
+    assert "cifar100_b50s25:avg" in header and "digits_b0s2:last_std" in header
+    replay = next(r for r in rows if r["method"] == "replay")
+    assert float(replay["digits_b0s2:avg"]) == pytest.approx(96.0) and replay["cifar100_b50s25:avg"] == ""
+    tex = (built / "tables" / "summary.tex").read_text()
+    assert "\\multicolumn{2}{c}{cifar100\\_b50s25}" in tex
+    # the published DER rows whose protocol, backbone and memory match a run of ours are in the summary
+    assert any(r["kind"] == "published" and r["method"].startswith("DER w/o P") for r in rows)
+
+
+def test_imagenet_protocol_gets_top5_columns(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "imagenet100_b0s10", "der", 0, avg=70.0, last=60.0, memory_size=2000)
+    build_report(root, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "tables" / "imagenet100_b0s10.csv")
+    der = next(r for r in rows if r["kind"] == "ours")
+    assert float(der["avg_top5"]) == pytest.approx(85.0) and float(der["last_top5"]) == pytest.approx(75.0)
+    # DER Table 3 (resnet18_imagenet, 2000 exemplars) matches: `der` is DER w/o P (top-5 Avg 93.23)
+    delta = next(r for r in rows if r["kind"] == "delta" and r["method"] == "Δ der − DER w/o P")
+    assert float(delta["avg_top5"]) == pytest.approx(85.0 - 93.23)
+    assert float(delta["last"]) == pytest.approx(60.0 - 66.70)
+    assert (tmp_path / "out" / "plots" / "imagenet100_b0s10_steps_top5.png").exists()
+
+
+def test_latex_tables_have_balanced_rows_and_columns(built):
+    texs = sorted((built / "tables").glob("*.tex"))
+    assert len(texs) == 3
+    for tex in texs:
+        text = tex.read_text()
+        assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") == 1
+        spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", text).group(1)
+        body = text[text.index("\\begin{tabular}"): text.index("\\end{tabular}")]
+        rows = [line for line in body.splitlines() if line.rstrip().endswith("\\\\")]
+        assert len(rows) >= 2
+        for line in rows:
+            cells = re.split(r"(?<!\\)&", line.rstrip()[:-2])
+            width = sum(int(m) for m in re.findall(r"\\multicolumn\{(\d+)\}", line)) + \
+                sum(1 for c in cells if "\\multicolumn" not in c)
+            assert width == len(spec), f"{tex.name}: {line}"
+            assert line.count("{") - line.count("\\{") == line.count("}") - line.count("\\}"), line
+        assert "±" not in text and "Δ" not in text                      # unicode replaced by math
+
+
+def test_markdown_table_rows_have_the_header_width(built):
+    for md in (built / "tables").glob("*.md"):
+        lines = [x for x in md.read_text().splitlines() if x.startswith("|")]
+        widths = {len(re.split(r"(?<!\\)\|", x)) for x in lines}
+        assert len(widths) == 1, md.name
+
+
+# --------------------------------------------------------------------------------------------------------
+# Published reference numbers
+
+
+def test_reference_rows_shown_and_differences_only_where_backbone_matches(built):
+    rows = read_csv(built / "tables" / "cifar100_b50s25.csv")
+    published = [r for r in rows if r["kind"] == "published"]
+    sources = {r["source"] for r in published}
+    assert any("Table 2" in s for s in sources) and any("Table 8" in s for s in sources)
+    wo_p_t8 = next(r for r in published if r["method"] == "DER w/o P" and r["backbone"] == "resnet32")
+    assert wo_p_t8["avg"] == "70.18" and wo_p_t8["params_avg"] == "0.92" and wo_p_t8["seeds"] == "?"
+    wo_p_t2 = next(r for r in published if r["method"] == "DER w/o P" and r["backbone"] == "resnet18_cifar")
+    assert wo_p_t2["avg"] == "74.61" and wo_p_t2["avg_std"] == "0.52"
+    deltas = {r["method"]: r for r in rows if r["kind"] == "delta"}
+    # `der` (no pruning) is compared with DER w/o P of Table 8 (resnet32 = ours), not with Table 2 (ResNet-18)
+    # nor with pruned DER (that is `der_prune`); tsd_grc has no published row
+    assert set(deltas) == {"Δ der − DER w/o P"}
+    assert float(deltas["Δ der − DER w/o P"]["avg"]) == pytest.approx(72.0 - 70.18)
+    assert float(deltas["Δ der − DER w/o P"]["params_avg"]) == pytest.approx(0.92 - 0.92, abs=1e-9)
+
+
+def test_reference_files_load_with_provenance_and_marks():
+    refs, curves = load_reference()
+    papers = {r.paper.split(" (")[0] for r in refs}
+    assert papers == {"DER", "SEED", "HPCR", "EXACFS"}
+    for r in refs:
+        assert r.backbone and r.class_order and r.tables, r
+    by = {(r.paper.split(" (")[0], ",".join(r.tables), r.protocol, r.backbone, r.memory, r.method): r for r in refs}
+    assert by[("DER", "Table 7", "cifar100_b0s10", "resnet32", "fixed_total:2000", "DER w/o P")].values["avg"].text \
+        == "71.29"
+    assert by[("EXACFS", "Table 1", "cifar100_b50s2", "resnet32", "per_class:20", "EXACFS")].values["avg"].text \
+        == "62.75"
+    hpcr = by[("HPCR", "Table III,Table V,Table VI", "cifar100_online_b0s10", "resnet18_reduced", "reservoir:1000",
+               "HPCR")]
+    assert hpcr.values["last"].text == "29.1" and hpcr.values["last"].spread_kind == "ci95"
+    assert hpcr.values["avg"].text == "40.1" and hpcr.values["forgetting"].text == "15.7" and hpcr.runs == "10"
+    seed = by[("SEED", "Table 1", "cifar100_b0s10", "resnet32", "none", "SEED")]
+    assert seed.values["avg"].status == "unverified" and "Papers-with-Code" in seed.values["avg"].note
+    lwf = by[("SEED", "Table 1", "cifar100_b0s10", "resnet32", "none", "LwF*")]
+    assert lwf.values["avg"].status == "unknown" and lwf.values["avg"].text == ""   # lost: no number invented
+    assert "14.7 pp" in lwf.values["avg"].note
+    der_t3 = by[("DER", "Table 3", "imagenet100_b50s5", "resnet18_imagenet", "per_class:20", "DER w/o P")]
+    assert der_t3.values["last"].status == "flagged" and "72.92" in der_t3.values["last"].note
+    # per-step curves: complete ones reproduce the table averages they come from
+    c = next(c for c in curves if c.protocol == "cifar100_b50s25" and c.method == "DER")
+    assert c.values == [81.20, 74.01, 68.50] and c.full
+    partial = next(c for c in curves if c.protocol == "cifar100_b0s2")
+    assert partial.steps == [0, 49] and not partial.full
+
+
+def test_reference_csv_rules():
+    """Protocol names follow {dataset}_b{base}s{step}; every value row is a number or explicitly not a number."""
+    cards = set(known_protocols())
+    no_card = {"imagenet1000_b0s100", "miniimagenet_online_b0s10", "tinyimagenet_online_b0s10",
+               "imagenet100_b50s1", "imagenet100_b50s2", "imagenet100_b50s10"}
+    files = sorted(REFERENCE_DIR.glob("*.csv"))
+    assert {f.name for f in files} >= {"der.csv", "der_curves.csv", "seed.csv", "hpcr.csv", "exacfs.csv"}
+    for f in files:
+        for row in read_csv(f):
+            assert re.fullmatch(r"[a-z0-9]+(_online)?_b\d+s\d+", row["protocol"]), row
+            assert row["protocol"] in cards or row["protocol"] in no_card, row["protocol"]
+            if row["status"] in ("ok", "flagged", "unverified"):
+                float(row["value"])
+            else:
+                assert row["status"] in ("unknown", "not_reported") and row["value"] == "", row
+            if row["status"] == "flagged":
+                assert row["note"], row
+    for card in cards & {r["protocol"] for f in files for r in read_csv(f)}:
+        assert (PROTOCOL_DIR / f"{card}.yaml").exists()
+
+
+def test_reference_task_counts_match_cards():
+    """DER's 'B50, 2 steps' is cifar100_b50s25 (3 tasks): curve lengths equal the cards' task counts."""
+    _, curves = load_reference()
+    for c in curves:
+        if c.full and (PROTOCOL_DIR / f"{c.protocol}.yaml").exists():
+            assert len(c.values) == load_protocol(c.protocol).tasks, c.protocol
+
+
+# --------------------------------------------------------------------------------------------------------
+# Plots and HTML
+
+
+def test_every_plot_is_a_non_blank_png_of_the_expected_size(built):
+    pngs = sorted((built / "plots").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert {"cifar100_b50s25_steps_top1.png", "cifar100_b50s25_per_task.png", "cifar100_b50s25_heatmap_der.png",
+            "cifar100_b50s25_extractors.png", "cifar100_b50s25_params.png", "digits_b0s2_steps_top1.png",
+            "digits_b0s2_heatmap_replay.png"} <= names
+    assert "digits_b0s2_extractors.png" not in names         # no method run at several N on digits_b0s2
+    kinds = {"steps": "steps", "per_task": "per_task", "heatmap": "heatmap", "extractors": "extractors",
+             "params": "params"}
+    for png in pngs:
+        kind = next(k for k in kinds if f"_{k}" in png.name)
+        assert png_size(png) == plots.SIZES[kind], png.name
+        with Image.open(png) as im:
+            im = im.convert("RGB")
+            colours = im.getcolors(maxcolors=1 << 20)
+            assert colours is not None and len(colours) > 20, f"{png.name} looks blank"
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 100, f"{png.name} has no contrast"
+
+
+def test_extractor_plot_groups_runs_by_name_without_n_tag(runs):
+    assert strip_n_tag("tsd_grc+N3") == "tsd_grc" and strip_n_tag("tsd_fixed+N3+long") == "tsd_fixed+long"
+    groups = group_runs(scan_runs(runs))["cifar100_b50s25"]
+    assert sorted({g.base_name for g in groups}) == ["der", "tsd_grc"]
+    xs = sorted(g.footprint()["ext_last"][0] for g in groups if g.base_name == "tsd_grc")
+    assert xs == [2, 3]
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("href", "src") and value:
+                self.links.append(value)
+
+
+def test_html_references_only_existing_local_files(built):
+    index = built / "index.html"
+    parser = _Links()
+    parser.feed(index.read_text())
+    assert "script" not in parser.tags and "link" not in parser.tags     # nothing fetched from anywhere
+    files = [x for x in parser.links if not x.startswith("#")]
+    assert any(x.endswith(".png") for x in files) and any(x.endswith(".tex") for x in files)
+    for link in files:
+        assert "://" not in link and not link.startswith("/"), link
+        assert (index.parent / link).is_file(), link
+    anchors = {x[1:] for x in parser.links if x.startswith("#")}
+    text = index.read_text()
+    for a in anchors:
+        assert f'id="{a}"' in text
+    # every plot written is shown
+    for png in (built / "plots").glob("*.png"):
+        assert f"plots/{png.name}" in text
+
+
+def test_rerun_removes_stale_outputs(runs, tmp_path):
+    out = tmp_path / "out"
+    build_report(runs, out)
+    build_report(runs, out, protocols=["digits_b0s2"])
+    assert not list((out / "plots").glob("cifar100*")) and not (out / "tables" / "cifar100_b50s25.md").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Filters and bad input
+
+
+def test_filters_protocol_methods_metric(runs, tmp_path):
+    out = tmp_path / "out"
+    build_report(runs, out, protocols=["cifar100_b50s25"], methods=["tsd_grc"], metrics=["avg", "forgetting"])
+    assert sorted(p.name for p in (out / "tables").glob("*.md")) == ["cifar100_b50s25.md", "summary.md"]
+    rows = read_csv(out / "tables" / "cifar100_b50s25.csv")
+    assert {r["method"] for r in rows if r["kind"] == "ours"} == {"tsd_grc+N2", "tsd_grc+N3"}
+    assert not [r for r in rows if r["kind"] in ("published", "incomplete")]   # no DER rows without der
+    assert "forgetting" in rows[0] and "last" not in rows[0] and "bwt" not in rows[0]
+    build_report(runs, out, methods=["der"], metrics=["last_acc"])              # metrics.json names accepted
+    rows = read_csv(out / "tables" / "cifar100_b50s25.csv")
+    assert {r["method"] for r in rows if r["kind"] == "ours"} == {"der"}
+    assert "last" in rows[0] and "avg" not in rows[0]
+    assert any(r["kind"] == "published" for r in rows)
+    assert not (out / "tables" / "digits_b0s2.md").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"metrics": ["accuracy"]}, "unknown metric 'accuracy'"),
+    ({"protocols": ["cifar100_b0s10"]}, "no runs for cifar100_b0s10"),
+    ({"methods": ["podnet"]}, "no runs named podnet"),
+])
+def test_bad_filters_are_user_errors(runs, tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_report(runs, tmp_path / "out", **kwargs)
+
+
+def test_missing_or_empty_runs_dir(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        build_report(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no runs under"):
+        build_report(tmp_path / "empty", tmp_path / "out")
+    assert resolve_metrics(None) is None and resolve_metrics(["avg,bwt"]) == ["avg", "bwt"]
+
+
+def test_cli_report_and_errors(runs, tmp_path):
+    cli = CliRunner()
+    result = cli.invoke(app, ["report", "--runs", str(runs), "--out", str(tmp_path / "out"),
+                              "--protocol", "digits_b0s2", "--metric", "avg"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "index.html").exists()
+    result = cli.invoke(app, ["report", "--runs", str(runs), "--out", str(tmp_path / "out"), "--metric", "nope"])
+    assert result.exit_code == 2 and "unknown metric 'nope'" in result.output
+    result = cli.invoke(app, ["report", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_reference_csv_errors_name_file_and_line(runs, tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    with open(REFERENCE_DIR / "exacfs.csv") as fh:
+        lines = fh.read().splitlines()
+    (ref / "x.csv").write_text("\n".join(lines[:2] + [lines[2].replace(",avg,", ",accuracy,")]) + "\n")
+    with pytest.raises(UserError, match=r"x\.csv:3: unknown metric 'accuracy'"):
+        build_report(runs, tmp_path / "out", reference_dir=ref)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run summary of `cilbench run`
+
+
+def test_run_summary_uses_the_report_columns(tmp_path):
+    root = tmp_path / "runs"
+    path = make_run(root, "cifar100_b50s25", "der", 0, avg=70.0, last=60.0, bwt=-5.0,
+                    extractors=[1, 2, 3], params=[460_000, 920_000, 1_380_000])
+    console = Console(record=True, width=240)
+    print_run_summary(path, console)
+    text = console.export_text()
+    for header in ("#Ext (last)", "#Params M (avg)", "Avg", "Last", "BWT", "Forgetting", "Source"):
+        assert header in text
+    assert "70.00" in text and "-5.00" in text and "0.920" in text
+    assert "DER w/o P (published)" in text and "Δ der − DER w/o P" in text
+
+
+def test_run_summary_of_an_interrupted_run(tmp_path):
+    path = make_run(tmp_path / "runs", "digits_b0s2", "replay", 0, status="interrupted", tasks_done=2)
+    console = Console(record=True, width=200)
+    print_run_summary(path, console)
+    text = console.export_text()
+    assert "interrupted after 2/5 tasks" in text and "Top-1" in text
+
+
+def test_config_files_written_by_the_fixture_match_the_store_layout(runs):
+    seed0 = run_dir(runs, "cifar100_b50s25", "der", 0)
+    assert {p.name for p in seed0.iterdir()} >= {"config.yaml", "manifest.json", "steps.csv", "acc_matrix.csv",
+                                                  "acc_matrix_top5.csv", "metrics.json"}
+    assert yaml.safe_load((seed0 / "config.yaml").read_text())["protocol"]["backbone"]["name"] == "resnet32"
+    assert json.loads((seed0 / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_pruned_der_runs_are_compared_with_pruned_der(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "cifar100_b0s10", "der_prune", 0, avg=68.0, last=55.0, memory_size=200)
+    build_report(root, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "tables" / "cifar100_b0s10.csv")
+    deltas = {r["method"]: r for r in rows if r["kind"] == "delta"}
+    assert set(deltas) == {"Δ der_prune − DER"}                     # Table 7 (resnet32): DER = 69.41
+    assert float(deltas["Δ der_prune − DER"]["avg"]) == pytest.approx(68.0 - 69.41)
+    assert any(r["kind"] == "published" and r["method"] == "SEED" and r["avg"] == "61.7‡" for r in rows)
+
+
+def test_epoch_capped_and_mixed_config_seeds_are_flagged(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "digits_b0s2", "replay", 0, max_epochs=2)
+    make_run(root, "digits_b0s2", "replay", 1)
+    build_report(root, tmp_path / "out")
+    row = next(r for r in read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv") if r["kind"] == "ours")
+    assert "epochs capped at 2 (1/2 seeds)" in row["source"] and "runtime.max_epochs" in row["source"]
+
+
+def test_der_curves_reproduce_the_table_averages():
+    refs, curves = load_reference()
+    checked = 0
+    for c in curves:
+        if not c.full:
+            continue
+        row = next(r for r in refs if r.paper == c.paper and r.protocol == c.protocol and r.backbone == c.backbone
+                   and r.method == c.method)
+        table_avg = float(row.values["avg" if c.metric == "top1" else "avg_top5"].text)
+        assert sum(c.values) / len(c.values) == pytest.approx(table_avg, abs=0.011), (c.method, c.protocol)
+        checked += 1
+    assert checked == 13
+
+
+def test_out_must_be_a_folder_outside_the_runs(runs, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        build_report(runs, tmp_path / "file")
+    with pytest.raises(UserError, match="inside the runs directory"):
+        build_report(runs, runs / "report")
