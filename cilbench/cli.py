@@ -94,7 +94,8 @@ def show_protocol(protocol: str = typer.Argument(..., help="card name or YAML pa
 def download(dataset: str = typer.Argument(..., help="cifar10 | cifar100"),
              data_root: Optional[str] = typer.Option(None, help="target folder")):
     """Download a data set in torchvision's format (needs internet)."""
-    from .data import default_data_root, download as fetch
+    from .data import default_data_root
+    from .data import download as fetch
     try:
         root = fetch(dataset, Path(data_root) if data_root else default_data_root())
     except UserError as exc:

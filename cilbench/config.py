@@ -97,8 +97,8 @@ def build(cls: type, data: dict | None, where: str, prefix: str = "") -> Any:
     kwargs = {name: _coerce(value, hints[name], where, f"{prefix}{name}") for name, value in data.items()}
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
-    if check is not None:
-        check(where)
+    if check is not None:   # messages read "<source>: <section>...", e.g. "--set: tsd_grc.n_extractors: ..."
+        check(f"{where}: {prefix.rstrip('.')}" if prefix else where)
     return obj
 
 

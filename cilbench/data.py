@@ -116,7 +116,7 @@ def download(name: str, root: Path) -> Path:
     elif name == "cifar100":
         torchvision.datasets.CIFAR100(str(root), train=True, download=True)
     else:
-        raise UserError(f"cilbench download supports cifar10 and cifar100; for imagenet100 see the README")
+        raise UserError("cilbench download supports cifar10 and cifar100; for imagenet100 see the README")
     return root
 
 

@@ -12,3 +12,45 @@ def kd_soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     target = F.softmax(teacher_logits.float() / temperature, dim=1)
     loss = -(target * F.log_softmax(student_logits.float() / temperature, dim=1)).sum(dim=1).mean()
     return loss * temperature ** 2 if scale_t2 else loss
+
+
+def supcon_distinct(z: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor | None = None,
+                    extra_negatives: torch.Tensor | None = None, temperature: float = 0.07,
+                    base_temperature: float | None = None) -> torch.Tensor:
+    """SupCon (Khosla et al. 2020; HobbitLong/SupContrast `SupConLoss`) with extra negatives: TSD's
+    feature-distinctness loss.
+
+    `z` [M, D]: L2-normalised embeddings of every view of every batch sample under the trainable extractor
+    (views stacked along dim 0), `labels` [M]. `anchors` [M] bool picks the anchor rows I (default: all).
+    `extra_negatives` [K, D]: L2-normalised embeddings that are negatives of every anchor (TSD: old-class
+    samples embedded by each frozen extractor). For an anchor i, the positives P(i) are the other rows of `z`
+    with its label; A(i) is every other row of `z` plus every extra negative; the loss is
+        (tau / base_tau) * mean_{i in I} [ -1/|P(i)| sum_{p in P(i)}
+                                              log(exp(z_i.z_p/tau) / sum_{a in A(i)} exp(z_i.z_a/tau)) ]
+    Anchors without a positive are skipped (SupContrast would divide by zero). Returns 0 when no anchor has
+    a positive. Computed in float32.
+    """
+    z = z.float()
+    m = z.shape[0]
+    base_temperature = temperature if base_temperature is None else base_temperature
+    anchors = torch.ones(m, dtype=torch.bool, device=z.device) if anchors is None else anchors.bool()
+    za = z[anchors]                                              # [I, D]
+    if za.shape[0] == 0:
+        return z.sum() * 0.0
+    la = labels[anchors]
+    sim = za @ z.T / temperature                                 # [I, M]
+    rows = torch.nonzero(anchors).flatten()
+    self_mask = torch.zeros_like(sim, dtype=torch.bool)
+    self_mask[torch.arange(len(rows), device=z.device), rows] = True
+    pos = (la[:, None] == labels[None, :]) & ~self_mask
+    logits = sim.masked_fill(self_mask, float("-inf"))
+    if extra_negatives is not None and extra_negatives.shape[0]:
+        logits = torch.cat([logits, za @ extra_negatives.float().T / temperature], dim=1)
+    log_denominator = torch.logsumexp(logits, dim=1, keepdim=True)   # max-subtracted internally
+    log_prob = sim - log_denominator
+    n_pos = pos.sum(dim=1)
+    valid = n_pos > 0
+    if not bool(valid.any()):
+        return z.sum() * 0.0
+    mean_log_prob_pos = (log_prob * pos).sum(dim=1)[valid] / n_pos[valid]
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()

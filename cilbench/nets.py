@@ -144,3 +144,30 @@ class CosineHead(nn.Module):
 
 
 __all__ = ["ExtractorStack", "freeze", "expand_head", "drop_columns", "linear_head", "CosineHead", "ResNet"]
+
+
+class ProjectionHead(nn.Module):
+    """SupCon's MLP projection head (`head='mlp'`): Linear(d, hidden) -> ReLU -> Linear(hidden, out), then L2
+    normalisation. `hidden` defaults to the input dim (TSD: d -> d -> 128)."""
+
+    def __init__(self, in_features: int, out_features: int = 128, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or in_features
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x).float(), dim=1)
+
+
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` with every parameter trainable and in train mode (e.g. a distillation student
+    initialised from a frozen extractor). The original is untouched."""
+    import copy
+    new = copy.deepcopy(module)
+    for p in new.parameters():
+        p.requires_grad_(True)
+    return new.train()
+
+
+__all__ += ["ProjectionHead", "trainable_copy"]

@@ -196,10 +196,10 @@ def execute(request: RunRequest) -> Path:
     set_deterministic(runtime.deterministic)
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
-    dataset = load_dataset(protocol, request.data_root)   # before any file is written: missing data leaves nothing
+    # data, stream and method come before any file is written: missing data or options the method rejects
+    # leave nothing behind
+    dataset = load_dataset(protocol, request.data_root)
     stream = Stream(protocol, dataset, device)
-    if checkpoint is None:
-        store.create(force=request.force)
     memory = make_memory(protocol.memory, device) if cls.uses_exemplars else None
     reporter = Reporter(request.quiet, stream.num_tasks)
 
@@ -210,7 +210,13 @@ def execute(request: RunRequest) -> Path:
     engine = Engine(stream, runtime, device, on_epoch=on_epoch)
     ctx = Context(protocol, stream, engine, memory, device, request.seed)
     engine.begin_task(request.seed, 0)
-    method = cls(resolved.method_cfg, ctx)
+    try:
+        method = cls(resolved.method_cfg, ctx)
+    except UserError:
+        reporter.close()
+        raise
+    if checkpoint is None:
+        store.create(force=request.force)
 
     steps, acc, acc5 = [], [], []
     start_task = 0

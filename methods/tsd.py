@@ -1,0 +1,601 @@
+"""TSD: task-sharing distillation (Mitigating the Stability-Plasticity Trade-Off ... via Shared Extractors in
+Class-Incremental Learning, Appl. Sci. 2025). Spec: specs/tsd.md.
+
+Both variants grow DER-style concatenated extractors with one linear head, but cap the number of extractors
+used at inference at N by consolidating task extractors into shared ones through logit distillation:
+
+- tsd_grc   (grouped rolling consolidation): the T tasks are split into N contiguous groups (spec §2.1). The
+  first task of a group trains a new extractor; every later task of the group trains a temporary extractor,
+  then a copy of the group's rolling extractor (the student) distils the teacher [frozen groups; rolling;
+  temporary] and replaces the rolling one. The rolling extractor is frozen at the end of its group.
+- tsd_fixed (fixed-size pool, similarity-based consolidation): the first N tasks each add an extractor; every
+  later task trains a temporary extractor, picks the pool extractor whose own-class prototypes are most
+  similar to the new classes' prototypes (balanced: the previous target is excluded for one step), and
+  distils the teacher [pool; temporary] into the pool with that extractor replaced by a trainable copy.
+
+Every cross-entropy phase adds lambda * L_con, a SupCon loss on a fresh projection head whose anchors are the
+current task's samples in two views and whose extra negatives are old-class samples embedded by every frozen
+extractor (spec §4). Distillation phases use only the soft-CE KD loss at T = 2 with weight decay 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cilbench.backbones import count_params
+from cilbench.engine import phase_config
+from cilbench.errors import UserError
+from cilbench.losses import kd_soft_ce, supcon_distinct
+from cilbench.method import Context, Footprint, Method, register
+from cilbench.nets import ExtractorStack, ProjectionHead, freeze, linear_head, trainable_copy
+from cilbench.stream import Task
+
+# ---------------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class TSDConfig:
+    """Options shared by both variants (spec §1, §4, §8). Defaults are the spec's recommendations."""
+    n_extractors: int = 3                  # N: extractors at inference (GRC: number of groups; Fixed: pool size)
+    # --- new extractors / cross-entropy phases
+    init: Literal["copy_last", "random"] = "copy_last"   # new extractor: copy of the latest one (DER) or random
+    first_task_epochs: int | None = None   # CE epochs of task 1 (None: the card's train.epochs; PyCIL uses 200)
+    head_bias: bool = True                 # linear heads with bias (PyCIL SimpleLinear; DER official: False)
+    ce_head_init: Literal["inherit", "fresh"] = "inherit"  # CE head copies the old head's [old classes x kept
+    #                                        extractors] block (DER/PyCIL update_fc) or starts fresh
+    ce_views: Literal[1, 2] = 1            # cross-entropy on view 1 only, or averaged over both views
+    aux_loss: bool = False                 # DER auxiliary loss (n_new + 1 classes on the new extractor); off in TSD
+    aux_weight: float = 1.0
+    # --- feature-distinctness loss L_con (SupCon)
+    con_weight: float = 0.1                # lambda (value lost from the paper; sweep 0.01/0.05/0.1/0.5/1.0)
+    con_temperature: float = 0.07
+    con_base_temperature: float | None = None   # SupContrast base_temperature (None: = con_temperature)
+    con_dim: int = 128                     # projection output dim
+    con_hidden: int = 0                    # projection hidden dim (0: the extractor's feature dim d)
+    con_first_task: bool = True            # apply L_con at t = 1 as well (plain SupCon, no frozen negatives)
+    con_frozen_negatives: bool = True      # old-class samples embedded by each frozen extractor as negatives
+    detach_frozen_neg: bool = False        # stop gradients into the projection head through those negatives
+    con_anchors: Literal["new", "all"] = "new"   # anchors: current-task samples only, or every sample
+    reuse_projection: bool = False         # keep one projection head across tasks instead of a fresh one per phase
+    # --- distillation (consolidation) phases
+    kd_epochs: int = 130                   # FOSTER compression_epochs (not stated in the paper)
+    kd_temperature: float = 2.0
+    kd_weight_decay: float = 0.0
+    kd_t2_scale: bool = False              # multiply the KD loss by T^2 (Hinton)
+    kd_plus_ce: bool = False               # add ground-truth CE to the KD loss
+    student_head_init: Literal["warm", "fresh"] = "warm"   # student head from the teacher head minus the
+    #                                        temporary extractor's columns (FOSTER copy_fc), or fresh
+
+    def validate(self, where: str) -> None:
+        if self.n_extractors < 1:
+            raise UserError(f"{where}.n_extractors: must be >= 1, got {self.n_extractors}")
+        if self.con_weight < 0 or self.aux_weight < 0:
+            raise UserError(f"{where}: con_weight and aux_weight must be >= 0")
+        if self.con_temperature <= 0 or self.kd_temperature <= 0:
+            raise UserError(f"{where}: temperatures must be > 0")
+        if self.kd_epochs < 1 or (self.first_task_epochs is not None and self.first_task_epochs < 1):
+            raise UserError(f"{where}: kd_epochs and first_task_epochs must be >= 1")
+        if self.con_dim < 1 or self.con_hidden < 0:
+            raise UserError(f"{where}: con_dim must be >= 1 and con_hidden >= 0")
+
+
+@dataclass
+class GRCConfig(TSDConfig):
+    group_sizes: list[int] | None = None   # explicit group sizes (tasks per group; must sum to T, len == N)
+    group_rule: Literal["ceil_then_balanced", "balanced"] = "ceil_then_balanced"   # spec §2.1 / always balanced
+    grc_teacher: Literal["rolling", "all_group"] = "rolling"   # teacher = [rolling; temporary] (spec §8.1) or
+    #                                        every task extractor of the current group, kept until the group ends
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.group_sizes is not None:
+            if not self.group_sizes or min(self.group_sizes) < 1:
+                raise UserError(f"{where}.group_sizes: a non-empty list of positive task counts, "
+                                f"got {self.group_sizes}")
+            if len(self.group_sizes) != self.n_extractors:
+                raise UserError(f"{where}.group_sizes: {len(self.group_sizes)} groups but n_extractors is "
+                                f"{self.n_extractors}; set n_extractors={len(self.group_sizes)} as well")
+
+
+@dataclass
+class FixedConfig(TSDConfig):
+    balanced: bool = True                  # exclude the previous merge target for one step (Table 9 ablation)
+    selection: Literal["similarity", "random", "round_robin"] = "similarity"   # Table 14 ablation
+    own_tasks: Literal["all_assigned", "original"] = "all_assigned"   # an extractor's own classes: every task
+    #                                        merged into it, or only the task that created it
+    sim_reduce: Literal["max", "mean"] = "max"   # s_{j,c}: max or mean cosine over the extractor's own classes
+    proto_normalize: bool = True           # L2-normalise features before averaging them into prototypes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers (tested directly)
+
+
+def group_schedule(tasks: int, n: int, rule: str = "ceil_then_balanced") -> list[int]:
+    """Tasks per group (spec §2.1): groups of ceil(T/N) tasks, the last one possibly smaller; when that does
+    not give N groups, the balanced contiguous split (the first T mod N groups one task larger)."""
+    if n < 1 or n > tasks:
+        raise UserError(f"tsd_grc: n_extractors must be in 1..{tasks} (the number of tasks), got {n}")
+    if rule == "ceil_then_balanced":
+        size = math.ceil(tasks / n)
+        sizes = [size] * (tasks // size) + ([tasks % size] if tasks % size else [])
+        if len(sizes) == n:
+            return sizes
+    base, extra = divmod(tasks, n)
+    return [base + 1] * extra + [base] * (n - extra)
+
+
+def select_target(scores: list[float] | None, prev: int, n: int, balanced: bool, selection: str,
+                  generator: torch.Generator | None = None) -> tuple[int, list[int]]:
+    """The pool slot to consolidate into and the candidates it was chosen from (spec §3 step 4).
+
+    `prev` is the previous merge target (-1: none yet). Balanced selection drops it from the candidates for
+    this one step (never when N = 1). similarity: argmax of `scores` (ties: lowest slot); random: uniform
+    over the candidates from `generator`; round_robin: the slot after `prev`, cyclically (slot 0 first)."""
+    candidates = list(range(n))
+    if balanced and prev >= 0 and n > 1:
+        candidates.remove(prev)
+    if selection == "similarity":
+        best = max(candidates, key=lambda j: (scores[j], -j))
+    elif selection == "random":
+        best = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+    elif selection == "round_robin":
+        best = (prev + 1) % n
+        if best not in candidates:
+            best = candidates[0]
+    else:
+        raise UserError(f"tsd_fixed.selection: unknown rule {selection!r}")
+    return best, candidates
+
+
+def _frozen(module: nn.Module) -> bool:
+    return not any(p.requires_grad for p in module.parameters())
+
+
+def _offsets(dims: list[int]) -> list[int]:
+    out, acc = [], 0
+    for d in dims:
+        out.append(acc)
+        acc += d
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared machinery
+
+
+class TSDBase(Method):
+    """What both variants share: the inference pool + head, the CE(+L_con) phase, the KD phase, state."""
+    uses_exemplars = True
+    regimes = ("offline",)
+
+    def __init__(self, cfg: TSDConfig, ctx: Context):
+        super().__init__(cfg, ctx)
+        self.pool = ExtractorStack()          # inference extractors (all frozen between tasks)
+        self.head: nn.Linear | None = None    # inference head over the pool's concatenated features
+        self.tasks_done = 0
+        self.proj: ProjectionHead | None = None   # only kept across tasks with reuse_projection
+        self.records: list[dict] = []         # per task: what was trained / selected (kept in the checkpoint)
+
+    @classmethod
+    def run_tag(cls, cfg: TSDConfig) -> str:
+        return f"N{cfg.n_extractors}"
+
+    # --- inference ------------------------------------------------------------------------------------
+    def networks(self):
+        return [self.pool, self.head]
+
+    def scores(self, x):
+        return self.head(self.pool(x))
+
+    def features(self, x):
+        return self.pool(x)
+
+    def inference_footprint(self) -> Footprint:
+        return Footprint(len(self.pool), count_params(self.pool, self.head))
+
+    # --- building blocks ------------------------------------------------------------------------------
+    def _new_extractor(self, source: nn.Module | None) -> nn.Module:
+        """A trainable extractor: a copy of `source` (init=copy_last) or a fresh random one."""
+        ext = self.ctx.new_backbone()        # always drawn, so the RNG stream does not depend on `init`
+        if source is not None and self.cfg.init == "copy_last":
+            ext.load_state_dict(source.state_dict())
+        for p in ext.parameters():
+            p.requires_grad_(True)
+        return ext.train()
+
+    def _derive_head(self, old: nn.Linear | None, old_modules: list[nn.Module], new_modules: list[nn.Module],
+                     n_out: int, warm: bool, alias: dict[int, int] | None = None) -> nn.Linear:
+        """A head over `new_modules`' concatenated features and `n_out` classes. When `warm`, every column
+        block of an extractor present in `old_modules` (by identity, or through `alias`: id(copy) ->
+        id(source)) copies the old head's weights for the old head's classes, and the bias is copied; the
+        other entries keep the default (Kaiming-uniform) initialisation."""
+        new_dims = [m.out_dim for m in new_modules]
+        head = linear_head(sum(new_dims), n_out, bias=self.cfg.head_bias).to(self.ctx.device)
+        if old is None or not warm:
+            return head
+        alias = alias or {}
+        old_keys = [id(m) for m in old_modules]
+        old_off = _offsets([m.out_dim for m in old_modules])
+        rows = min(old.out_features, n_out)
+        with torch.no_grad():
+            for m, off, dim in zip(new_modules, _offsets(new_dims), new_dims):
+                key = alias.get(id(m), id(m))
+                if key in old_keys:
+                    src = old_off[old_keys.index(key)]
+                    head.weight[:rows, off:off + dim].copy_(old.weight[:rows, src:src + dim])
+            if head.bias is not None and old.bias is not None:
+                head.bias[:rows].copy_(old.bias[:rows])
+        return head
+
+    @staticmethod
+    def _feats(modules: list[nn.Module], x: torch.Tensor, cache: dict) -> list[torch.Tensor]:
+        """Features of each module on x; a module seen before in `cache` (teacher and student share the
+        frozen extractors) is not run again. Frozen modules run under no_grad."""
+        out = []
+        for m in modules:
+            key = id(m)
+            if key not in cache:
+                if _frozen(m):
+                    with torch.no_grad():
+                        cache[key] = m(x)
+                else:
+                    cache[key] = m(x)
+            out.append(cache[key])
+        return out
+
+    def _projection(self, dim: int) -> ProjectionHead:
+        cfg = self.cfg
+        if cfg.reuse_projection and self.proj is not None:
+            return self.proj
+        proj = self.ctx.engine.prepare(ProjectionHead(dim, cfg.con_dim, cfg.con_hidden or None))
+        if cfg.reuse_projection:
+            self.proj = proj
+        return proj
+
+    def _train_new(self, task: Task, frozen: list[nn.Module], new: nn.Module, head: nn.Linear) -> dict:
+        """CE phase (spec §1.1): train `new`, `head` (and the projection head) with
+        CE(head([frozen; new](x)), y) + lambda L_con over D_t + M; everything in `frozen` stays fixed."""
+        cfg, ctx = self.cfg, self.ctx
+        n_old = task.n_old
+        use_con = cfg.con_weight > 0 and (task.index > 0 or cfg.con_first_task)
+        views = 2 if (use_con or cfg.ce_views == 2) else 1
+        ce_views = cfg.ce_views if views == 2 else 1
+        proj = self._projection(new.out_dim) if use_con else None
+        aux = None
+        if cfg.aux_loss and n_old > 0:
+            aux = ctx.engine.prepare(linear_head(new.out_dim, task.n_new + 1))
+        frozen_negs = use_con and cfg.con_frozen_negatives and len(frozen) > 0
+        modules = [*frozen, new]
+
+        def loss_fn(batch):
+            y = batch.y
+            b = y.shape[0]
+            xs = batch.views
+            # the trainable extractor sees both views in one forward (BN statistics over 2B, as SupContrast)
+            f_new_all = new(torch.cat(xs)) if views == 2 else new(xs[0])
+            f_new = list(f_new_all.split(b)) if views == 2 else [f_new_all]
+            caches = []
+            loss = torch.zeros((), device=y.device)
+            for v in range(ce_views):
+                cache = {id(new): f_new[v]}
+                feats = self._feats(modules, xs[v], cache)
+                caches.append(cache)
+                loss = loss + F.cross_entropy(head(torch.cat(feats, dim=1)), y) / ce_views
+                if aux is not None:
+                    aux_y = torch.where(y < n_old, torch.zeros_like(y), y - n_old + 1)
+                    loss = loss + cfg.aux_weight * F.cross_entropy(aux(f_new[v]), aux_y) / ce_views
+            if use_con:
+                labels = torch.cat([y] * views)
+                z = proj(f_new_all)
+                anchors = labels >= n_old if cfg.con_anchors == "new" else None
+                extra = None
+                old = y < n_old
+                if frozen_negs and bool(old.any()):
+                    negs = []
+                    for v in range(views):
+                        for m in frozen:
+                            if v < len(caches):
+                                negs.append(caches[v][id(m)][old])
+                            else:
+                                with torch.no_grad():
+                                    negs.append(m(xs[v][old]))
+                    extra = proj(torch.cat(negs))
+                    if cfg.detach_frozen_neg:
+                        extra = extra.detach()
+                loss = loss + cfg.con_weight * supcon_distinct(z, labels, anchors, extra, cfg.con_temperature,
+                                                               cfg.con_base_temperature)
+            return loss
+
+        params = [*new.parameters(), *head.parameters()]
+        train_modules = [new, head]
+        for extra_net in (proj, aux):
+            if extra_net is not None:
+                params += list(extra_net.parameters())
+                train_modules.append(extra_net)
+        base = ctx.protocol.train
+        train_cfg = (phase_config(base, epochs=cfg.first_task_epochs)
+                     if task.index == 0 and cfg.first_task_epochs else base)
+        result = ctx.engine.fit(params, loss_fn, ctx.train_indices(task), train_cfg, phase="ce", views=views,
+                                modules=train_modules)
+        return {"ce_epochs": result.epochs, "ce_loss": result.final_loss, "con": int(use_con),
+                "frozen_negative_extractors": len(frozen) if frozen_negs else 0}
+
+    def _distill(self, task: Task, teacher: list[nn.Module], teacher_head: nn.Linear,
+                 student: list[nn.Module], student_head: nn.Linear) -> dict:
+        """KD phase (spec §1.1): the trainable members of `student` and `student_head` minimise the soft CE
+        between student and teacher logits at temperature kd_temperature, weight decay kd_weight_decay, over
+        D_t + M. The teacher (frozen) runs in eval mode; frozen extractors shared by both run once per batch."""
+        cfg, ctx = self.cfg, self.ctx
+        trainable = [m for m in student if not _frozen(m)]
+
+        def loss_fn(batch):
+            cache: dict = {}
+            with torch.no_grad():
+                t_logits = teacher_head(torch.cat(self._feats(teacher, batch.x, cache), dim=1))
+            s_logits = student_head(torch.cat(self._feats(student, batch.x, cache), dim=1))
+            loss = kd_soft_ce(s_logits, t_logits, cfg.kd_temperature, cfg.kd_t2_scale)
+            if cfg.kd_plus_ce:
+                loss = loss + F.cross_entropy(s_logits, batch.y)
+            return loss
+
+        kd_cfg = phase_config(ctx.protocol.train, epochs=cfg.kd_epochs, weight_decay=cfg.kd_weight_decay)
+        params = [p for m in trainable for p in m.parameters()] + list(student_head.parameters())
+        result = ctx.engine.fit(params, loss_fn, ctx.train_indices(task), kd_cfg, phase="kd",
+                                modules=[*trainable, student_head])
+        return {"kd_epochs": result.epochs, "kd_loss_first": result.history[0] if result.history else None,
+                "kd_loss": result.final_loss}
+
+    def _consolidate(self, task: Task, teacher: list[nn.Module], teacher_head: nn.Linear,
+                     student_base: list[nn.Module], slot: int) -> tuple[nn.Module, nn.Linear, dict]:
+        """Copy `student_base[slot]` into a trainable student, give the student a head (warm: the teacher
+        head without the columns of extractors the student lacks), distil, freeze and return both."""
+        source = student_base[slot]
+        copy = trainable_copy(source)
+        student = list(student_base)
+        student[slot] = copy
+        head = self._derive_head(teacher_head, teacher, student, teacher_head.out_features,
+                                 warm=self.cfg.student_head_init == "warm", alias={id(copy): id(source)})
+        info = self._distill(task, teacher, teacher_head, student, head)
+        freeze(copy)
+        freeze(head)
+        return copy, head, info
+
+    def _ce_step(self, task: Task, frozen: list[nn.Module], source: nn.Module | None):
+        """New extractor (copy of `source` or random) + head over [frozen; new], trained, then frozen."""
+        new = self._new_extractor(source)
+        head = self._derive_head(self.head, list(self.pool.extractors), [*frozen, new], task.n_seen,
+                                 warm=self.cfg.ce_head_init == "inherit")
+        info = self._train_new(task, frozen, new, head)
+        freeze(new)
+        freeze(head)
+        return new, head, info
+
+    def _log(self, message: str) -> None:
+        if self.ctx.log is not None:
+            self.ctx.log(message)
+
+    # --- state ----------------------------------------------------------------------------------------
+    def _pack_stack(self, modules: list[nn.Module]) -> dict:
+        return {"specs": [m.spec for m in modules], "weights": [m.state_dict() for m in modules]}
+
+    def _unpack_stack(self, packed: dict) -> list[nn.Module]:
+        from cilbench.backbones import build_backbone
+        out = []
+        for spec, weights in zip(packed["specs"], packed["weights"]):
+            m = self.ctx.engine.prepare(build_backbone(spec))
+            m.load_state_dict(weights)
+            out.append(freeze(m))
+        return out
+
+    def _head_from_state(self, state: dict) -> nn.Linear:
+        out_f, in_f = state["weight"].shape
+        head = linear_head(in_f, out_f, bias="bias" in state).to(self.ctx.device)
+        head.load_state_dict(state)
+        return freeze(head)
+
+    def state_dict(self) -> dict:
+        state = {"variant": self.name, "tasks_done": self.tasks_done,
+                 "pool": {"extra": self.pool.extra_state(), "weights": self.pool.state_dict()},
+                 "head": self.head.state_dict() if self.head is not None else {},
+                 "records": self.records}
+        if self.proj is not None:
+            state["proj"] = {"in": self.proj.net[0].in_features, "state": self.proj.state_dict()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("variant") != self.name:
+            raise UserError(f"{self.name}: checkpoint was written by {state.get('variant')!r}")
+        self.tasks_done = int(state["tasks_done"])
+        self.pool = ExtractorStack.rebuild(state["pool"]["extra"], state["pool"]["weights"], self.ctx.device)
+        for ext in self.pool.extractors:
+            self.ctx.engine.prepare(ext)
+        self.head = self._head_from_state(state["head"]) if state["head"] else None
+        self.records = list(state.get("records", []))
+        self.proj = None
+        if "proj" in state:
+            self.proj = self.ctx.engine.prepare(ProjectionHead(state["proj"]["in"], self.cfg.con_dim,
+                                                               self.cfg.con_hidden or None))
+            self.proj.load_state_dict(state["proj"]["state"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TSD-GRC
+
+
+@register("tsd_grc")
+class TSDGRC(TSDBase):
+    Config = GRCConfig
+    summary = "TSD grouped rolling consolidation: N groups of tasks share one distilled extractor each"
+
+    def __init__(self, cfg: GRCConfig, ctx: Context):
+        super().__init__(cfg, ctx)
+        self.schedule = self.resolve_schedule(cfg, ctx.stream.num_tasks)
+        self.group_members: list[nn.Module] = []   # grc_teacher=all_group: the current group's task extractors
+
+    @classmethod
+    def run_tag(cls, cfg: GRCConfig) -> str:
+        tag = f"N{cfg.n_extractors}"
+        if cfg.group_sizes is not None:
+            tag += "g" + "-".join(str(s) for s in cfg.group_sizes)
+        return tag
+
+    @staticmethod
+    def resolve_schedule(cfg: GRCConfig, tasks: int) -> list[int]:
+        if cfg.group_sizes is not None:
+            if sum(cfg.group_sizes) != tasks:
+                raise UserError(f"tsd_grc.group_sizes {cfg.group_sizes} sum to {sum(cfg.group_sizes)}, "
+                                f"the protocol has {tasks} tasks")
+            return list(cfg.group_sizes)
+        return group_schedule(tasks, cfg.n_extractors, cfg.group_rule)
+
+    def position(self, t: int) -> tuple[int, int, int]:
+        """(group index k, position of task t in its group, group size), 0-based."""
+        start = 0
+        for k, size in enumerate(self.schedule):
+            if t < start + size:
+                return k, t - start, size
+            start += size
+        raise IndexError(t)
+
+    def learn(self, task: Task, ctx: Context) -> None:
+        k, pos, size = self.position(task.index)
+        record = {"task": task.index, "group": k, "position": pos, "group_size": size}
+        earlier = list(self.pool.extractors)
+        if pos == 0:                                       # first task of a group (spec §2.2 a)
+            frozen, source = earlier, (earlier[-1] if earlier else None)
+            new, head, info = self._ce_step(task, frozen, source)
+            self.pool.add(new, frozen=True)
+            self.head = head
+            self.group_members = [new] if self.cfg.grc_teacher == "all_group" else []
+            record.update(info, consolidated=0)
+        else:                                              # later task: temporary extractor + consolidation
+            rolling, groups = earlier[-1], earlier[:-1]
+            members = self.group_members if self.cfg.grc_teacher == "all_group" else [rolling]
+            frozen = [*groups, *members]
+            new, head, info = self._ce_step(task, frozen, rolling)
+            student, g, kd = self._consolidate(task, [*frozen, new], head, earlier, len(earlier) - 1)
+            self.pool.replace(len(earlier) - 1, student, frozen=True)
+            self.head = g
+            if self.cfg.grc_teacher == "all_group":
+                self.group_members.append(new)
+            record.update(info, **kd, consolidated=1)
+        if pos == size - 1:                                # end of the group: the rolling extractor is frozen
+            self.group_members = []
+        record["inference_extractors"] = len(self.pool)
+        self.records.append(record)
+        self.tasks_done = task.index + 1
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        rolling = self.pool.extractors[-1] if len(self.pool) else None
+        state["schedule"] = list(self.schedule)
+        state["group_members"] = self._pack_stack(self.group_members)
+        state["member_is_rolling"] = [int(m is rolling) for m in self.group_members]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if list(state["schedule"]) != self.schedule:
+            raise UserError(f"tsd_grc: checkpoint group schedule {state['schedule']} differs from {self.schedule}")
+        members = self._unpack_stack(state["group_members"])
+        # keep identity with the rolling extractor where it was the same network (the CE head inherits it)
+        self.group_members = [self.pool.extractors[-1] if flag else m
+                              for m, flag in zip(members, state["member_is_rolling"])]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TSD-Fixed
+
+
+@register("tsd_fixed")
+class TSDFixed(TSDBase):
+    Config = FixedConfig
+    summary = "TSD fixed-size pool: N extractors, later tasks distilled into the most similar one"
+
+    def __init__(self, cfg: FixedConfig, ctx: Context):
+        super().__init__(cfg, ctx)
+        self.owner: list[list[int]] = []     # per pool slot: the tasks it holds (creating task first)
+        self.prev_target = -1                # slot chosen at the previous merge (-1: none yet)
+        self.last_updated = -1               # slot trained most recently (init source of the next extractor)
+
+    def learn(self, task: Task, ctx: Context) -> None:
+        n = self.cfg.n_extractors
+        pool = list(self.pool.extractors)
+        source = pool[self.last_updated] if pool else None
+        record = {"task": task.index}
+        if len(pool) < n:                                  # t <= N: a new pool extractor
+            new, head, info = self._ce_step(task, pool, source)
+            self.pool.add(new, frozen=True)
+            self.head = head
+            self.owner.append([task.index])
+            self.last_updated = len(self.pool) - 1
+            record.update(info, consolidated=0, slot=self.last_updated)
+        else:                                              # t > N: temporary extractor, select, consolidate
+            temp, head, info = self._ce_step(task, pool, source)
+            scores = self.similarity(task) if self.cfg.selection == "similarity" else None
+            target, candidates = select_target(scores, self.prev_target, n, self.cfg.balanced,
+                                               self.cfg.selection, ctx.engine.order_gen)
+            student, g, kd = self._consolidate(task, [*pool, temp], head, pool, target)
+            self.pool.replace(target, student, frozen=True)
+            self.head = g
+            self.owner[target].append(task.index)
+            self.prev_target = self.last_updated = target
+            record.update(info, **kd, consolidated=1, slot=target, candidates=candidates,
+                          scores=[float(s) for s in scores] if scores is not None else [])
+            self._log(f"tsd_fixed: task {task.index} merged into extractor {target} (scores {scores})")
+        record["inference_extractors"] = len(self.pool)
+        self.records.append(record)
+        self.tasks_done = task.index + 1
+
+    def own_classes(self, slot: int) -> list[int]:
+        tasks = self.owner[slot] if self.cfg.own_tasks == "all_assigned" else self.owner[slot][:1]
+        bounds = self.ctx.stream.bounds
+        return [c for t in tasks for c in range(bounds[t], bounds[t + 1])]
+
+    @torch.no_grad()
+    def similarity(self, task: Task) -> list[float]:
+        """S_j = sum_{c in Y_t} reduce_{c' own by j} cos(p_{j,c}, q_{j,c'}) (spec §3 steps 2-3): p from the
+        task's training data, q from the exemplars of j's own classes, both on extractor j (test transform)."""
+        ctx, cfg = self.ctx, self.cfg
+        memory = ctx.memory
+        if memory is None or not len(memory):
+            raise UserError("tsd_fixed: selection=similarity needs exemplars (memory.policy is none or the "
+                            "memory is empty); use selection=round_robin or random")
+        engine, stream = ctx.engine, ctx.stream
+        scores = []
+        for j, ext in enumerate(self.pool.extractors):
+            ext.eval()
+
+            def embed(x, ext=ext):
+                f = ext(x).float()
+                return F.normalize(f, dim=1) if cfg.proto_normalize else f
+
+            p = torch.stack([engine.apply(embed, stream.class_indices(c)).mean(0) for c in task.classes])
+            qs = [engine.apply(embed, memory.class_exemplars(c)).mean(0) for c in self.own_classes(j)
+                  if c in memory.order and len(memory.class_exemplars(c))]
+            if not qs:
+                scores.append(float("-inf"))
+                continue
+            cos = F.normalize(p, dim=1) @ F.normalize(torch.stack(qs), dim=1).T   # [new classes, own classes]
+            s = cos.max(dim=1).values if cfg.sim_reduce == "max" else cos.mean(dim=1)
+            scores.append(float(s.sum()))
+        return scores
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(owner=[list(o) for o in self.owner], prev_target=self.prev_target,
+                     last_updated=self.last_updated)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.owner = [list(o) for o in state["owner"]]
+        self.prev_target = int(state["prev_target"])
+        self.last_updated = int(state["last_updated"])
