@@ -20,15 +20,15 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torc
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """RandomCrop(size, padding): zero-pad, then take a window at a random offset per image."""
+    """RandomCrop(size, padding): zero-pad, then take a window at a random offset per image (one gather)."""
     n, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
+    width = w + 2 * padding
     dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=gen)
     dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=gen)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]          # n, h, 1
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]          # n, 1, w
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    window = (torch.arange(h, device=x.device)[:, None] * width + torch.arange(w, device=x.device)).flatten()
+    index = (window[None, :] + (dy * width + dx)[:, None])[:, None, :].expand(n, c, h * w)
+    return padded.flatten(2).gather(2, index).view(n, c, h, w)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -59,20 +59,24 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (factor[:, None, None, None] * x + (1 - factor[:, None, None, None]) * other).clamp_(0, 1)
+def _factors(n: int, strength: float, gen: torch.Generator, device) -> torch.Tensor:
+    return _uniform(n, max(0.0, 1 - strength), 1 + strength, gen, device)[:, None, None, None]
 
 
 def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float,
                  gen: torch.Generator) -> torch.Tensor:
+    """Each op blends the image with a reference (black, its mean grey, its grey image) by a random factor,
+    then clamps to [0, 1], as torchvision's adjust_brightness / contrast / saturation."""
     n = x.shape[0]
     if brightness > 0:
-        x = _blend(x, torch.zeros_like(x), _uniform(n, max(0.0, 1 - brightness), 1 + brightness, gen, x.device))
+        x = (x * _factors(n, brightness, gen, x.device)).clamp_(0, 1)
     if contrast > 0:
+        f = _factors(n, contrast, gen, x.device)
         mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = _blend(x, mean.expand_as(x), _uniform(n, max(0.0, 1 - contrast), 1 + contrast, gen, x.device))
+        x = (x * f + (1 - f) * mean).clamp_(0, 1)
     if saturation > 0 and x.shape[1] == 3:
-        x = _blend(x, _gray(x).expand_as(x), _uniform(n, max(0.0, 1 - saturation), 1 + saturation, gen, x.device))
+        f = _factors(n, saturation, gen, x.device)
+        x = (x * f + (1 - f) * _gray(x)).clamp_(0, 1)
     return x
 
 
