@@ -125,7 +125,14 @@ class Augmenter:
         return images.to(self.device, non_blocking=True).float().div_(255.0)
 
     def test(self, images: torch.Tensor) -> torch.Tensor:
-        return self._finish(self.to_float(images))
+        """Test transform: normalise; images larger than the training crop (ImageNet train images kept at
+        256 for herding and prototypes) are centre-cropped to it, as Resize(256) + CenterCrop(224)."""
+        x = self.to_float(images)
+        size = self.cfg.random_resized_crop
+        if size and (x.shape[-2] > size or x.shape[-1] > size):
+            top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+            x = x[..., top:top + size, left:left + size]
+        return self._finish(x)
 
     def train(self, images: torch.Tensor) -> torch.Tensor:
         cfg, g = self.cfg, self.gen

@@ -163,7 +163,8 @@ def load_imagenet100(root: Path, image_size: int = 256) -> Dataset:
     if not (base / "train").is_dir() or not (base / "val").is_dir():
         raise UserError(f"imagenet100 not found in {base}: put the 100-class ImageFolder tree there "
                         "(train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) with train_100.txt / val_100.txt, see README")
-    cache = base / f"cilbench_cache_{image_size}.pt"
+    source = "lists" if (base / "train_100.txt").exists() else "folders"   # labels differ between the two
+    cache = base / f"cilbench_cache_{image_size}_{source}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
         return Dataset("imagenet100", 100, Split(blob["train_x"], blob["train_y"]),

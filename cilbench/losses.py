@@ -30,27 +30,29 @@ def supcon_distinct(z: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor
     Anchors without a positive are skipped (SupContrast would divide by zero). Returns 0 when no anchor has
     a positive. Computed in float32.
     """
-    z = z.float()
-    m = z.shape[0]
-    base_temperature = temperature if base_temperature is None else base_temperature
-    anchors = torch.ones(m, dtype=torch.bool, device=z.device) if anchors is None else anchors.bool()
-    za = z[anchors]                                              # [I, D]
-    if za.shape[0] == 0:
-        return z.sum() * 0.0
-    la = labels[anchors]
-    sim = za @ z.T / temperature                                 # [I, M]
-    rows = torch.nonzero(anchors).flatten()
-    self_mask = torch.zeros_like(sim, dtype=torch.bool)
-    self_mask[torch.arange(len(rows), device=z.device), rows] = True
-    pos = (la[:, None] == labels[None, :]) & ~self_mask
-    logits = sim.masked_fill(self_mask, float("-inf"))
-    if extra_negatives is not None and extra_negatives.shape[0]:
-        logits = torch.cat([logits, za @ extra_negatives.float().T / temperature], dim=1)
-    log_denominator = torch.logsumexp(logits, dim=1, keepdim=True)   # max-subtracted internally
-    log_prob = sim - log_denominator
-    n_pos = pos.sum(dim=1)
-    valid = n_pos > 0
-    if not bool(valid.any()):
-        return z.sum() * 0.0
-    mean_log_prob_pos = (log_prob * pos).sum(dim=1)[valid] / n_pos[valid]
-    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+    # float32 even under bf16 autocast: the logits reach 1/tau ~ 14 and bf16 would round them coarsely
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.float()
+        m = z.shape[0]
+        base_temperature = temperature if base_temperature is None else base_temperature
+        anchors = torch.ones(m, dtype=torch.bool, device=z.device) if anchors is None else anchors.bool()
+        za = z[anchors]                                              # [I, D]
+        if za.shape[0] == 0:
+            return z.sum() * 0.0
+        la = labels[anchors]
+        sim = za @ z.T / temperature                                 # [I, M]
+        rows = torch.nonzero(anchors).flatten()
+        self_mask = torch.zeros_like(sim, dtype=torch.bool)
+        self_mask[torch.arange(len(rows), device=z.device), rows] = True
+        pos = (la[:, None] == labels[None, :]) & ~self_mask
+        logits = sim.masked_fill(self_mask, float("-inf"))
+        if extra_negatives is not None and extra_negatives.shape[0]:
+            logits = torch.cat([logits, za @ extra_negatives.float().T / temperature], dim=1)
+        log_denominator = torch.logsumexp(logits, dim=1, keepdim=True)   # max-subtracted internally
+        log_prob = sim - log_denominator
+        n_pos = pos.sum(dim=1)
+        valid = n_pos > 0
+        if not bool(valid.any()):
+            return z.sum() * 0.0
+        mean_log_prob_pos = (log_prob * pos).sum(dim=1)[valid] / n_pos[valid]
+        return -(temperature / base_temperature) * mean_log_prob_pos.mean()

@@ -138,7 +138,8 @@ class ReservoirMemory:
         self.idx[slot_t] = idx[src_t].to(self.device)
         self.labels[slot_t] = labels[src_t].to(self.device)
         for key, value in payload.items():
-            self.payload[key][slot_t] = value[src_t].detach().to(self.device)
+            store = self.payload[key]
+            store[slot_t] = value[src_t].detach().to(self.device, store.dtype)
 
     def sample(self, n: int, generator: torch.Generator):
         """A random batch (without replacement) of buffer positions, or None while the buffer is empty."""

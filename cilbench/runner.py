@@ -188,7 +188,7 @@ def execute(request: RunRequest) -> Path:
         stored = store.read_config()
         _check_same_config(stored, resolved.config)
         checkpoint = store.load_checkpoint(device)
-        manifest = store.read_manifest()
+        manifest = store.read_manifest() if (store.path / "manifest.json").exists() else {}
         if manifest.get("status") == "complete":
             raise UserError(f"run {store.path} is already complete; use --force to run it again")
     else:
@@ -200,7 +200,8 @@ def execute(request: RunRequest) -> Path:
     # leave nothing behind
     dataset = load_dataset(protocol, request.data_root)
     stream = Stream(protocol, dataset, device)
-    memory = make_memory(protocol.memory, device) if cls.uses_exemplars else None
+    storage = stream.train.labels.device          # memory indices live where the images do
+    memory = make_memory(protocol.memory, storage) if cls.uses_exemplars else None
     reporter = Reporter(request.quiet, stream.num_tasks)
 
     def on_epoch(event: dict) -> None:
@@ -215,15 +216,15 @@ def execute(request: RunRequest) -> Path:
     except UserError:
         reporter.close()
         raise
-    if checkpoint is None:
-        store.create(force=request.force)
+    if checkpoint is None:   # a new run, or one interrupted before its first task finished: start afresh
+        store.create(force=request.force or request.resume)
 
     steps, acc, acc5 = [], [], []
     start_task = 0
     if checkpoint is not None:
         method.load_state_dict(checkpoint["method"])
         if memory is not None and checkpoint["memory"] is not None:
-            memory.load_state_dict(checkpoint["memory"], device)
+            memory.load_state_dict(checkpoint["memory"], storage)
         steps, acc, acc5 = checkpoint["steps"], checkpoint["acc"], checkpoint["acc5"]
         start_task = checkpoint["next_task"]
         store.truncate_events(start_task)
@@ -283,6 +284,10 @@ def execute(request: RunRequest) -> Path:
         raise
     except KeyboardInterrupt:
         manifest.update(status="interrupted", error="interrupted; continue with --resume")
+        store.write_manifest(manifest)
+        raise
+    except Exception as exc:   # out of memory, a method's error, ...: never leave the run marked running
+        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=_now())
         store.write_manifest(manifest)
         raise
     finally:

@@ -46,6 +46,7 @@ class DERConfig:
     warmup_epochs: int = 10                 # paper recipe, in epochs of a recipe_epochs-long run
     milestones: list[int] = field(default_factory=lambda: [100, 120])   # counted after warm-up
     recipe_epochs: int = 170                # the recipe's total (CIFAR 10 + 160; ImageNet 10 + 120)
+    epochs: Optional[int] = None            # stage-1 epochs; None: the card's budget (ImageNet cards: 130)
     base_schedule: Literal["paper", "code"] = "paper"   # code: C-DER's B50 base-task schedule (no warm-up)
     base_epochs: int = 200                  # base_schedule: code (scaled like the recipe)
     base_milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
@@ -101,6 +102,8 @@ class DER(Method):
     # --- schedules -------------------------------------------------------------------------------------
     def stage1_config(self, task: Task) -> TrainConfig:
         cfg, base = self.cfg, self.ctx.protocol.train
+        if cfg.epochs is not None:
+            base = phase_config(base, epochs=cfg.epochs)
         f = base.epochs / cfg.recipe_epochs
         if task.index == 0 and self.ctx.protocol.base > 0 and cfg.base_schedule == "code":
             return phase_config(base, epochs=max(1, _scaled(cfg.base_epochs, f)), schedule="multistep",

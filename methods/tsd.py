@@ -298,15 +298,9 @@ class TSDBase(Method):
                 extra = None
                 old = y < n_old
                 if frozen_negs and bool(old.any()):
-                    negs = []
-                    for v in range(views):
-                        for m in frozen:
-                            if v < len(caches):
-                                negs.append(caches[v][id(m)][old])
-                            else:
-                                with torch.no_grad():
-                                    negs.append(m(xs[v][old]))
-                    extra = proj(torch.cat(negs))
+                    # one negative per (old-class sample, frozen extractor) pair (spec section 4), from view 1,
+                    # whose frozen features the CE term already computed
+                    extra = proj(torch.cat([caches[0][id(m)][old] for m in frozen]))
                     if cfg.detach_frozen_neg:
                         extra = extra.detach()
                 loss = loss + cfg.con_weight * supcon_distinct(z, labels, anchors, extra, cfg.con_temperature,

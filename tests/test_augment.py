@@ -178,3 +178,15 @@ def test_grayscale_with_p_one_makes_channels_equal():
     expected = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     assert torch.allclose(out[:, 0], expected, atol=1e-6)
     assert torch.equal(random_grayscale(x, 0.0, _gen(11)), x)
+
+
+def test_test_transform_centre_crops_images_larger_than_the_training_crop():
+    """ImageNet train images are kept at 256 for random-resized crops; herding and prototypes see them through
+    the test transform, which must give the 224 centre crop (Resize(256) + CenterCrop(224))."""
+    cfg = AugmentConfig(random_resized_crop=4, mean=[0.0], std=[1.0])
+    aug = Augmenter(cfg, channels=1, device=torch.device("cpu"))
+    images = torch.arange(36, dtype=torch.uint8).view(1, 1, 6, 6)
+    out = aug.test(images)
+    assert out.shape == (1, 1, 4, 4)
+    assert torch.equal(out * 255, images[..., 1:5, 1:5].float())
+    assert aug.test(images[..., :4, :4]).shape == (1, 1, 4, 4)     # already at crop size: unchanged

@@ -345,3 +345,38 @@ def test_existing_run_directory(tmp_path, run_cli, error_line):
     res = run_cli("replay", "digits_b0s2", tmp_path, "--resume")
     assert res.exit_code == 2
     assert "already complete" in error_line(res)
+
+
+def test_run_interrupted_in_its_first_task_resumes(tmp_path, run_cli, monkeypatch):
+    """Ctrl-C before any task finished leaves config + manifest but no checkpoint; --resume starts over."""
+    from methods.baselines import Replay
+
+    original = Replay.learn
+
+    def interrupted(self, task, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Replay, "learn", interrupted)
+    res = run_cli("replay", "digits_b0s2", tmp_path)
+    assert res.exit_code == 130
+    run = tmp_path / "digits_b0s2" / "replay" / "seed0"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+    assert not (run / "checkpoint.pt").exists()
+    monkeypatch.setattr(Replay, "learn", original)
+    res = run_cli("replay", "digits_b0s2", tmp_path, "--resume")
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_unexpected_error_marks_the_run_failed(tmp_path, run_cli, monkeypatch, nothing_complete):
+    from methods.baselines import Replay
+
+    def broken(self, task, ctx):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Replay, "learn", broken)
+    res = run_cli("replay", "digits_b0s2", tmp_path)
+    assert res.exit_code != 0
+    manifest = json.loads((tmp_path / "digits_b0s2" / "replay" / "seed0" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "out of memory" in manifest["error"]
+    assert nothing_complete(tmp_path)

@@ -213,7 +213,7 @@ def test_imagenet100_tree_with_split_lists_loads(tmp_path):
     assert ds.train.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert ds.test.labels.tolist() == [0, 1, 2]
     # decoded once, then read from the cache
-    cache = base / "cilbench_cache_32.pt"
+    cache = base / "cilbench_cache_32_lists.pt"          # keyed by size and by where the labels came from
     assert cache.exists()
     again = load_imagenet100(tmp_path, image_size=32)
     assert torch.equal(again.train.images, ds.train.images) and torch.equal(again.test.labels, ds.test.labels)

@@ -349,3 +349,13 @@ def test_cli_der_prune_resume_equals_full(tmp_path, card_path):
         a.pop(key), b.pop(key)
     assert a == b
     assert [s["params"] for s in read_steps(full)] == [s["params"] for s in read_steps(part)]
+
+
+def test_imagenet_cards_run_the_papers_imagenet_recipe_exactly():
+    """The ImageNet cards budget 170 epochs (TSD); DER's section pins its own 10 + 120 recipe (spec A.6)."""
+    ctx, stream, *_ = make_ctx()
+    card = yaml.safe_load(open("protocols/imagenet100_b0s10.yaml"))
+    method = der(ctx, **card["methods"]["der"])
+    ctx.protocol = dataclasses.replace(ctx.protocol, train=dataclasses.replace(ctx.protocol.train, epochs=170))
+    stage1 = method.stage1_config(stream.task(1))
+    assert (stage1.epochs, stage1.warmup_epochs, stage1.milestones) == (130, 10, [30, 60, 80, 90])

@@ -234,7 +234,9 @@ def test_phase_budgets_defaults_and_epoch_cap():
     method = make_method("tsd_grc", ctx, n_extractors=1)
     cfg = method.cfg
     assert (cfg.kd_temperature, cfg.kd_weight_decay, cfg.con_temperature, cfg.con_weight) == (2.0, 0.0, 0.07, 0.1)
-    assert (cfg.kd_epochs, build(GRCConfig, {}, "test").n_extractors) == (130, 3)
+    defaults = build(GRCConfig, {}, "test")
+    assert (defaults.kd_epochs, defaults.n_extractors) == (130, 3)     # the spec's defaults
+    assert cfg.kd_epochs == 24                                         # the digits card's own budget
     phases = []
     fit = ctx.engine.fit
 
@@ -248,7 +250,7 @@ def test_phase_budgets_defaults_and_epoch_cap():
     learn_task(method, ctx, 1)
     card = ctx.protocol.train
     assert phases == [("ce", card.epochs, card.weight_decay, 2, 1), ("ce", card.epochs, card.weight_decay, 2, 1),
-                      ("kd", 130, 0.0, 1, 1)]
+                      ("kd", 24, 0.0, 1, 1)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -438,3 +440,12 @@ def test_rejected_pool_size_is_a_one_line_error_and_leaves_no_run(tmp_path):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "n_extractors" in lines[0] and "1..5" in lines[0]
     assert not any(tmp_path.iterdir())          # no empty run directory behind the error
+
+
+def test_contrastive_loss_stays_float32_under_bf16_autocast():
+    z = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    plain = supcon_distinct(z, labels, temperature=0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = supcon_distinct(z, labels, temperature=0.07)
+    assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)
