@@ -41,6 +41,8 @@ def run(
     from .summary import print_run_summary
     if epochs is not None and epochs < 1:
         _fail(f"--epochs must be >= 1, got {epochs}")
+    if seed < 0:
+        _fail(f"--seed must be >= 0, got {seed}")
     if stop_after is not None and stop_after < 1:
         _fail(f"--stop-after must be >= 1, got {stop_after}")
     if device not in ("auto", "cpu", "cuda"):

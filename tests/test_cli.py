@@ -380,3 +380,10 @@ def test_unexpected_error_marks_the_run_failed(tmp_path, run_cli, monkeypatch, n
     manifest = json.loads((tmp_path / "digits_b0s2" / "replay" / "seed0" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "out of memory" in manifest["error"]
     assert nothing_complete(tmp_path)
+
+
+def test_negative_seed_is_rejected(tmp_path, run_cli, error_line, nothing_complete):
+    res = run_cli("replay", "digits_b0s2", tmp_path, "--seed", "-1")
+    assert res.exit_code == 2
+    assert "--seed must be >= 0" in error_line(res)
+    assert not any(tmp_path.iterdir())

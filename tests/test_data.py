@@ -272,3 +272,17 @@ def test_synthetic_set_follows_its_config_and_seed():
     other = DataConfig(synthetic=SyntheticConfig(classes=5, image_size=12, channels=3, train_per_class=7,
                                                  test_per_class=2, seed=4))
     assert not torch.equal(make_synthetic(other).train.images, ds.train.images)
+
+
+def test_imagenet100_split_lists_added_later_are_not_hidden_by_the_cache(tmp_path):
+    """A first load from the folders caches folder labels; adding the split lists must give the lists' labels,
+    not the stale cache."""
+    base = write_imagenet_tree(tmp_path, with_lists=False)
+    assert load_imagenet100(tmp_path, image_size=16).train.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    for split in ("train", "val"):   # lists whose labels run the other way round
+        lines = [f"{split}/{f.parent.name}/{f.name} {2 - WNIDS.index(f.parent.name)}"
+                 for f in sorted((base / split).glob("*/*.JPEG"))]
+        (base / f"{split}_100.txt").write_text("\n".join(lines) + "\n")
+    again = load_imagenet100(tmp_path, image_size=16)
+    assert again.train.labels.tolist() == [2, 2, 1, 1, 0, 0]
+    assert again.test.labels.tolist() == [2, 1, 0]

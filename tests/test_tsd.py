@@ -449,3 +449,27 @@ def test_contrastive_loss_stays_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = supcon_distinct(z, labels, temperature=0.07)
     assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)
+
+
+def test_one_frozen_negative_per_old_sample_and_frozen_extractor():
+    """Spec section 4: negatives (ii) are one embedding per (old-class sample in the batch, frozen extractor)."""
+    ctx = make_ctx()
+    method = make_method("tsd_fixed", ctx, n_extractors=3)
+    import methods.tsd as tsd
+    original = tsd.supcon_distinct
+    seen = []
+
+    def spy(z, labels, anchors=None, extra_negatives=None, *args, **kwargs):
+        old_in_batch = int((labels < ctx.stream.task(2).n_old).sum()) // 2      # labels cover both views
+        seen.append((old_in_batch, 0 if extra_negatives is None else extra_negatives.shape[0]))
+        return original(z, labels, anchors, extra_negatives, *args, **kwargs)
+
+    learn_task(method, ctx, 0)
+    learn_task(method, ctx, 1)
+    tsd.supcon_distinct = spy
+    try:
+        learn_task(method, ctx, 2)      # two frozen pool extractors
+    finally:
+        tsd.supcon_distinct = original
+    assert seen and any(old for old, _ in seen)
+    assert all(negatives == 2 * old for old, negatives in seen)
