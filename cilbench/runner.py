@@ -211,6 +211,7 @@ def execute(request: RunRequest) -> Path:
     resolved = resolve(request)
     root = check_out_root(request.out)
     store = RunStore(run_dir(root, resolved.protocol.name, resolved.run_name, request.seed), root=root)
+    store.check_inside_root()   # before the lock file is written: a linked-away run directory is refused
     with RunLock(store.path), sigterm_as_interrupt():   # one process per run directory
         return _execute(request, resolved, store)
 

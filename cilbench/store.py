@@ -64,7 +64,7 @@ class RunStore:
     def create(self, force: bool) -> None:
         self.check_free(force)
         if self.path.exists():
-            self._check_inside_root()
+            self.check_inside_root()
             for entry in self.path.iterdir():   # the lock file stays: this process owns the directory
                 if entry.name == LOCK_NAME:
                     continue
@@ -74,7 +74,7 @@ class RunStore:
                     entry.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def _check_inside_root(self) -> None:
+    def check_inside_root(self) -> None:
         """--force removes the run directory's contents; refuse when (through a link, say) that directory is
         not really below --out."""
         if self.root is None:
