@@ -19,7 +19,9 @@ from .safeio import check_component
 
 SEED_MAX = 2 ** 32 - 1    # numpy's RandomState takes seeds below 2**32
 
-PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocols"
+_HERE = Path(__file__).resolve().parent
+# the cards: cilbench/protocols/ in an installed wheel, the repository's protocols/ folder in the source tree
+PROTOCOL_DIR = _HERE / "protocols" if (_HERE / "protocols").is_dir() else _HERE.parent / "protocols"
 DATASETS = ("cifar10", "cifar100", "imagenet100", "digits", "synthetic")
 
 
@@ -38,9 +40,8 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: int = 0
     clip_norm: float | None = None
-    BOUNDS: ClassVar[dict] = {"epochs": (1, None), "batch_size": (1, None), "momentum": (0, None),
-                              "weight_decay": (0, None), "milestones": (0, None), "gamma": (0, None),
-                              "warmup_epochs": (0, None), "clip_norm": (0, None)}
+    BOUNDS: ClassVar[dict] = {"momentum": (0, None), "weight_decay": (0, None), "milestones": (0, None),
+                              "gamma": (0, None), "warmup_epochs": (0, None), "clip_norm": (0, None)}
 
     def validate(self, where: str) -> None:
         if self.epochs < 1 or self.batch_size < 1:

@@ -76,10 +76,11 @@ def test_crafted_cifar_pickle_never_runs(tmp_path, run_cli, error_line, nothing_
 # --- 2. names that would leave --out ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("how, value", [
-    ("tag", "../../escaped"), ("tag", "/tmp/escaped_abs"), ("tag", ".."), ("tag", "a/b"),
-    ("name", "../../escaped"), ("name", "/tmp/escaped_abs"), ("name", "."),
+    ("tag", "../../escaped"), ("tag", "<tmp>/escaped_abs"), ("tag", ".."), ("tag", "a/b"),
+    ("name", "../../escaped"), ("name", "<tmp>/escaped_abs"), ("name", "."),
 ])
 def test_names_that_escape_out_are_refused(tmp_path, run_cli, error_line, how, value):
+    value = value.replace("<tmp>", str(tmp_path))     # an absolute path
     out = tmp_path / "a" / "b" / "runs"
     if how == "tag":
         res = run_cli("replay", "digits_b0s2", out, "--tag", value, "--epochs", "1", "--force")
@@ -89,7 +90,6 @@ def test_names_that_escape_out_are_refused(tmp_path, run_cli, error_line, how, v
     line = error_line(res)
     assert repr(value) in line and "folder" in line
     assert not any(p.name in ("escaped", "escaped_abs") for p in _files_under(tmp_path))
-    assert not Path("/tmp/escaped_abs").exists()
     assert not out.exists()
 
 
@@ -347,3 +347,19 @@ def test_out_of_range_values_are_refused_before_training(tmp_path, run_cli, prot
     assert res.exit_code == 2, res.output
     assert key in res.stderr
     assert not (tmp_path / "runs").exists()      # refused before anything was written
+
+
+# --- 11. the plug-ins are cilbench.methods, never a top-level `methods` ----------------------------------------
+
+def test_plugins_are_namespaced_and_a_foreign_methods_package_is_never_imported(tmp_path):
+    from cilbench.method import get_method
+    assert get_method("replay").cls.__module__ == "cilbench.methods.baselines"
+    foreign = tmp_path / "methods"
+    foreign.mkdir()
+    marker = tmp_path / "foreign_imported"
+    (foreign / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('wrong methods')\n")
+    res = subprocess.run([sys.executable, "-m", "cilbench.cli", "list"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "der" in res.stdout and "replay" in res.stdout and "digits_b0s2" in res.stdout
+    assert not marker.exists()
