@@ -19,6 +19,7 @@ def _mount_method_plugins() -> None:
                                                   submodule_search_locations=[str(source)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
+    globals()["methods"] = module       # as the import system binds a submodule on its parent
     spec.loader.exec_module(module)
 
 
