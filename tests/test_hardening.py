@@ -194,8 +194,11 @@ def test_exploding_loss_fails_the_run(tmp_path, run_cli, monkeypatch, nothing_co
     assert nothing_complete(tmp_path / "on")
 
     # the check can be turned off
-    res = run_cli("replay", "digits_b0s2", tmp_path / "off", "--set", "runtime.divergence_factor=0")
+    res = run_cli("replay", "digits_b0s2", tmp_path / "off", "--set", "runtime.divergence_factor=0",
+                  "--stop-after", "2")
     assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "off" / "digits_b0s2" / "replay" / "seed0" / "manifest.json").read_text())
+    assert manifest["tasks_done"] == 2 and manifest["error"].startswith("stopped after task 2")
 
 
 # --- 7. SIGTERM ---------------------------------------------------------------------------------------------
