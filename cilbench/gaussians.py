@@ -4,8 +4,9 @@ generative-classifier method).
 A class is fitted by full-covariance maximum likelihood (mean, covariance divided by N) plus eps * I, where
 eps starts at 1e-8 and grows x10 until the Cholesky factorisation succeeds (SEED's official code). The store
 keeps the Cholesky factors and log-determinants, so log-likelihoods of a batch against every class are one
-batched triangular solve on the device, never a Python loop over classes. Statistics are kept in float64:
-eps * I of 1e-8 is below float32 resolution for features of unit scale.
+batched triangular solve on the device, never a Python loop over classes. Statistics and likelihoods are
+float64 (a covariance regularised by eps * I = 1e-8 is too ill-conditioned for float32 solves); whether a
+factorisation succeeds is decided in float32, as in the official code, so eps grows exactly as far as there.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def fit_gaussian(features: torch.Tensor, eps: float = EPS_START) -> tuple[torch.
     cov = centred.T @ centred / len(x)
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     for _ in range(EPS_TRIES):
-        _, info = torch.linalg.cholesky_ex(cov + eps * eye)
-        if int(info) == 0:
+        # the factorisation test runs in float32, as the official code keeps its covariances, so eps grows
+        # exactly as far as there; the stored statistics stay float64
+        _, info = torch.linalg.cholesky_ex((cov + eps * eye).to(torch.float32))
+        if int(info) == 0 and int(torch.linalg.cholesky_ex(cov + eps * eye)[1]) == 0:
             return mean, cov + eps * eye, eps
         eps *= EPS_FACTOR
     raise ValueError(f"covariance has no Cholesky factor even with eps = {eps / EPS_FACTOR:g}; "
