@@ -79,7 +79,8 @@ def test_eps_grows_tenfold_until_cholesky_succeeds():
 
 
 def test_symmetric_kl_closed_form_hand_case():
-    # N(0, I) vs N(m, s^2 I) in 2-D: KL01 = 1/2 [2/s^2 + |m|^2/s^2 - 2 + 2 ln s^2], KL10 = 1/2 [2 s^2 + |m|^2 - 2 - 2 ln s^2]
+    # N(0, I) vs N(m, s^2 I) in 2-D:
+    #   KL01 = 1/2 [2/s^2 + |m|^2/s^2 - 2 + 2 ln s^2],  KL10 = 1/2 [2 s^2 + |m|^2 - 2 - 2 ln s^2]
     m = torch.tensor([1.0, 2.0], dtype=torch.float64)
     s2 = 4.0
     eye = torch.eye(2, dtype=torch.float64)
