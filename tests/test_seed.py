@@ -416,3 +416,19 @@ def test_cli_beats_finetune_on_reduced_cards(tmp_path, card):
     assert all(float(s["top1_task_aware"]) >= float(s["top1"]) for s in steps)
     phases = {json.loads(line)["phase"] for line in (runs["seed"] / "events.jsonl").read_text().splitlines()}
     assert phases == {"seed_expert", "seed_finetune"}
+
+
+def test_report_shows_seed_beside_its_published_average_with_task_mean(tmp_path):
+    from test_report import make_run, read_csv
+
+    from cilbench.report import build_report
+    for s, avg in ((0, 60.0), (1, 62.0)):
+        make_run(tmp_path / "runs", "cifar100_b0s10", "seed", s, avg=avg, memory_size=0)   # exemplar-free
+    build_report(tmp_path / "runs", tmp_path / "out", metrics=["avg", "avg_task_mean"])
+    rows = read_csv(tmp_path / "out" / "tables" / "cifar100_b0s10.csv")
+    published = [r for r in rows if r["kind"] == "published" and r["method"] == "SEED"]
+    assert published and published[0]["avg"] == "61.7‡"          # ‡: unverified (outside listing)
+    delta = [r for r in rows if r["kind"] == "delta"]
+    assert len(delta) == 1 and float(delta[0]["avg"]) == pytest.approx(61.0 - 61.7)
+    ours = next(r for r in rows if r["kind"] == "ours")
+    assert ours["method"] == "seed" and "avg_task_mean" in ours and float(ours["avg_task_mean"]) == 61.0
