@@ -33,7 +33,7 @@ from cilbench.errors import UserError
 from cilbench.gaussians import GaussianStore
 from cilbench.method import Context, Footprint, Method, register
 from cilbench.nets import freeze, linear_head
-from cilbench.protocol import TrainConfig
+from cilbench.protocol import AugmentConfig, TrainConfig
 from cilbench.stream import Task
 
 
@@ -59,8 +59,10 @@ class SEEDConfig:
     momentum: float = 0.9
     batch_size: int | None = None           # None: the card's (CIFAR cards: 128 = code)
     clip_norm: float | None = 1.0           # code --clipping 1; paper: not stated (null = no clipping)
-    cutout: int = 16                        # code: Cutout(1 hole, 16 px) after AutoAugment (not available here);
-    #                                         0 = the card's augmentation only
+    autoaugment: Literal["auto", "cifar10", "imagenet", "none"] = "auto"   # code: AutoAugment on top of the card's
+    #                                         crop/flip/brightness (auto: CIFAR-10 policy up to 64 px, else ImageNet);
+    #                                         paper: AugMix (not available); none = the card's augmentation
+    cutout: int = 16                        # code: Cutout(1 hole, 16 px) after AutoAugment; 0 = off
     # --- fine-tuning the selected expert (tasks > K)
     ft_epochs: int = 100                    # paper: 200; 0 = no fine-tuning (table2.sh)
     ft_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])   # paper: [60, 120, 160]
@@ -165,8 +167,7 @@ class SEED(Method):
         n_stages = len(self.spec["stages"])
         if cfg.shared > n_stages:
             raise UserError(f"seed.shared: the backbone has {n_stages} stages, got shared={cfg.shared}")
-        if cfg.cutout:   # the method's own augmentation on top of the card's (code: Cutout 16 px)
-            ctx.engine.augmenter.cfg = replace(ctx.engine.augmenter.cfg, cutout=cfg.cutout)
+        ctx.engine.augmenter.cfg = self.augmentation(ctx)
         self.experts: list[nn.Module] = []
         self.gaussians: list[GaussianStore] = []
         self.n_seen = 0
@@ -190,6 +191,14 @@ class SEED(Method):
         if s != width:
             spec["latent"] = s
         return spec
+
+    def augmentation(self, ctx: Context) -> AugmentConfig:
+        """The card's augmentation plus SEED's own (code: AutoAugment, then Cutout after normalisation)."""
+        cfg, card = self.cfg, ctx.engine.augmenter.cfg
+        policy = cfg.autoaugment
+        if policy == "auto":
+            policy = "cifar10" if max(ctx.stream.image_shape[1:]) <= 64 else "imagenet"
+        return replace(card, autoaugment=policy, cutout=cfg.cutout or card.cutout)
 
     def new_expert(self, ctx: Context) -> nn.Module:
         """Expert 1 from scratch; experts 2..K a copy of expert 1 ('first') or fresh ('random'), shared layers

@@ -432,3 +432,52 @@ def test_report_shows_seed_beside_its_published_average_with_task_mean(tmp_path)
     assert len(delta) == 1 and float(delta[0]["avg"]) == pytest.approx(61.0 - 61.7)
     ours = next(r for r in rows if r["kind"] == "ours")
     assert ours["method"] == "seed" and "avg_task_mean" in ours and float(ours["avg_task_mean"]) == 61.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AutoAugment (the official code's augmentation), batched per sample
+
+
+def test_autoaugment_magnitudes_and_ops():
+    from cilbench.autoaugment import apply_op, magnitude
+    assert [magnitude("Posterize", b, 32, 32) for b in (0, 9)] == [8.0, 4.0]
+    assert magnitude("Solarize", 0, 32, 32) == 255.0 and magnitude("Solarize", 9, 32, 32) == 0.0
+    assert magnitude("Rotate", 9, 32, 32) == 30.0 and magnitude("TranslateX", 9, 32, 331) == pytest.approx(150.0)
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(apply_op(x, "Invert", 0.0), 255 - x)
+    assert torch.equal(apply_op(x, "Rotate", 0.0), x) and torch.equal(apply_op(x, "ShearX", 0.0), x)
+
+
+def test_autoaugment_batched_equals_per_sample_reference():
+    from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+
+    from cilbench.autoaugment import SIGNED, apply_op, auto_augment, magnitude
+    x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = auto_augment(x, "cifar10", torch.Generator().manual_seed(7))
+    assert out.shape == x.shape and out.dtype == torch.float32 and 0 <= float(out.min()) <= float(out.max()) <= 1
+    assert torch.equal(out, auto_augment(x, "cifar10", torch.Generator().manual_seed(7)))    # seeded
+    policies = AutoAugment(AutoAugmentPolicy.CIFAR10).policies
+    gen = torch.Generator().manual_seed(7)
+    choice = torch.randint(len(policies), (24,), generator=gen)
+    draws = [(torch.rand(24, generator=gen), torch.rand(24, generator=gen) < 0.5) for _ in range(2)]
+    img = (x * 255).round().to(torch.uint8)
+    for i in range(24):                         # one sample at a time
+        sample = img[i:i + 1]
+        for slot, (coin, negative) in enumerate(draws):
+            op, prob, level = policies[int(choice[i])][slot]
+            if coin[i] < prob:
+                m = magnitude(op, level, 16, 16)
+                sample = apply_op(sample, op, -m if (bool(negative[i]) and op in SIGNED) else m)
+        assert torch.equal(out[i], sample[0].float() / 255), i
+    assert not torch.equal(out, img.float() / 255)
+
+
+def test_seed_adds_the_official_augmentation_on_paper_cards():
+    ctx = make_ctx()
+    make_method(ctx, autoaugment="auto", cutout=16)
+    aug = ctx.engine.augmenter.cfg
+    assert (aug.autoaugment, aug.cutout, aug.crop_padding) == ("cifar10", 16, 1)      # on top of the card's
+    ctx.engine.begin_task(0, 0)
+    batch = ctx.engine.augmenter.train(ctx.stream.train.images[:8])
+    assert batch.shape == (8, 1, 8, 8) and torch.isfinite(batch).all()
+    assert make_method(make_ctx()).ctx.engine.augmenter.cfg.autoaugment == "none"    # reduced card: none
