@@ -195,9 +195,8 @@ class SEED(Method):
     def augmentation(self, ctx: Context) -> AugmentConfig:
         """The card's augmentation plus SEED's own (code: AutoAugment, then Cutout after normalisation)."""
         cfg, card = self.cfg, ctx.engine.augmenter.cfg
-        policy = cfg.autoaugment
-        if policy == "auto":
-            policy = "cifar10" if max(ctx.stream.image_shape[1:]) <= 64 else "imagenet"
+        policy = {"none": card.autoaugment, "auto": "cifar10" if max(ctx.stream.image_shape[1:]) <= 64
+                  else "imagenet"}.get(cfg.autoaugment, cfg.autoaugment)
         return replace(card, autoaugment=policy, cutout=cfg.cutout or card.cutout)
 
     def new_expert(self, ctx: Context) -> nn.Module:
