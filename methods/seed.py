@@ -203,7 +203,7 @@ class SEED(Method):
         """Expert 1 from scratch; experts 2..K a copy of expert 1 ('first') or fresh ('random'), shared layers
         aliased to expert 1's and frozen."""
         if self.experts and self.cfg.init == "first":
-            net = copy.deepcopy(self.experts[0])
+            net = ctx.engine.prepare(copy.deepcopy(self.experts[0]))   # prepare: a deep copy drops compile()
         else:
             net = ctx.engine.prepare(build_backbone(self.spec))
         for p in net.parameters():
