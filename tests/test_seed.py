@@ -279,6 +279,16 @@ def test_batched_inference_equals_slow_reference(trained, average):
         method.cfg.average = "holding"
 
 
+def test_scores_stay_float32_under_bf16_autocast(trained):
+    method, ctx = trained
+    x = ctx.engine.augmenter.test(ctx.stream.test.images[:32])
+    with torch.no_grad():
+        plain = method.scores(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = method.scores(x)
+    assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)
+
+
 def test_gaussians_held_and_footprint(trained):
     method, _ = trained
     assert [g.labels for g in method.gaussians] == [[0, 1, 2, 3, 4, 5], [2, 3, 4, 5]]
