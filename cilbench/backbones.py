@@ -148,8 +148,7 @@ class ResNet(nn.Module):
             for block in self.stages[-1]:
                 block.relu_out = False
         if spec.get("latent"):
-            self.latent = nn.Conv2d(self.out_dim, int(spec["latent"]), 1)
-            nn.init.kaiming_normal_(self.latent.weight, mode="fan_out", nonlinearity="relu")
+            self.latent = nn.Conv2d(self.out_dim, int(spec["latent"]), 1)   # Kaiming-initialised below
             self.out_dim = int(spec["latent"])
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
