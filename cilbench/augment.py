@@ -147,6 +147,9 @@ class Augmenter:
             x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, g)
         if cfg.grayscale_p:
             x = random_grayscale(x, cfg.grayscale_p, g)
+        if cfg.autoaugment != "none":
+            from .autoaugment import auto_augment
+            x = auto_augment(x, cfg.autoaugment, g)
         x = (x - self.mean) / self.std
         if cfg.cutout:
             x = cutout(x, cfg.cutout, g)

@@ -88,6 +88,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(mid_ch)
         self.conv2 = nn.Conv2d(mid_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
+        self.relu_out = True          # False: no ReLU after the residual sum (SEED's last stage)
         if index is not None:
             self.shortcut = IndexShortcut(in_ch, index, stride)
         elif stride == 1 and in_ch == out_ch:
@@ -99,8 +100,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return F.relu(out) if self.relu_out else out
 
 
 class ResNet(nn.Module):
@@ -130,12 +131,25 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
         self.out_dim = in_ch
+        self.latent = None
+        self._seed_variant(spec)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def _seed_variant(self, spec: dict) -> None:
+        """Optional spec keys (SEED, App. A.2): "last_relu": false drops the final ReLU of every block of the
+        last stage (features can be negative, closer to Gaussian); "latent": S adds a 1x1 conv (with bias) to S
+        channels after the last stage, before pooling."""
+        if spec.get("last_relu", True) is False:
+            for block in self.stages[-1]:
+                block.relu_out = False
+        if spec.get("latent"):
+            self.latent = nn.Conv2d(self.out_dim, int(spec["latent"]), 1)   # Kaiming-initialised below
+            self.out_dim = int(spec["latent"])
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = [self.stem(x)]
@@ -147,6 +161,8 @@ class ResNet(nn.Module):
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
+        if self.latent is not None:
+            x = self.latent(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 

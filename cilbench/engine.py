@@ -253,3 +253,27 @@ class Engine:
 def phase_config(base: TrainConfig, **changes) -> TrainConfig:
     """A training phase derived from the protocol's budget (e.g. KD: weight_decay=0, epochs=130)."""
     return replace(base, **changes)
+
+
+def full_precision(device: torch.device):
+    """A region without autocast: float32 maths for statistics and scores that bf16 would spoil (Gaussian
+    fitting, likelihoods), even where training runs under bf16 autocast."""
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def features_with_flips(engine: Engine, fn: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tensor,
+                        split: str = "train", batch_size: int | None = None) -> torch.Tensor:
+    """fn over the test-transformed images of `split` at `indices` and over their horizontal flips, in float32
+    with autocast off: 2N rows, the N originals first. The data SEED fits its class Gaussians on."""
+    data = getattr(engine.stream, split)
+    batch_size = batch_size or engine.stream.protocol.eval_batch_size
+    plain, flipped = [], []
+    with full_precision(engine.device):
+        for start in range(0, len(indices), batch_size):
+            x = engine.augmenter.test(data.images[indices[start:start + batch_size]]).float()
+            plain.append(fn(x).float())
+            flipped.append(fn(torch.flip(x, dims=(3,))).float())
+    if not plain:
+        return torch.empty(0, device=engine.device)
+    return torch.cat(plain + flipped)

@@ -59,6 +59,7 @@ class Context:
 class Footprint:
     extractors: int
     params: int
+    params_backbone: int | None = None  # extractors only (no classifier), as the papers count #Params
 
 
 class Method:
@@ -95,6 +96,10 @@ class Method:
 
     def inference_footprint(self) -> Footprint:
         raise NotImplementedError
+
+    def step_record(self) -> dict:
+        """Extra per-task fields for steps.csv (e.g. SEED: the expert trained, Gaussian parameter count)."""
+        return {}
 
     def state_dict(self) -> dict:
         raise NotImplementedError

@@ -73,6 +73,7 @@ class AugmentConfig:
     saturation: float = 0.0
     grayscale_p: float = 0.0
     cutout: int = 0                       # square side in pixels
+    autoaugment: Literal["none", "cifar10", "imagenet", "svhn"] = "none"   # AutoAugment policy, per sample
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     BOUNDS: ClassVar[dict] = {"random_resized_crop": (0, None), "rrc_scale": (0, 1), "crop_padding": (0, None),

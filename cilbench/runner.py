@@ -147,6 +147,26 @@ def evaluate(method: Method, stream: Stream, engine: Engine, task: Task):
     return 100 * float(correct1.mean()), 100 * float(correct5.mean()), row, row5
 
 
+@torch.no_grad()
+def evaluate_task_aware(method: Method, stream: Stream, engine: Engine, task: Task) -> dict:
+    """Task-aware top-1 (each test sample scored only among its own task's classes) for methods that offer
+    `task_aware_scores(x, classes)`; {} for the others."""
+    scorer = getattr(method, "task_aware_scores", None)
+    if scorer is None:
+        return {}
+    method.eval()
+    correct, total = 0.0, 0
+    labels = stream.test.labels
+    for j in range(task.index + 1):
+        lo, hi = stream.bounds[j], stream.bounds[j + 1]
+        idx = task.test_idx[(labels[task.test_idx] >= lo) & (labels[task.test_idx] < hi)]
+        scores = engine.apply(lambda x, lo=lo, hi=hi: scorer(x, range(lo, hi)), idx, split="test")
+        pred = scores.argmax(dim=1) + lo
+        correct += float((pred == labels[idx].to(pred.device)).sum())
+        total += len(idx)
+    return {"top1_task_aware": round(100 * correct / max(total, 1), 4)}
+
+
 class Reporter:
     """Progress on the terminal: a bar per task and epoch when interactive, a line per task otherwise."""
 
@@ -301,6 +321,7 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
             train_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             top1, top5, row, row5 = evaluate(method, stream, engine, task)
+            extras = {**evaluate_task_aware(method, stream, engine, task), **method.step_record()}
             eval_s = time.perf_counter() - t1
             footprint = method.inference_footprint()
             steps.append({"step": t, "classes_seen": task.n_seen, "top1": round(top1, 4), "top5": round(top5, 4),
@@ -308,6 +329,7 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
                           "memory_size": len(memory) if memory is not None else 0,
                           "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
                           "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3)})
+            steps[-1].update(extras)
             acc.append(row)
             acc5.append(row5)
             store.write_steps(steps)

@@ -113,7 +113,8 @@ class RunStore:
 
     def write_steps(self, rows: list[dict]) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=STEP_FIELDS)
+        extra = [k for row in rows for k in row if k not in STEP_FIELDS]   # method/harness extras, in order
+        writer = csv.DictWriter(buf, fieldnames=STEP_FIELDS + list(dict.fromkeys(extra)))
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(self.path / "steps.csv", buf.getvalue())

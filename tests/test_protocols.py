@@ -138,6 +138,7 @@ def test_every_card_follows_the_memory_policy(name):
     ("cifar100_b50s1", 51, [50, 1, 1]),
     ("cifar100_b50s5", 11, [50, 5, 5]),
     ("cifar100_b50s10", 6, [50, 10, 10]),
+    ("cifar100_b40s3", 21, [40, 3, 3]),
     ("cifar100_b0s2", 50, [2, 2, 2]),
     ("cifar100_b0s5", 20, [5, 5, 5]),
     ("cifar100_b0s20", 5, [20, 20, 20]),

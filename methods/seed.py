@@ -1,0 +1,381 @@
+"""SEED: Selection of Experts for Ensemble Diversification (Rypeść et al., "Divide and not forget: Ensemble of
+selectively trained experts in Continual Learning", ICLR 2024). Spec: specs/der_seed.md Part B.
+
+Exemplar-free. K experts (deep networks); every expert keeps one full-covariance Gaussian per class it has seen
+(cilbench/gaussians.py), fitted on the class's training images through the test transform plus their
+horizontal flips (cilbench.engine.features_with_flips). Per task t:
+
+- t <= K: create expert t (expert 1 from scratch; later ones a copy of expert 1, or fresh), train it with
+  cross-entropy through a temporary linear head over the task's classes, discard the head; every existing
+  expert fits the new classes' Gaussians.
+- t > K: every expert fits the new classes' Gaussians; pick the expert whose new-class Gaussians overlap least
+  (largest mean symmetric KL, eq. 2); fine-tune only that expert with (1 - alpha) CE + alpha feature
+  distillation against its frozen pre-task copy, BN statistics frozen; refit its new-class Gaussians. Old
+  classes' Gaussians are never refitted (no old data).
+
+Inference: per expert the log-likelihoods of every class it holds (eq. 1), a softmax at temperature tau, the
+mean over experts (over the experts that hold the class, or over all), argmax. Task-aware: the same restricted
+to the sample's task.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cilbench.backbones import build_backbone, standard_spec
+from cilbench.engine import features_with_flips, full_precision, phase_config
+from cilbench.errors import UserError
+from cilbench.gaussians import GaussianStore
+from cilbench.method import Context, Footprint, Method, register
+from cilbench.nets import freeze, linear_head
+from cilbench.protocol import AugmentConfig, TrainConfig
+from cilbench.stream import Task
+
+
+@dataclass
+class SEEDConfig:
+    """Defaults: the official code (grypesc/SEED) where it and the paper differ; the paper's value in the comment
+    (spec B.5, B.9)."""
+    # --- ensemble and architecture (App. A.2)
+    experts: int = 5                        # K
+    init: Literal["first", "random"] = "first"   # experts 2..K: copy of expert 1 after task 1 (code) / random (paper)
+    shared: int = 0                         # shared frozen layers f: 1 = stem + stage 1, 2 = + stage 2, ... (code 0)
+    latent_dim: int | None = None           # S; None: 64 (24 with backbone resnet20_low); a 1x1 conv maps the last
+    #                                         stage to S channels where its width differs
+    backbone: Literal["card", "resnet20_low"] = "card"   # resnet20_low: ResNet-20, last stage 48 wide (App. A.4)
+    shortcut: Literal["conv", "card"] = "conv"   # code: 1x1 conv + BN projection shortcuts (FACIL ResNet-32);
+    #                                         card: the factory's own (ResNet-32/20: parameter-free option A)
+    last_relu: bool = False                 # paper and code remove the final ReLU of the last stage's blocks
+    # --- training a new expert (tasks 1..K)
+    epochs: int = 200
+    lr: float = 0.05
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    batch_size: int | None = None           # None: the card's (CIFAR cards: 128 = code)
+    clip_norm: float | None = 1.0           # code --clipping 1; paper: not stated (null = no clipping)
+    autoaugment: Literal["auto", "cifar10", "imagenet", "none"] = "auto"   # code: AutoAugment on top of the card's
+    #                                         crop/flip/brightness (auto: CIFAR-10 policy up to 64 px, else ImageNet);
+    #                                         paper: AugMix (not available); none = the card's augmentation
+    cutout: int = 16                        # code: Cutout(1 hole, 16 px) after AutoAugment; 0 = off
+    # --- fine-tuning the selected expert (tasks > K)
+    ft_epochs: int = 100                    # paper: 200; 0 = no fine-tuning (table2.sh)
+    ft_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])   # paper: [60, 120, 160]
+    ft_weight_decay: float = 0.0            # paper: 5e-4
+    ft_lr: float | None = None              # None: lr
+    alpha: float = 0.99                     # weight of the feature distillation
+    kd: Literal["mse", "l2"] = "mse"        # code: mean squared error over batch and S; paper: mean per-sample L2 norm
+    freeze_bn: bool = True                  # code: BN layers in eval mode while fine-tuning
+    # --- expert selection (eq. 2, Fig. 6)
+    selection: Literal["kl_max", "kl_min", "round_robin", "random"] = "kl_max"
+    single_class: Literal["first", "round_robin"] = "first"   # |C_t| = 1 (no pairs, every overlap is 0):
+    #                                         expert 1 (code's argmax of zeros) or 1 + ((t - 1) mod K)
+    # --- inference
+    tau: float = 3.0
+    average: Literal["holding", "all"] = "holding"   # divisor: experts holding the class (code) / all (paper)
+
+    def validate(self, where: str) -> None:
+        if self.experts < 1:
+            raise UserError(f"{where}.experts: must be >= 1, got {self.experts}")
+        if not 0 <= self.shared <= 4:
+            raise UserError(f"{where}.shared: 0..4 shared stages, got {self.shared}")
+        if self.latent_dim is not None and self.latent_dim < 1:
+            raise UserError(f"{where}.latent_dim: must be >= 1 or null, got {self.latent_dim}")
+        if self.epochs < 1 or self.ft_epochs < 0:
+            raise UserError(f"{where}: epochs must be >= 1 and ft_epochs >= 0")
+        if self.tau <= 0 or self.lr <= 0 or (self.ft_lr is not None and self.ft_lr <= 0):
+            raise UserError(f"{where}: tau, lr and ft_lr must be > 0")
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"{where}.alpha: must be in [0, 1], got {self.alpha}")
+        if self.cutout < 0:
+            raise UserError(f"{where}.cutout: must be >= 0 (0 = off), got {self.cutout}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers (tested directly)
+
+
+def select_expert(overlaps: list[float], rule: str, task_index: int, generator: torch.Generator | None = None) -> int:
+    """Index of the expert to fine-tune from each expert's new-class overlap; ties go to the lowest index."""
+    k = len(overlaps)
+    if rule == "round_robin":
+        return task_index % k
+    if rule == "random":
+        return int(torch.randint(k, (1,), generator=generator))
+    values = torch.tensor(overlaps, dtype=torch.float64)
+    return int(torch.argmax(values if rule == "kl_max" else -values))   # argmax returns the first maximum
+
+
+def feature_distillation(features: torch.Tensor, old: torch.Tensor, form: str) -> torch.Tensor:
+    """L_KD: 'mse' = mean over batch and dimensions of squared differences (code); 'l2' = mean over the batch of
+    the per-sample Euclidean distance (paper)."""
+    diff = features.float() - old.float()
+    return diff.pow(2).mean() if form == "mse" else diff.norm(dim=1).mean()
+
+
+def shared_modules(net: nn.Module, shared: int) -> list[nn.Module]:
+    """The modules of f: the stem and the first `shared` stages (none when shared = 0)."""
+    return [net.stem, *net.stages[:shared]] if shared else []
+
+
+def alias_shared(dst: nn.Module, src: nn.Module, shared: int) -> None:
+    """Make dst's shared layers use src's parameter tensors (BN running buffers stay dst's own) and freeze them."""
+    for d_part, s_part in zip(shared_modules(dst, shared), shared_modules(src, shared)):
+        for d_mod, s_mod in zip(d_part.modules(), s_part.modules()):
+            for name, p in s_mod._parameters.items():
+                if p is not None:
+                    p.requires_grad_(False)
+                    d_mod._parameters[name] = p
+
+
+def unique_params(modules) -> int:
+    """Parameters counted once even where experts alias shared layers (|theta_f| + K |theta_g|)."""
+    seen = {}
+    for m in modules:
+        for p in m.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _train_mode(net: nn.Module, bn_frozen: bool) -> None:
+    net.train()
+    if bn_frozen:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method
+
+
+@register("seed")
+class SEED(Method):
+    Config = SEEDConfig
+    uses_exemplars = False
+    regimes = ("offline",)
+    summary = "exemplar-free ensemble of K experts, per-class Gaussians, KL-selected expert fine-tuned per task"
+
+    def __init__(self, cfg: SEEDConfig, ctx: Context):
+        super().__init__(cfg, ctx)
+        self.spec = self.expert_spec(ctx)
+        n_stages = len(self.spec["stages"])
+        if cfg.shared > n_stages:
+            raise UserError(f"seed.shared: the backbone has {n_stages} stages, got shared={cfg.shared}")
+        ctx.engine.augmenter.cfg = self.augmentation(ctx)
+        self.experts: list[nn.Module] = []
+        self.gaussians: list[GaussianStore] = []
+        self.n_seen = 0
+        self.log: list[dict] = []          # per task: expert trained, how, overlaps, eps used
+
+    # --- architecture ------------------------------------------------------------------------------------
+    def expert_spec(self, ctx: Context) -> dict:
+        cfg, card = self.cfg, ctx.protocol.backbone
+        low = cfg.backbone == "resnet20_low"
+        spec = standard_spec("resnet20" if low else card.name, ctx.stream.image_shape[0], card.width)
+        if low:    # App. A.4: the third stage's kernels reduced 64 -> 48 (at base width 16)
+            spec["stages"][-1] = [[3 * spec["stem"], 3 * spec["stem"]] for _ in spec["stages"][-1]]
+        if cfg.shortcut == "conv":
+            spec["shortcut"] = "B"
+        spec["last_relu"] = cfg.last_relu
+        width = spec["stages"][-1][-1][1]
+        s = cfg.latent_dim or (24 if low else 64)
+        if s > width:
+            raise UserError(f"seed.latent_dim: S={s} exceeds the backbone's {width} output channels, so every "
+                            f"class covariance would be singular; set seed.latent_dim <= {width}")
+        if s != width:
+            spec["latent"] = s
+        return spec
+
+    def augmentation(self, ctx: Context) -> AugmentConfig:
+        """The card's augmentation plus SEED's own (code: AutoAugment, then Cutout after normalisation)."""
+        cfg, card = self.cfg, ctx.engine.augmenter.cfg
+        policy = {"none": card.autoaugment, "auto": "cifar10" if max(ctx.stream.image_shape[1:]) <= 64
+                  else "imagenet"}.get(cfg.autoaugment, cfg.autoaugment)
+        return replace(card, autoaugment=policy, cutout=cfg.cutout or card.cutout)
+
+    def new_expert(self, ctx: Context) -> nn.Module:
+        """Expert 1 from scratch; experts 2..K a copy of expert 1 ('first') or fresh ('random'), shared layers
+        aliased to expert 1's and frozen."""
+        if self.experts and self.cfg.init == "first":
+            net = ctx.engine.prepare(copy.deepcopy(self.experts[0]))   # prepare: a deep copy drops compile()
+        else:
+            net = ctx.engine.prepare(build_backbone(self.spec))
+        for p in net.parameters():
+            p.requires_grad_(True)
+        if self.experts:
+            alias_shared(net, self.experts[0], self.cfg.shared)
+        return net
+
+    # --- schedules ---------------------------------------------------------------------------------------
+    def expert_config(self, finetune: bool) -> TrainConfig:
+        cfg, base = self.cfg, self.ctx.protocol.train
+        return phase_config(base, optimizer="sgd", momentum=cfg.momentum, nesterov=False, schedule="multistep",
+                            gamma=0.1, warmup_epochs=0, clip_norm=cfg.clip_norm,
+                            batch_size=cfg.batch_size or base.batch_size,
+                            epochs=cfg.ft_epochs if finetune else cfg.epochs,
+                            lr=(cfg.ft_lr or cfg.lr) if finetune else cfg.lr,
+                            milestones=list(cfg.ft_milestones if finetune else cfg.milestones),
+                            weight_decay=cfg.ft_weight_decay if finetune else cfg.weight_decay)
+
+    # --- the task ----------------------------------------------------------------------------------------
+    def learn(self, task: Task, ctx: Context) -> None:
+        cfg = self.cfg
+        record = {"task": task.index, "overlaps": []}
+        if len(self.experts) < cfg.experts:                   # tasks 1..K: a new expert, CE only
+            k = len(self.experts)
+            self.experts.append(self.new_expert(ctx))
+            self.gaussians.append(GaussianStore(self.experts[k].out_dim, ctx.device))
+            self.train_expert(k, task, ctx, distill=False)
+            if k == 0:                                        # f is frozen after the first task
+                for m in shared_modules(self.experts[0], cfg.shared):
+                    freeze_params(m)
+            fitted = {j: self.class_gaussians(j, task, ctx) for j in range(len(self.experts))}
+            record["mode"] = "new"
+        else:                                                 # tasks > K: select, fine-tune, refit
+            fitted = {j: self.class_gaussians(j, task, ctx) for j in range(len(self.experts))}
+            overlaps = [fitted[j][0].overlap() for j in range(len(self.experts))]
+            record["overlaps"] = [round(v, 4) for v in overlaps]
+            k = self.select(overlaps, task)
+            if self.expert_config(finetune=True).epochs > 0:
+                self.train_expert(k, task, ctx, distill=True)
+                fitted[k] = self.class_gaussians(k, task, ctx)
+            record["mode"] = "finetune"
+        for j, (store, eps) in fitted.items():
+            for label, mean, cov, e in zip(store.labels, store.means, store.covs, store.eps):
+                self.gaussians[j].add(label, mean, cov, e)
+        record.update(expert=k, eps_max=max(max(eps) for _, eps in fitted.values()))
+        self.n_seen = task.n_seen
+        self.log.append(record)
+        if ctx.log:
+            ctx.log(f"seed: task {task.index + 1} {record['mode']} expert {k + 1}"
+                    + (f", overlaps {record['overlaps']}" if record["overlaps"] else ""))
+
+    def select(self, overlaps: list[float], task: Task) -> int:
+        cfg = self.cfg
+        rule = cfg.selection
+        if task.n_new == 1 and rule in ("kl_max", "kl_min"):
+            rule = "round_robin" if cfg.single_class == "round_robin" else "first"
+        if rule == "first":
+            return 0
+        gen = torch.Generator().manual_seed(self.ctx.seed * 100_003 + task.index)
+        return select_expert(overlaps, rule, task.index, gen)
+
+    def train_expert(self, k: int, task: Task, ctx: Context, distill: bool) -> None:
+        """CE through a temporary head over the task's classes; with `distill`, (1 - alpha) CE + alpha L_KD
+        against the expert's frozen pre-task copy, BN statistics frozen (code)."""
+        cfg, expert = self.cfg, self.experts[k]
+        head = ctx.engine.prepare(linear_head(expert.out_dim, task.n_new))
+        teacher = freeze(copy.deepcopy(expert)) if distill else None
+        offset = task.n_old
+
+        def loss_fn(batch):
+            features = expert(batch.x)
+            ce = F.cross_entropy(head(features).float(), batch.y - offset)
+            if teacher is None:
+                return ce
+            with torch.no_grad():
+                old = teacher(batch.x)
+            return (1 - cfg.alpha) * ce + cfg.alpha * feature_distillation(features, old, cfg.kd)
+
+        params = [p for p in expert.parameters() if p.requires_grad] + list(head.parameters())
+        _train_mode(expert, bn_frozen=distill and cfg.freeze_bn)
+        # task.train_idx only: SEED is exemplar-free and must never see an old-class sample
+        ctx.engine.fit(params, loss_fn, task.train_idx, self.expert_config(finetune=distill),
+                       phase="seed_finetune" if distill else "seed_expert")
+        expert.eval()
+
+    @torch.no_grad()
+    def class_gaussians(self, k: int, task: Task, ctx: Context) -> tuple[GaussianStore, list[float]]:
+        """Gaussians of the task's classes in expert k (not yet added to its store) and the eps each needed."""
+        expert = self.experts[k]
+        expert.eval()
+        idx = task.train_idx
+        features = features_with_flips(ctx.engine, expert, idx)
+        labels = ctx.stream.train.labels[idx].to(features.device).repeat(2)
+        store = GaussianStore(features.shape[1], ctx.device)
+        eps = [store.fit(c, features[labels == c]) for c in task.classes]
+        return store, eps
+
+    # --- inference ---------------------------------------------------------------------------------------
+    def networks(self):
+        return list(self.experts)
+
+    def expert_probabilities(self, x: torch.Tensor, classes: range | None = None):
+        """Per expert that holds any of `classes` (all seen when None): (column index, softmax(l / tau)) over
+        those classes, in float64."""
+        out = []
+        with full_precision(x.device):
+            for expert, store in zip(self.experts, self.gaussians):
+                labels = torch.tensor(store.labels, device=x.device)
+                keep = torch.ones_like(labels, dtype=torch.bool) if classes is None else \
+                    (labels >= classes.start) & (labels < classes.stop)
+                if not bool(keep.any()):
+                    continue
+                ll = store.log_likelihood(expert(x.float()))[:, keep.to(store.device)]
+                out.append((labels[keep], torch.softmax(ll / self.cfg.tau, dim=1).to(x.device)))
+        return out
+
+    def combine(self, per_expert, n_classes: int, offset: int, batch: int, device) -> torch.Tensor:
+        total = torch.zeros(batch, n_classes, dtype=torch.float64, device=device)
+        holders = torch.zeros(n_classes, dtype=torch.float64, device=device)
+        for labels, probs in per_expert:
+            total[:, labels - offset] += probs
+            holders[labels - offset] += 1
+        divisor = holders.clamp_min(1) if self.cfg.average == "holding" else float(len(self.experts))
+        return torch.log((total / divisor).clamp_min(1e-300)).float()   # log of the ensemble probability
+
+    def scores(self, x):
+        return self.combine(self.expert_probabilities(x), self.n_seen, 0, len(x), x.device)
+
+    def task_aware_scores(self, x, classes: range):
+        """Scores over one task's classes only (the task-aware variant)."""
+        return self.combine(self.expert_probabilities(x, classes), len(classes), classes.start, len(x), x.device)
+
+    def features(self, x):
+        return torch.cat([expert(x) for expert in self.experts], dim=1)
+
+    def inference_footprint(self) -> Footprint:
+        nets = unique_params(self.experts)
+        return Footprint(len(self.experts), nets + self.gaussian_params(), params_backbone=nets)
+
+    def gaussian_params(self) -> int:
+        return sum(store.params() for store in self.gaussians)
+
+    def step_record(self) -> dict:
+        last = self.log[-1] if self.log else {}
+        return {"expert": last.get("expert", -1) + 1, "expert_mode": last.get("mode", ""),
+                "overlaps": ";".join(f"{v:g}" for v in last.get("overlaps", [])),
+                "params_networks": unique_params(self.experts), "params_gaussians": self.gaussian_params()}
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"spec": copy.deepcopy(self.spec), "experts": [e.state_dict() for e in self.experts],
+                "gaussians": [g.state_dict() for g in self.gaussians], "n_seen": self.n_seen,
+                "log": copy.deepcopy(self.log)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        self.spec = copy.deepcopy(state["spec"])
+        self.experts = []
+        for weights in state["experts"]:
+            net = ctx.engine.prepare(build_backbone(self.spec))
+            net.load_state_dict(weights)
+            if self.experts:
+                alias_shared(net, self.experts[0], cfg.shared)
+            self.experts.append(net.eval())
+        for m in shared_modules(self.experts[0], cfg.shared) if self.experts else []:
+            freeze_params(m)
+        self.gaussians = [GaussianStore.from_state(g, ctx.device) for g in state["gaussians"]]
+        self.n_seen = int(state["n_seen"])
+        self.log = copy.deepcopy(state["log"])
+
+
+def freeze_params(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
