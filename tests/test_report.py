@@ -136,8 +136,8 @@ def test_protocol_table_values_std_seeds_and_excluded_runs(built):
     assert "failed after 1/3 tasks" in incomplete["der seed3"]
     assert "running after 2/3 tasks" in incomplete["der seed4"]
     md = (built / "tables" / "cifar100_b50s25.md").read_text()
-    assert "| der | resnet32 | 3 | 3 | 2.00 | 1.38 | 0.92 | 72.00 ± 2.00 | 61.00 ± 1.00 | -6.00 ± 1.00 |" in md
-    assert "~~der seed3~~" in md
+    assert "| DER w/o P | resnet32 | 3 | 3 | 2.00 | 1.38 | 0.92 | – | <ins>72.00 ± 2.00</ins> | 61.00 ± 1.00 |" in md
+    assert "~~DER w/o P seed3~~" in md
 
 
 def test_complete_without_metrics_or_broken_manifest_is_not_averaged(runs, tmp_path):
@@ -182,11 +182,11 @@ def test_imagenet_protocol_gets_top5_columns(tmp_path):
 
 def test_latex_tables_have_balanced_rows_and_columns(built):
     texs = sorted((built / "tables").glob("*.tex"))
-    assert len(texs) == 3
+    assert len(texs) == 7               # 2 protocols x (wide, compact, per step) + summary
     for tex in texs:
         text = tex.read_text()
         assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") == 1
-        spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", text).group(1)
+        spec = re.search(r"\\begin\{tabular\}\{(?:@\{\})?([lrc]+)(?:@\{\})?\}", text).group(1)
         body = text[text.index("\\begin{tabular}"): text.index("\\end{tabular}")]
         rows = [line for line in body.splitlines() if line.rstrip().endswith("\\\\")]
         assert len(rows) >= 2
@@ -216,7 +216,7 @@ def test_reference_rows_shown_and_differences_only_where_backbone_matches(built)
     sources = {r["source"] for r in published}
     assert any("Table 2" in s for s in sources) and any("Table 8" in s for s in sources)
     wo_p_t8 = next(r for r in published if r["method"] == "DER w/o P" and r["backbone"] == "resnet32")
-    assert wo_p_t8["avg"] == "70.18" and wo_p_t8["params_avg"] == "0.92" and wo_p_t8["seeds"] == "?"
+    assert wo_p_t8["avg"] == "70.18" and wo_p_t8["params_bb_avg"] == "0.92" and wo_p_t8["seeds"] == "?"
     wo_p_t2 = next(r for r in published if r["method"] == "DER w/o P" and r["backbone"] == "resnet18_cifar")
     assert wo_p_t2["avg"] == "74.61" and wo_p_t2["avg_std"] == "0.52"
     deltas = {r["method"]: r for r in rows if r["kind"] == "delta"}
@@ -224,7 +224,7 @@ def test_reference_rows_shown_and_differences_only_where_backbone_matches(built)
     # nor with pruned DER (that is `der_prune`); tsd_grc has no published row
     assert set(deltas) == {"Δ der − DER w/o P"}
     assert float(deltas["Δ der − DER w/o P"]["avg"]) == pytest.approx(72.0 - 70.18)
-    assert float(deltas["Δ der − DER w/o P"]["params_avg"]) == pytest.approx(0.92 - 0.92, abs=1e-9)
+    assert deltas["Δ der − DER w/o P"]["params_bb_avg"] == ""     # these runs record no backbone count
 
 
 def test_reference_files_load_with_provenance_and_marks():
@@ -240,13 +240,16 @@ def test_reference_files_load_with_provenance_and_marks():
         == "62.75"
     hpcr = by[("HPCR", "Table III,Table V,Table VI", "cifar100_online_b0s10", "resnet18_reduced", "reservoir:1000",
                "HPCR")]
-    assert hpcr.values["last"].text == "29.1" and hpcr.values["last"].spread_kind == "ci95"
-    assert hpcr.values["avg"].text == "40.1" and hpcr.values["forgetting"].text == "15.7" and hpcr.runs == "10"
+    assert hpcr.values["last_task_mean"].text == "29.1" and hpcr.values["last_task_mean"].spread_kind == "ci95"
+    assert hpcr.values["avg_task_mean"].text == "40.1" and hpcr.values["forgetting"].text == "15.7"
+    assert hpcr.runs == "10" and hpcr.orders == "random:10"
     seed = by[("SEED", "Table 1", "cifar100_b0s10", "resnet32", "none", "SEED")]
-    assert seed.values["avg"].status == "unverified" and "Papers-with-Code" in seed.values["avg"].note
+    assert seed.values["avg_task_mean"].status == "unverified" and "Papers-with-Code" in seed.values["avg_task_mean"].note
+    assert seed.orders == "seed1993"
     lwf = by[("SEED", "Table 1", "cifar100_b0s10", "resnet32", "none", "LwF*")]
-    assert lwf.values["avg"].status == "unknown" and lwf.values["avg"].text == ""   # lost: no number invented
-    assert "14.7 pp" in lwf.values["avg"].note
+    lost = lwf.values["avg_task_mean"]
+    assert lost.status == "unknown" and lost.text == ""   # lost: no number invented
+    assert "14.7 pp" in lost.note
     der_t3 = by[("DER", "Table 3", "imagenet100_b50s5", "resnet18_imagenet", "per_class:20", "DER w/o P")]
     assert der_t3.values["last"].status == "flagged" and "72.92" in der_t3.values["last"].note
     # per-step curves: complete ones reproduce the table averages they come from
@@ -289,24 +292,29 @@ def test_reference_task_counts_match_cards():
 # Plots and HTML
 
 
-def test_every_plot_is_a_non_blank_png_of_the_expected_size(built):
+def test_every_plot_is_a_non_blank_png_of_the_expected_size_with_a_pdf_beside_it(built):
     pngs = sorted((built / "plots").glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"cifar100_b50s25_steps_top1.png", "cifar100_b50s25_per_task.png", "cifar100_b50s25_heatmap_der.png",
+    assert {"cifar100_b50s25_steps_top1.png", "cifar100_b50s25_per_task.png", "cifar100_b50s25_heatmaps.png",
             "cifar100_b50s25_extractors.png", "cifar100_b50s25_params.png", "digits_b0s2_steps_top1.png",
-            "digits_b0s2_heatmap_replay.png"} <= names
+            "digits_b0s2_heatmaps.png"} <= names
     assert "digits_b0s2_extractors.png" not in names         # no method run at several N on digits_b0s2
-    kinds = {"steps": "steps", "per_task": "per_task", "heatmap": "heatmap", "extractors": "extractors",
-             "params": "params"}
+    kinds = ["steps", "per_task", "heatmaps", "extractors", "params"]
     for png in pngs:
         kind = next(k for k in kinds if f"_{k}" in png.name)
-        assert png_size(png) == plots.SIZES[kind], png.name
+        w, h = png_size(png)
+        if kind == "heatmaps":                                # small multiples: rows of 3 panels
+            assert w == plots.pixel_size("heatmap")[0] and h % plots.pixel_size("heatmap")[1] == 0, png.name
+        else:
+            assert (w, h) == plots.pixel_size(kind), png.name
         with Image.open(png) as im:
             im = im.convert("RGB")
-            colours = im.getcolors(maxcolors=1 << 20)
+            colours = im.getcolors(maxcolors=1 << 22)
             assert colours is not None and len(colours) > 20, f"{png.name} looks blank"
             lo, hi = im.convert("L").getextrema()
             assert hi - lo > 100, f"{png.name} has no contrast"
+        pdf = png.with_suffix(".pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF") and b"/Page" in pdf, png.name
 
 
 def test_extractor_plot_groups_runs_by_name_without_n_tag(runs):
@@ -339,7 +347,7 @@ def test_html_references_only_existing_local_files(built):
     assert any(x.endswith(".png") for x in files) and any(x.endswith(".tex") for x in files)
     for link in files:
         assert "://" not in link and not link.startswith("/"), link
-        assert (index.parent / link).is_file(), link
+        assert (index.parent / link).exists(), link
     anchors = {x[1:] for x in parser.links if x.startswith("#")}
     text = index.read_text()
     for a in anchors:
@@ -363,7 +371,8 @@ def test_rerun_removes_stale_outputs(runs, tmp_path):
 def test_filters_protocol_methods_metric(runs, tmp_path):
     out = tmp_path / "out"
     build_report(runs, out, protocols=["cifar100_b50s25"], methods=["tsd_grc"], metrics=["avg", "forgetting"])
-    assert sorted(p.name for p in (out / "tables").glob("*.md")) == ["cifar100_b50s25.md", "summary.md"]
+    assert sorted(p.name for p in (out / "tables").glob("*.md")) == ["cifar100_b50s25.md", "cifar100_b50s25_steps.md",
+                                                                     "summary.md"]
     rows = read_csv(out / "tables" / "cifar100_b50s25.csv")
     assert {r["method"] for r in rows if r["kind"] == "ours"} == {"tsd_grc+N2", "tsd_grc+N3"}
     assert not [r for r in rows if r["kind"] in ("published", "incomplete")]   # no DER rows without der
@@ -428,10 +437,11 @@ def test_run_summary_uses_the_report_columns(tmp_path):
     console = Console(record=True, width=240)
     print_run_summary(path, console)
     text = console.export_text()
-    for header in ("#Ext (last)", "#Params M (avg)", "Avg", "Last", "BWT", "Forgetting", "Source"):
+    for header in ("#Ext (last)", "#Params M total (avg)", "#Params M backbone (avg)", "Avg", "Last", "BWT",
+                   "Forgetting", "Source"):
         assert header in text
     assert "70.00" in text and "-5.00" in text and "0.920" in text
-    assert "DER w/o P (published)" in text and "Δ der − DER w/o P" in text
+    assert "DER w/o P (published)" in text and "Δ DER w/o P − DER w/o P" in text
 
 
 def test_run_summary_of_an_interrupted_run(tmp_path):
@@ -458,7 +468,7 @@ def test_pruned_der_runs_are_compared_with_pruned_der(tmp_path):
     deltas = {r["method"]: r for r in rows if r["kind"] == "delta"}
     assert set(deltas) == {"Δ der_prune − DER"}                     # Table 7 (resnet32): DER = 69.41
     assert float(deltas["Δ der_prune − DER"]["avg"]) == pytest.approx(68.0 - 69.41)
-    assert any(r["kind"] == "published" and r["method"] == "SEED" and r["avg"] == "61.7‡" for r in rows)
+    assert any(r["kind"] == "published" and r["method"] == "SEED" and r["avg_task_mean"] == "61.7‡" for r in rows)
 
 
 def test_epoch_capped_and_mixed_config_seeds_are_flagged(tmp_path):

@@ -104,7 +104,7 @@ def md_escape(text: str) -> str:
     """Escape Markdown (and GitHub math) syntax; `_` only where it could start or end emphasis."""
     out = []
     for i, ch in enumerate(text):
-        if ch in _MD_ALWAYS or (ch in "#+-" and i == 0 and len(text) > 1 and not text[1].isdigit()):
+        if ch in _MD_ALWAYS:
             out.append("\\" + ch)
         elif ch == "_":
             inner = 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
@@ -225,12 +225,14 @@ def to_latex_compact(table: Table, keys: list[str], caption: str = "") -> str:
     """Method | the given stat columns, our rows only, one paper column wide: the lower bound, \\midrule, the
     methods, \\midrule, the upper bound. Columns whose cells are all the same are dropped."""
     rows = [r for r in table.rows if r.kind == "ours"]
-    cols = [c for c in table.columns if c.key in keys]
+    by_key = {c.key: c for c in table.columns}
+    cols = [by_key[k] for k in keys if k in by_key]
     cols = [c for c in cols if len({table.cell_text(r, c) for r in rows}) > 1 or len(rows) == 1]
+    heads = ["#Params (M)" if c.key.startswith("params") else (c.latex or c.label) for c in cols]
     lines = [f"% {latex_escape(table.title)}" + (f": {latex_escape(caption)}" if caption else ""),
-             "% requires \\usepackage{booktabs}; ± is the subscript",
+             "% requires \\usepackage{booktabs}; the spread is the subscript",
              f"\\begin{{tabular}}{{@{{}}l{'r' * len(cols)}@{{}}}}", "\\toprule",
-             " & ".join(["Method"] + [latex_escape(c.latex or c.label) for c in cols]) + " \\\\", "\\midrule"]
+             " & ".join(["Method"] + [latex_escape(h) for h in heads]) + " \\\\", "\\midrule"]
     previous = None
     for row in rows:
         section = {"lower": 0, "upper": 2}.get(row.bound, 1)
