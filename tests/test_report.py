@@ -38,9 +38,13 @@ from cilbench.summary import print_run_summary
 def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str = "complete",
              avg: float = 70.0, last: float = 60.0, bwt: float = -5.0, top1: list[float] | None = None,
              extractors: list[int] | None = None, params: list[int] | None = None, tasks_done: int | None = None,
-             memory_size: int = 20, max_epochs: int | None = None, write_metrics: bool | None = None) -> Path:
+             memory_size: int = 20, max_epochs: int | None = None, write_metrics: bool | None = None,
+             params_backbone: list[int] | None = None, protocol_changes: dict | None = None,
+             task_mean: tuple[float, float] | None = None, protocol_dir: str | None = None) -> Path:
     """A run directory as cilbench.runner writes it, with the numbers given (metrics.json is not recomputed
-    from the steps on purpose: the report must take the summary numbers as written)."""
+    from the steps on purpose: the report must take the summary numbers as written). `params_backbone` adds
+    that steps.csv column (runs record it from issue 11 on); `protocol_changes` edits the resolved card (e.g.
+    class_order / class_orders); `protocol_dir` files the run under another protocol folder name."""
     p = load_protocol(protocol)
     T = p.tasks
     top1 = top1 or [round(90 - 30 * t / max(1, T - 1), 4) for t in range(T)]
@@ -48,10 +52,11 @@ def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str
     params = params or [464_154] * T
     done = T if tasks_done is None else tasks_done
     sizes = p.task_sizes
-    store = RunStore(run_dir(root, protocol, run_name, seed))
+    store = RunStore(run_dir(root, protocol_dir or protocol, run_name, seed))
     store.create(force=True)
     method = run_name.split("+")[0]
-    store.write_config({"method": method, "run_name": run_name, "seed": seed, "protocol": to_dict(p),
+    store.write_config({"method": method, "run_name": run_name, "seed": seed,
+                        "protocol": {**to_dict(p), **(protocol_changes or {})},
                         "method_config": {}, "runtime": {"device": "cpu", "max_epochs": max_epochs}})
     steps, matrix, matrix5 = [], [], []
     for t in range(done):
@@ -61,6 +66,11 @@ def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str
         matrix.append([max(0.0, top1[t] - 5 * (t - j)) for j in range(t + 1)])
         matrix5.append([min(100.0, v + 15) for v in matrix[-1]])
     store.write_steps(steps)
+    if params_backbone:
+        with open(store.path / "steps.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=[*steps[0], "params_backbone"])
+            writer.writeheader()
+            writer.writerows({**row, "params_backbone": params_backbone[t]} for t, row in enumerate(steps))
     store.write_matrix("acc_matrix.csv", matrix)
     store.write_matrix("acc_matrix_top5.csv", matrix5)
     store.write_manifest({"status": status, "method": method, "run_name": run_name, "protocol": protocol,
@@ -69,7 +79,9 @@ def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str
     if write_metrics if write_metrics is not None else status == "complete":
         store.write_metrics({"steps": done, "avg_acc": avg, "last_acc": last, "bwt": bwt, "forgetting": -bwt,
                              "avg_acc_top5": avg + 15, "last_acc_top5": last + 15, "bwt_top5": bwt / 2,
-                             "forgetting_top5": -bwt / 2, "avg_acc_task_mean": avg, "last_acc_task_mean": last,
+                             "forgetting_top5": -bwt / 2,
+                             "avg_acc_task_mean": task_mean[0] if task_mean else avg,
+                             "last_acc_task_mean": task_mean[1] if task_mean else last,
                              "params_avg": sum(params[:done]) / done, "params_last": params[done - 1],
                              "extractors_last": extractors[done - 1]})
     return store.path
@@ -145,7 +157,7 @@ def test_complete_without_metrics_or_broken_manifest_is_not_averaged(runs, tmp_p
     bad = run_dir(runs, "digits_b0s2", "replay", 3)
     bad.mkdir(parents=True)
     (bad / "manifest.json").write_text("{not json")
-    build_report(runs, tmp_path / "out")
+    build_report(runs, tmp_path / "out", plots=False)
     rows = read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv")
     replay = next(r for r in rows if r["kind"] == "ours")
     assert replay["seeds"] == "2" and float(replay["avg"]) == pytest.approx(96.0)
@@ -359,9 +371,11 @@ def test_html_references_only_existing_local_files(built):
 
 def test_rerun_removes_stale_outputs(runs, tmp_path):
     out = tmp_path / "out"
-    build_report(runs, out)
     build_report(runs, out, protocols=["digits_b0s2"])
-    assert not list((out / "plots").glob("cifar100*")) and not (out / "tables" / "cifar100_b50s25.md").exists()
+    assert list((out / "plots").glob("digits*.pdf"))
+    build_report(runs, out, protocols=["cifar100_b50s25"], plots=False)
+    assert not list((out / "plots").glob("digits*")) and not (out / "tables" / "digits_b0s2.md").exists()
+    assert (out / "tables" / "cifar100_b50s25.md").exists()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -370,14 +384,15 @@ def test_rerun_removes_stale_outputs(runs, tmp_path):
 
 def test_filters_protocol_methods_metric(runs, tmp_path):
     out = tmp_path / "out"
-    build_report(runs, out, protocols=["cifar100_b50s25"], methods=["tsd_grc"], metrics=["avg", "forgetting"])
+    build_report(runs, out, protocols=["cifar100_b50s25"], methods=["tsd_grc"], metrics=["avg", "forgetting"],
+                 plots=False)
     assert sorted(p.name for p in (out / "tables").glob("*.md")) == ["cifar100_b50s25.md", "cifar100_b50s25_steps.md",
                                                                      "summary.md"]
     rows = read_csv(out / "tables" / "cifar100_b50s25.csv")
     assert {r["method"] for r in rows if r["kind"] == "ours"} == {"tsd_grc+N2", "tsd_grc+N3"}
     assert not [r for r in rows if r["kind"] in ("published", "incomplete")]   # no DER rows without der
     assert "forgetting" in rows[0] and "last" not in rows[0] and "bwt" not in rows[0]
-    build_report(runs, out, methods=["der"], metrics=["last_acc"])              # metrics.json names accepted
+    build_report(runs, out, methods=["der"], metrics=["last_acc"], plots=False)  # metrics.json names accepted
     rows = read_csv(out / "tables" / "cifar100_b50s25.csv")
     assert {r["method"] for r in rows if r["kind"] == "ours"} == {"der"}
     assert "last" in rows[0] and "avg" not in rows[0]
@@ -463,7 +478,7 @@ def test_config_files_written_by_the_fixture_match_the_store_layout(runs):
 def test_pruned_der_runs_are_compared_with_pruned_der(tmp_path):
     root = tmp_path / "runs"
     make_run(root, "cifar100_b0s10", "der_prune", 0, avg=68.0, last=55.0, memory_size=200)
-    build_report(root, tmp_path / "out")
+    build_report(root, tmp_path / "out", plots=False)
     rows = read_csv(tmp_path / "out" / "tables" / "cifar100_b0s10.csv")
     deltas = {r["method"]: r for r in rows if r["kind"] == "delta"}
     assert set(deltas) == {"Δ der_prune − DER"}                     # Table 7 (resnet32): DER = 69.41
@@ -475,7 +490,7 @@ def test_epoch_capped_and_mixed_config_seeds_are_flagged(tmp_path):
     root = tmp_path / "runs"
     make_run(root, "digits_b0s2", "replay", 0, max_epochs=2)
     make_run(root, "digits_b0s2", "replay", 1)
-    build_report(root, tmp_path / "out")
+    build_report(root, tmp_path / "out", plots=False)
     row = next(r for r in read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv") if r["kind"] == "ours")
     assert "epochs capped at 2 (1/2 seeds)" in row["source"] and "runtime.max_epochs" in row["source"]
 

@@ -197,9 +197,11 @@ class _Written:
 
 
 def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, metrics=None,
-                 reference_dir: Path | None = None, include: Callable[[Path], bool] | None = None) -> Path:
+                 reference_dir: Path | None = None, include: Callable[[Path], bool] | None = None,
+                 plots: bool = True) -> Path:
     """Scan runs_dir (only the seed directories include() keeps; None = all), aggregate seeds, write tables,
-    plots and index.html under out_dir; return index.html."""
+    plots (unless plots=False: tables and the page only, much faster) and index.html under out_dir;
+    return index.html."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     chosen_metrics = resolve_metrics(list(metrics) if metrics else None)
     all_runs = scan_runs(runs_dir, include)
@@ -245,8 +247,9 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
                                    for suffix, render in ((".md", to_markdown), (".tex", to_latex),
                                                           (".csv", to_csv))]
         top5 = any(k.endswith("top5") for k in keys)
-        section.plots = [(c, w.plot(p)) for c, p in protocol_plots(protocol, slug, gs, p_refs, p_curves,
-                                                                   plot_dir, top5)]
+        if plots:
+            section.plots = [(c, w.plot(p)) for c, p in protocol_plots(protocol, slug, gs, p_refs, p_curves,
+                                                                       plot_dir, top5)]
         sections.append(section)
 
     summary = None
@@ -258,7 +261,7 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
                    "files": [w.text(tables_dir / f"summary{suffix}", render(table))
                              for suffix, render in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]}
     training, used = {}, set()
-    for protocol, gs in groups.items():
+    for protocol, gs in (groups.items() if plots else ()):
         for g in gs:
             stem = f"{slugs[protocol]}_{_safe(g.run_name)}"
             while stem.lower() in used:          # two run names that make the same file name
