@@ -200,7 +200,8 @@ def read_run(path: Path, protocol: str, run_name: str, seed: int, metric_fields:
     run.manifest = manifest
     run.status = str(manifest.get("status") or "unknown")
     run.method = str(manifest.get("method") or run.method)
-    run.tasks_done, run.tasks_total = _int_or_none(manifest.get("tasks_done")), _int_or_none(manifest.get("tasks_total"))
+    run.tasks_done = _int_or_none(manifest.get("tasks_done"))
+    run.tasks_total = _int_or_none(manifest.get("tasks_total"))
     run.reason = str(manifest.get("error") or "")
     problem = ""
     try:
