@@ -76,6 +76,8 @@ def print_run_summary(path: Path, console: Console | None = None) -> None:
     table = protocol_table(run.protocol, [group], refs,
                            metrics + ([] if "forgetting" in metrics else ["forgetting"]))
     table.title = "Result (as in `cilbench report`)"
+    table.columns = [c for c in table.columns       # the terminal is narrow: drop columns with nothing in them
+                     if any(table.cell_text(r, c) not in ("", "–") for r in table.rows)]
     console.print(to_rich(table))
     for note in table.notes[1:]:
         console.print(f"  {note}", style="dim", markup=False, highlight=False)

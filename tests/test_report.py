@@ -494,6 +494,8 @@ def test_epoch_capped_and_mixed_config_seeds_are_flagged(tmp_path):
     build_report(root, tmp_path / "out", plots=False)
     row = next(r for r in read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv") if r["kind"] == "ours")
     assert "epochs capped at 2 (1/2 seeds)" in row["source"] and "runtime.max_epochs" in row["source"]
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "Replay: seeds differ in runtime.max_epochs (seed0: 2, seed1: null)" in page
 
 
 def test_der_curves_reproduce_the_table_averages():
@@ -666,6 +668,13 @@ def test_report_out_removes_only_its_own_files(runs, tmp_path):
     with pytest.raises(UserError, match="not empty and is not a previous report"):
         build_report(runs, foreign, plots=False)
     assert (foreign / "draft.tex").read_text() == "keep me" and (foreign / "tables" / "main.csv").exists()
+    # a report written before manifests existed is overwritten, nothing of it removed
+    legacy = tmp_path / "legacy"
+    (legacy / "tables").mkdir(parents=True)
+    (legacy / "index.html").write_text("<html><head><title>cilbench report</title></head></html>")
+    (legacy / "tables" / "old.csv").write_text("kept")
+    build_report(runs, legacy, protocols=["digits_b0s2"], plots=False)
+    assert (legacy / "tables" / "old.csv").read_text() == "kept" and (legacy / ".cilbench-report.json").exists()
     # a manifest naming files outside the folder removes nothing there
     victim = tmp_path / "victim.txt"
     victim.write_text("x")

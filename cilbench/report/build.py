@@ -52,6 +52,8 @@ def _clear_previous(out_dir: Path) -> None:
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     manifest = out_dir / MANIFEST
+    if not manifest.exists() and _legacy_report(out_dir):
+        return                     # written before manifests existed: overwrite our names, remove nothing
     try:
         files = json.loads(read_text(manifest))["files"]
         if not isinstance(files, list):
@@ -71,6 +73,13 @@ def _clear_previous(out_dir: Path) -> None:
         if inside and (path.is_symlink() or path.is_file()):
             path.unlink()
     manifest.unlink()
+
+
+def _legacy_report(out_dir: Path) -> bool:
+    try:
+        return "<title>cilbench report</title>" in read_text(out_dir / "index.html")
+    except (OSError, ValueError):
+        return False
 
 
 def unique_slugs(protocols: list[str]) -> dict[str, str]:
@@ -117,6 +126,17 @@ def protocol_settings(groups: list[RunGroup]) -> list[tuple[str, str]]:
                          f"lr {train.get('lr')}, {train.get('schedule')} schedule" if train else ""),
             ("source", str(cfg.get("source") or ""))]
     return [(k, v) for k, v in rows if v]
+
+
+def seed_differences(groups: list[RunGroup]) -> list[str]:
+    """Within a row: the settings its seeds did not share, with each seed's value."""
+    out = []
+    for g in groups:
+        flats = [(r.seed, _flat(r.config)) for r in g.complete]
+        for k in g.config_mismatch()[:12]:
+            values = ", ".join(f"seed{seed}: {f.get(k, '(unset)')}" for seed, f in flats)
+            out.append(f"{g.name}: seeds differ in {k} ({values})")
+    return out
 
 
 def row_differences(groups: list[RunGroup]) -> list[str]:
@@ -238,7 +258,8 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
         files.append(w.text(tables_dir / f"{slug}_compact.tex",
                             to_latex_compact(table, compact_keys + ["params_bb_avg" if bb else "params_avg"],
                                              caption)))
-        section = Section(protocol, f"p-{slug}", protocol_settings(gs), row_differences(gs), to_html(table), files)
+        section = Section(protocol, f"p-{slug}", protocol_settings(gs), row_differences(gs) + seed_differences(gs),
+                          to_html(table), files)
         p_curves = [c for c in curves if not methods or c.match in {g.method for g in gs}]
         if any(g.n for g in gs):
             st = steps_table(protocol, gs, p_curves)

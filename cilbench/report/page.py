@@ -79,7 +79,8 @@ def _section(s: Section, out_dir: Path) -> list[str]:
         parts.append('<table class="settings">' + "".join(
             f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in s.settings) + "</table>")
     if s.differences:
-        parts.append("<p><b>Settings that differ between rows:</b></p><ul class=\"notes\">"
+        parts.append("<p><b>Settings that differ between rows or between the seeds of a row:</b></p>"
+                     "<ul class=\"notes\">"
                      + "".join(f"<li>{esc(d)}</li>" for d in s.differences) + "</ul>")
     parts.append(s.table_html)
     parts.append('<p class="links">table as ' + _links(
