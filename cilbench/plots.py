@@ -190,6 +190,8 @@ def plot_per_task(path: Path, title: str, series: list[Series]) -> Path:
         if bars:
             ax.bar(xs, s.y, width=width * 0.95, color=s.colour, label=literal(s.label), yerr=err, capsize=2,
                    error_kw={"elinewidth": 0.8})
+            ax.plot(xs, s.y, linestyle="none", marker="_", markersize=max(4.0, 160 * width / max(n_tasks, 1)),
+                    markeredgewidth=2.5, color=s.colour)          # a bar at 0 stays visible
         else:
             ax.errorbar(xs, s.y, yerr=err, marker=s.marker, markersize=4, linestyle="none", color=s.colour,
                         label=literal(s.label), elinewidth=0.8)
@@ -204,7 +206,9 @@ def plot_per_task(path: Path, title: str, series: list[Series]) -> Path:
     ax.axhline(100, color="#888888", linewidth=0.6, linestyle=":")
     ax.set_title(literal(title), fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
-    _legend(ax, len(series))
+    handles, labels = ax.get_legend_handles_labels()
+    if labels:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8, framealpha=0.85)
     return _save(fig, path)
 
 
@@ -326,23 +330,30 @@ def plot_training(path: Path, title: str, events: list[dict]) -> Path:
     coloured by task."""
     fig, axes = _figure("training", ncols=2)
     tasks = sorted({int(e["task"]) for e in events})
-    x = 0
-    by_task: dict[int, list[tuple[int, float, float]]] = {}
-    for e in events:
-        x += 1
-        by_task.setdefault(int(e["task"]), []).append((x, float(e["loss"]), float(e["lr"])))
-    for k, t in enumerate(tasks):
-        pts = by_task[t]
-        c = colour(k)
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=c, label=f"task {t}")
+    segments: list[tuple[int, list[tuple[int, float, float]]]] = []    # one line per (task, phase) run
+    previous = None
+    for x, e in enumerate(events, start=1):
+        key = (int(e["task"]), e.get("phase"))
+        if key != previous:
+            segments.append((key[0], []))
+        previous = key
+        segments[-1][1].append((x, float(e["loss"]), float(e["lr"])))
+    by_task: dict[int, list] = {}
+    for task, pts in segments:
+        c = colour(tasks.index(task))
+        first = task not in by_task
+        by_task.setdefault(task, []).extend(pts)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=c,
+                     label=f"task {task}" if first else None)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=".", color=c)
     if all(p[1] > 0 for pts in by_task.values() for p in pts):
         axes[0].set_yscale("log")
     axes[0].set_ylabel("training loss (epoch mean)")
     axes[1].set_ylabel("learning rate")
     for ax in axes:
-        ax.set_xlabel("epoch (all tasks and phases in order)")
+        ax.set_xlabel("epoch (tasks and phases in order; one line per phase)")
         ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(literal(title), fontsize=11)
     _legend(axes[0], len(tasks) if len(tasks) <= 12 else 0)
     return _save(fig, path)
