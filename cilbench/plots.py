@@ -297,7 +297,8 @@ def plot_extractors(path: Path, title: str, groups: list[Group]) -> Path:
     return _save(fig, path)
 
 
-def plot_params(path: Path, title: str, points: list[Point], ylabel: str) -> Path:
+def plot_params(path: Path, title: str, points: list[Point], ylabel: str,
+                xlabel: str = "#params at inference, average over steps (M)") -> Path:
     """Accuracy against parameters at inference (average over steps, millions); published points hollow."""
     fig, (ax,) = _figure("params")
     xs = [p.x for p in points if p.x and p.x > 0]
@@ -317,7 +318,7 @@ def plot_params(path: Path, title: str, points: list[Point], ylabel: str) -> Pat
         else:
             ax.errorbar([p.x], [p.y], yerr=[p.yerr] if p.yerr else None, marker=p.marker, markersize=7,
                         capsize=3, color=p.colour, label=label, linestyle="none")
-    ax.set_xlabel("#params at inference, average over steps (M)")
+    ax.set_xlabel(literal(xlabel))
     ax.set_ylabel(literal(ylabel))
     ax.set_title(literal(title), fontsize=11)
     ax.grid(True, alpha=0.3, which="both")

@@ -63,12 +63,14 @@ def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[
         out.append(("Accuracy against the number of extractors",
                     plots.plot_extractors(plot_dir / f"{slug}_extractors.png",
                                           f"{protocol}: accuracy vs #extractors", ext)))
-    points = _param_points(protocol, done, refs, colours, markers)
+    points, backbone = _param_points(protocol, done, refs, colours, markers)
     if points:
-        out.append(("Average accuracy against parameters (total at inference; published: backbone #Params)",
+        what = "backbone" if backbone else "total (ours; the published points count the backbone)"
+        out.append((f"Average accuracy against parameters at inference: {what}",
                     plots.plot_params(plot_dir / f"{slug}_params.png",
                                       f"{protocol}: average accuracy vs #params", points,
-                                      "average incremental accuracy (%)")))
+                                      "average incremental accuracy (%)",
+                                      f"#params at inference, {what.split(' (')[0]}, average over steps (M)")))
     return out
 
 
@@ -95,11 +97,14 @@ def _extractor_groups(done: list[RunGroup], colours: dict, markers: dict) -> lis
     return groups
 
 
-def _param_points(protocol: str, done: list[RunGroup], refs: list[RefRow], colours: dict, markers: dict) -> list:
+def _param_points(protocol: str, done: list[RunGroup], refs: list[RefRow], colours: dict,
+                  markers: dict) -> tuple[list, bool]:
+    """Our runs at their backbone #params when every run records it (as the papers count), else the total."""
     from .. import plots
     points = []
+    key = "params_bb_avg" if all(g.footprint()["params_bb_avg"][0] is not None for g in done) else "params_avg"
     for g in done:
-        x = g.footprint()["params_avg"][0]
+        x = g.footprint()[key][0]
         y, std, _ = g.metric("avg")
         if x is not None and y is not None:
             points.append(plots.Point(g.name, x, y, std, colours[g.run_name], marker=markers[g.run_name]))
@@ -113,7 +118,7 @@ def _param_points(protocol: str, done: list[RunGroup], refs: list[RefRow], colou
         points.append(plots.Point(f"published: {ref.paper.split(' (')[0]}, {ref.backbone}", p.number, a.number,
                                   None, PUBLISHED_GREYS[papers.index(ref.paper) % len(PUBLISHED_GREYS)],
                                   published=True, text=ref.method))
-    return points
+    return points, key == "params_bb_avg"
 
 
 def read_events(path: Path) -> list[dict]:
