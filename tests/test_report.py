@@ -709,6 +709,8 @@ def _bad_runs(root: Path) -> dict[str, str]:
     broken("bomb", "aliases expand beyond", lambda p: (p / "config.yaml").write_text(bomb))
     make_run(root, "digits_b0s2", "cost$1$", 0, avg=1.0, status="failed", tasks_done=2)   # '$' is matplotlib math
     make_run(root, "digits_b0s2", "dollar$x$", 0, avg=50.0, last=40.0)
+    make_run(root, "digits_b0s2", "odd", 0, avg=30.0, protocol_changes={   # ill-typed but a mapping: shown
+        "num_classes": "ten", "backbone": "tiny", "memory": 3, "train": [], "class_order": {"a": 1}})
     (root / "digits_b0s2" / "replay" / "seed7").mkdir()                                      # an empty seed dir
     return bad
 
@@ -728,7 +730,7 @@ def test_bad_run_directories_are_listed_and_never_averaged(tmp_path):
     assert listed[("cost$1$", "0")]["status"] == "failed"
     rows = read_csv(out / "tables" / "digits_b0s2.csv")
     ours = {r["method"]: r for r in rows if r["kind"] == "ours"}
-    assert set(ours) == {"replay", "dollar$x$"}                            # no bad run is averaged
+    assert set(ours) == {"replay", "dollar$x$", "odd"}                     # no bad run is averaged
     assert ours["replay"]["seeds"] == "1" and float(ours["replay"]["avg"]) == 95.0
     assert {r["method"] for r in rows if r["kind"] == "incomplete"} >= {f"{n} seed0" for n in bad}
     assert (out / "plots" / "digits_b0s2_steps_top1.png").exists()

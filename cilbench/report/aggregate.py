@@ -182,7 +182,7 @@ def order_name(order: Any, num_classes: int | None = None) -> str:
         from ..protocol import NAMED_ORDERS, seed_permutation
         n = len(order)
         candidates = {name: full for name, full in NAMED_ORDERS.items() if not name.startswith("der_trial")}
-        if num_classes and num_classes <= 100:
+        if isinstance(num_classes, int) and 0 < num_classes <= 100:
             candidates["seed1993"] = seed_permutation(1993, 100)
         for name, full in sorted(candidates.items()):
             if list(full[:n]) == list(order):

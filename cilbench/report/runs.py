@@ -129,22 +129,21 @@ def read_steps(path: Path) -> list[dict]:
     out = []
     for line, r in enumerate(rows, start=2):
         if None in r or any(v is None for v in r.values()):
-            raise ValueError(f"steps.csv line {line} has {len([v for v in r.values() if v is not None])} "
-                             "fields, not the header's")
+            raise ValueError(f"steps.csv line {line} does not have the header's {len(r) - (None in r)} fields")
         missing = [k for k in STEP_REQUIRED if not r.get(k)]
         total = r.get("params_total") or r.get("params")
         if missing or not total:
             raise ValueError(f"steps.csv line {line} lacks {', '.join(missing) or 'params'}")
+        count = lambda v: int(float(v))   # noqa: E731  (counts may be written as 12.0)
         try:
-            num = {k: float(r[k]) for k in ("top1", "top5")}
-            row = {"step": int(r["step"]), "classes_seen": int(r["classes_seen"]), **num,
-                   "extractors": int(r["extractors"]), "params": int(float(total)),
-                   "params_backbone": int(float(r["params_backbone"])) if r.get("params_backbone") else None,
-                   "memory_size": int(float(r.get("memory_size") or 0)),
-                   "train_seconds": float(r.get("train_seconds") or 0), "eval_seconds": float(r.get("eval_seconds")
-                                                                                         or 0)}
-        except ValueError:
-            raise ValueError(f"steps.csv line {line} holds a value that is not a number") from None
+            row = {"step": int(r["step"]), "classes_seen": int(r["classes_seen"]), "top1": float(r["top1"]),
+                   "top5": float(r["top5"]), "extractors": int(r["extractors"]), "params": count(total),
+                   "params_backbone": count(r["params_backbone"]) if r.get("params_backbone") else None,
+                   "memory_size": count(r.get("memory_size") or 0),
+                   "train_seconds": float(r.get("train_seconds") or 0),
+                   "eval_seconds": float(r.get("eval_seconds") or 0)}
+        except (ValueError, OverflowError):
+            raise ValueError(f"steps.csv line {line} holds a value that is not a finite number") from None
         for k in ("top1", "top5", "train_seconds", "eval_seconds"):
             _finite(row[k], f"steps.csv line {line} {k}")
         out.append(row)
