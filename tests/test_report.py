@@ -880,3 +880,17 @@ def test_online_tables_show_task_mean_forms_with_95_ci_beside_published_hpcr(tmp
     assert "95% CI" in md
     compact = (out / "tables" / "cifar100_online_b0s10_compact.tex").read_text()
     assert "Last (task mean) & Avg (task mean) & Forg." in compact
+
+
+def test_yaml_alias_bomb_is_refused_within_a_second():
+    import time
+    from cilbench.report import load_yaml_bounded
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))   # 10^9 nodes
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="aliases expand beyond"):
+        load_yaml_bounded(bomb)
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(ValueError, match="recursive"):
+        load_yaml_bounded("a: &a [1, *a]\n")
+    assert load_yaml_bounded("a: &x {k: 1}\nb: *x\n") == {"a": {"k": 1}, "b": {"k": 1}}   # small aliases are fine
