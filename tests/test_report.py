@@ -884,6 +884,7 @@ def test_online_tables_show_task_mean_forms_with_95_ci_beside_published_hpcr(tmp
 
 def test_yaml_alias_bomb_is_refused_within_a_second():
     import time
+
     from cilbench.report import load_yaml_bounded
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))   # 10^9 nodes
