@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 import yaml
 
-from .errors import TrainingDiverged, UserError
+from .errors import Terminated, TrainingDiverged, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Class-incremental learning benchmark: one protocol, one trainer, one metric path.")
@@ -43,6 +43,8 @@ def run(
         _fail(f"--epochs must be >= 1, got {epochs}")
     if seed < 0:
         _fail(f"--seed must be >= 0, got {seed}")
+    if seed > 2 ** 32 - 1:
+        _fail(f"--seed must be at most {2 ** 32 - 1}, got {seed}")
     if stop_after is not None and stop_after < 1:
         _fail(f"--stop-after must be >= 1, got {stop_after}")
     if device not in ("auto", "cpu", "cuda"):
@@ -56,6 +58,8 @@ def run(
         _fail(str(exc))
     except TrainingDiverged as exc:
         _fail(f"run failed: {exc}", code=1)
+    except Terminated:
+        _fail("terminated (SIGTERM); the run can be continued with --resume", code=143)
     except KeyboardInterrupt:
         _fail("interrupted; the run can be continued with --resume", code=130)
     print_run_summary(path)

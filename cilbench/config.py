@@ -7,6 +7,7 @@ ill-typed values with a message that names the source file and the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -14,6 +15,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from .errors import UserError
+from .safeio import safe_yaml_load, safe_yaml_loads  # noqa: F401  (the bounded YAML readers, for callers)
+
+INT_LIMIT = 2 ** 63 - 1   # every int key must fit a 64-bit tensor / numpy seed arithmetic
 
 
 def _type_name(tp: Any) -> str:
@@ -67,9 +71,13 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT_LIMIT:
+                raise fail("an integer of at most 64 bits")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise fail("a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -96,10 +104,27 @@ def build(cls: type, data: dict | None, where: str, prefix: str = "") -> Any:
                         f"{prefix.rstrip('.') or 'this section'}: {', '.join(sorted(fields))})")
     kwargs = {name: _coerce(value, hints[name], where, f"{prefix}{name}") for name, value in data.items()}
     obj = cls(**kwargs)
+    check_bounds(obj, where, prefix)
     check = getattr(obj, "validate", None)
     if check is not None:   # messages read "<source>: <section>...", e.g. "--set: tsd_grc.n_extractors: ..."
         check(f"{where}: {prefix.rstrip('.')}" if prefix else where)
     return obj
+
+
+def check_bounds(obj: Any, where: str, prefix: str = "") -> None:
+    """Range checks declared on the config class: `BOUNDS: ClassVar[dict] = {"total": (0, None)}` means
+    0 <= total (inclusive; None = unbounded). Applies to every list item too. A config class states its
+    ranges once here instead of each check being an `if` of its own."""
+    for name, (low, high) in getattr(type(obj), "BOUNDS", {}).items():
+        value = getattr(obj, name)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if item is None or isinstance(item, (str, bool)):
+                continue
+            if (low is not None and item < low) or (high is not None and item > high):
+                rng = (f"between {low} and {high}" if low is not None and high is not None
+                       else f">= {low}" if low is not None else f"<= {high}")
+                raise UserError(f"{where}: key '{prefix}{name}': must be {rng}, got {item!r}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -139,13 +164,7 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
 
 
 def load_yaml(path: str) -> dict:
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = safe_yaml_load(path)   # bounded: no alias bombs, UTF-8 only, one-line errors naming the file
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     return data

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from .errors import UserError
 from .protocol import DataConfig, Protocol
+from .safeio import load_data_pickle
 
 
 @dataclass
@@ -89,8 +89,10 @@ def _read_cifar_files(folder: Path, files: list[tuple[str, str]], label_key: str
         if verify and md5sum(path) != md5:
             raise UserError(f"checksum mismatch for {path}: re-download it, or pass "
                             "--set data.verify_checksums=false for a custom copy in the same format")
-        with open(path, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
+        entry = load_data_pickle(path, "CIFAR file")   # never plain pickle.load: a data file must not run code
+        if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+            raise UserError(f"{path}: not a CIFAR file (no 'data' / '{label_key}'); replace it with the "
+                            "original download")
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry[label_key])
     return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))

@@ -11,7 +11,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Literal
+from typing import Callable, ClassVar, Iterable, Literal
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ class RuntimeOptions:
     deterministic: bool = False
     max_epochs: int | None = None  # cap for every training phase (--epochs)
     threads: int = 0              # CPU threads (0 = torch default)
+    # an epoch whose mean loss exceeds this many times the phase's first-batch loss (at least 1) has
+    # diverged and fails the run like a NaN; 0 turns the check off
+    divergence_factor: float = 100.0
+    BOUNDS: ClassVar[dict] = {"max_epochs": (1, None), "threads": (0, None), "divergence_factor": (0, None)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,6 +180,7 @@ class Engine:
         steps = math.ceil(len(indices) / cfg.batch_size) if not drop_last else max(len(indices) // cfg.batch_size, 1)
         result = FitResult(epochs=epochs, final_loss=float("nan"), seconds=0.0)
         start = time.perf_counter()
+        initial_loss = None     # the first batch's loss, before any update: the phase's reference level
         for epoch in range(epochs):
             factor = schedule_factor(cfg, epochs, epoch)
             for group in optimizer.param_groups:
@@ -189,6 +194,8 @@ class Engine:
                 batch = Batch(views_x, y, idx, epoch, step, steps)
                 with self.autocast():
                     loss = loss_fn(batch)
+                if initial_loss is None:
+                    initial_loss = float(loss.detach())   # one sync per phase
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if before_step is not None:
@@ -203,6 +210,7 @@ class Engine:
             mean_loss = float(loss_sum) / max(steps, 1)   # one sync per epoch
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(self.task, epoch, phase)
+            self.check_divergence(mean_loss, initial_loss, epoch, phase)
             seconds = time.perf_counter() - t0
             result.history.append(mean_loss)
             result.images += seen
@@ -213,6 +221,17 @@ class Engine:
         result.final_loss = result.history[-1] if result.history else float("nan")
         result.seconds = time.perf_counter() - start
         return result
+
+    def check_divergence(self, mean_loss: float, initial_loss: float | None, epoch: int, phase: str) -> None:
+        """A finite loss that explodes (e.g. 1e28 with an lr too large) leaves chance accuracy behind, which
+        must not be reported as a complete run. The floor of 1 keeps phases that start near zero loss from
+        tripping on ordinary noise."""
+        factor = self.options.divergence_factor
+        if not factor or initial_loss is None or not math.isfinite(initial_loss):
+            return
+        reference = max(abs(initial_loss), 1.0)
+        if mean_loss > factor * reference:
+            raise TrainingDiverged(self.task, epoch, phase, loss=mean_loss, reference=reference, factor=factor)
 
     # --- inference ----------------------------------------------------------------------------------
     @torch.no_grad()

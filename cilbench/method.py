@@ -129,9 +129,10 @@ def register(name: str, **defaults):
 
 
 def load_plugins() -> None:
-    import methods
-    for info in pkgutil.iter_modules(methods.__path__):
-        importlib.import_module(f"methods.{info.name}")
+    """Import every module of the plug-in package `cilbench.methods` (the repository's methods/ folder)."""
+    import cilbench.methods as plugins
+    for info in pkgutil.iter_modules(plugins.__path__):
+        importlib.import_module(f"{plugins.__name__}.{info.name}")
 
 
 def get_method(name: str) -> Entry:

@@ -9,14 +9,19 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from .config import build, load_yaml
 from .errors import UserError
+from .safeio import check_component
 
-PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocols"
+SEED_MAX = 2 ** 32 - 1    # numpy's RandomState takes seeds below 2**32
+
+_HERE = Path(__file__).resolve().parent
+# the cards: cilbench/protocols/ in an installed wheel, the repository's protocols/ folder in the source tree
+PROTOCOL_DIR = _HERE / "protocols" if (_HERE / "protocols").is_dir() else _HERE.parent / "protocols"
 DATASETS = ("cifar10", "cifar100", "imagenet100", "digits", "synthetic")
 
 
@@ -35,6 +40,8 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: int = 0
     clip_norm: float | None = None
+    BOUNDS: ClassVar[dict] = {"momentum": (0, None), "weight_decay": (0, None), "milestones": (0, None),
+                              "gamma": (0, None), "warmup_epochs": (0, None), "clip_norm": (0, None)}
 
     def validate(self, where: str) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -51,6 +58,7 @@ class MemoryConfig:
     per_class: int = 20
     size: int = 1000
     selection: Literal["herding", "random"] = "herding"
+    BOUNDS: ClassVar[dict] = {"total": (0, None), "per_class": (0, None), "size": (0, None)}
 
 
 @dataclass
@@ -67,6 +75,9 @@ class AugmentConfig:
     cutout: int = 0                       # square side in pixels
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    BOUNDS: ClassVar[dict] = {"random_resized_crop": (0, None), "rrc_scale": (0, 1), "crop_padding": (0, None),
+                              "brightness": (0, None), "contrast": (0, None), "saturation": (0, None),
+                              "grayscale_p": (0, 1), "cutout": (0, None), "std": (1e-12, None)}
 
 
 @dataclass
@@ -78,6 +89,9 @@ class SyntheticConfig:
     test_per_class: int = 40
     noise: float = 1.0
     seed: int = 0
+    BOUNDS: ClassVar[dict] = {"classes": (1, None), "image_size": (1, None), "channels": (1, None),
+                              "train_per_class": (1, None), "test_per_class": (1, None), "noise": (0, None),
+                              "seed": (0, SEED_MAX)}
 
 
 @dataclass
@@ -87,18 +101,21 @@ class DataConfig:
     resident: Literal["device", "host"] = "device"   # where the uint8 image tensors live
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     test_fraction: float = 0.3            # digits: stratified held-out share
+    BOUNDS: ClassVar[dict] = {"image_size": (0, None), "test_fraction": (0, 1)}
 
 
 @dataclass
 class OnlineConfig:
     """Online regime: the stream batch is train.batch_size and one pass is train.epochs = 1."""
     replay_batch: int = 10
+    BOUNDS: ClassVar[dict] = {"replay_batch": (0, None)}
 
 
 @dataclass
 class BackboneConfig:
     name: Literal["resnet32", "resnet20", "resnet18_cifar", "resnet18_imagenet", "resnet18_reduced"] = "resnet32"
     width: int = 0                        # base width; 0 = the architecture's standard width
+    BOUNDS: ClassVar[dict] = {"width": (0, None)}
 
 
 @dataclass
@@ -121,8 +138,15 @@ class Protocol:
     description: str = ""
     source: str = ""
     methods: dict[str, dict] = field(default_factory=dict)
+    BOUNDS: ClassVar[dict] = {"num_classes": (1, None), "tasks": (1, None), "eval_batch_size": (1, None),
+                              "class_order": (0, None)}
 
     def validate(self, where: str) -> None:
+        check_component(self.name, f"{where}: protocol name")   # it names a folder under --out
+        order = self.class_order
+        if isinstance(order, str) and order.startswith("seed") and order[4:].isdigit() \
+                and int(order[4:]) > SEED_MAX:
+            raise UserError(f"{where}: key 'class_order': the seed must be at most {SEED_MAX}, got {order!r}")
         if self.base < 0 or self.step < 1:
             raise UserError(f"{where}: base must be >= 0 and step >= 1")
         first = self.base if self.base > 0 else self.step

@@ -1,11 +1,14 @@
 """One run: resolve the config, build stream/engine/memory/method, learn task by task, evaluate, store."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +20,14 @@ from . import __version__
 from .config import apply_override, build, parse_override, to_dict
 from .data import load_dataset
 from .engine import Engine, RuntimeOptions, resolve_device, set_deterministic
-from .errors import TrainingDiverged, UserError
+from .errors import Terminated, TrainingDiverged, UserError
 from .memory import ExemplarMemory, make_memory
 from .method import Context, Entry, Method, get_method
 from .metrics import summarize
 from .protocol import Protocol, build_protocol, card_path, load_card
-from .store import RunStore, run_dir
+from .runlock import RunLock
+from .safeio import check_component
+from .store import RunStore, check_out_root, damaged, run_dir
 from .stream import Stream, Task
 
 
@@ -96,8 +101,12 @@ def resolve(request: RunRequest) -> Resolved:
     runtime_base = {"device": request.device, "deterministic": request.deterministic,
                     "max_epochs": request.epochs}
     runtime = build(RuntimeOptions, _deep_merge(runtime_base, runtime_cli), "--set", prefix="runtime.")
+    check_component(request.method, "method")
+    if request.tag is not None:
+        check_component(request.tag, "--tag")
     parts = [request.method, cls.run_tag(method_cfg), request.tag]
     run_name = "+".join(p for p in parts if p)
+    check_component(run_name, "run name")
     config = {"method": request.method, "run_name": run_name, "seed": request.seed,
               "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime)}
     return Resolved(entry, protocol, method_cfg, runtime, run_name, config)
@@ -178,10 +187,37 @@ class Reporter:
             self.progress.stop()
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (how Slurm and most schedulers pre-empt) raises Terminated, which the run handles like Ctrl-C:
+    files finish writing, the run is marked interrupted and can be resumed. Later SIGTERMs are ignored while
+    that happens; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def execute(request: RunRequest) -> Path:
     resolved = resolve(request)
+    root = check_out_root(request.out)
+    store = RunStore(run_dir(root, resolved.protocol.name, resolved.run_name, request.seed), root=root)
+    store.check_inside_root()   # before the lock file is written: a linked-away run directory is refused
+    with RunLock(store.path), sigterm_as_interrupt():   # one process per run directory
+        return _execute(request, resolved, store)
+
+
+def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
     protocol, runtime, cls = resolved.protocol, resolved.runtime, resolved.entry.cls
-    store = RunStore(run_dir(request.out, protocol.name, resolved.run_name, request.seed))
     checkpoint = None
     device = resolve_device(runtime.device)
     if request.resume and store.exists():
@@ -191,6 +227,12 @@ def execute(request: RunRequest) -> Path:
         manifest = store.read_manifest() if (store.path / "manifest.json").exists() else {}
         if manifest.get("status") == "complete":
             raise UserError(f"run {store.path} is already complete; use --force to run it again")
+        if checkpoint is None and manifest.get("tasks_done"):
+            raise damaged(store.path / "checkpoint.pt", f"missing, but manifest.json says "
+                          f"{manifest['tasks_done']} task(s) are done")
+        if checkpoint is not None and checkpoint.get("run_name", resolved.run_name) != resolved.run_name:
+            raise damaged(store.path / "checkpoint.pt", f"written by run '{checkpoint['run_name']}', "
+                          f"not '{resolved.run_name}'")
     else:
         store.check_free(force=request.force)
     set_deterministic(runtime.deterministic)
@@ -222,9 +264,14 @@ def execute(request: RunRequest) -> Path:
     steps, acc, acc5 = [], [], []
     start_task = 0
     if checkpoint is not None:
-        method.load_state_dict(checkpoint["method"])
-        if memory is not None and checkpoint["memory"] is not None:
-            memory.load_state_dict(checkpoint["memory"], storage)
+        try:
+            method.load_state_dict(checkpoint["method"])
+            if memory is not None and checkpoint["memory"] is not None:
+                memory.load_state_dict(checkpoint["memory"], storage)
+        except Exception as exc:   # another method's or another configuration's state
+            reporter.close()
+            raise damaged(store.path / "checkpoint.pt", f"does not fit method '{request.method}' "
+                          f"({type(exc).__name__})") from None
         steps, acc, acc5 = checkpoint["steps"], checkpoint["acc"], checkpoint["acc5"]
         start_task = checkpoint["next_task"]
         store.truncate_events(start_task)
@@ -266,7 +313,7 @@ def execute(request: RunRequest) -> Path:
             store.write_steps(steps)
             store.write_matrix("acc_matrix.csv", acc)
             store.write_matrix("acc_matrix_top5.csv", acc5)
-            store.save_checkpoint({"next_task": t + 1, "method": method.state_dict(),
+            store.save_checkpoint({"next_task": t + 1, "run_name": resolved.run_name, "method": method.state_dict(),
                                    "memory": memory.state_dict() if memory is not None else None,
                                    "steps": steps, "acc": acc, "acc5": acc5})
             manifest["tasks_done"] = t + 1
@@ -282,8 +329,9 @@ def execute(request: RunRequest) -> Path:
         manifest.update(status="failed", error=str(exc), finished=_now())
         store.write_manifest(manifest)
         raise
-    except KeyboardInterrupt:
-        manifest.update(status="interrupted", error="interrupted; continue with --resume")
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        manifest.update(status="interrupted", error=f"{how}; continue with --resume")
         store.write_manifest(manifest)
         raise
     except Exception as exc:   # out of memory, a method's error, ...: never leave the run marked running
