@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from ..errors import UserError
+from ..safeio import safe_yaml_loads
 
 MAX_FILE_BYTES = 4_000_000         # a run's config/metrics/steps files are a few KB; refuse anything huge
-MAX_YAML_NODES = 100_000           # nodes after alias expansion (an alias bomb expands to billions)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -37,38 +35,12 @@ def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
         raise ValueError(f"{path.name} is not UTF-8 text") from None
 
 
-def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
-    """Node count with every alias expanded (memoised over the node graph, so it is cheap to compute)."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    if key in active:
-        raise ValueError("recursive YAML alias")
-    active.add(key)
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        size += sum(_expanded_size(child, memo, active) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(_expanded_size(k, memo, active) + _expanded_size(v, memo, active) for k, v in node.value)
-    active.discard(key)
-    memo[key] = size
-    return size
-
-
-def load_yaml_bounded(text: str, max_nodes: int = MAX_YAML_NODES) -> Any:
-    """yaml.safe_load that refuses documents whose aliases expand beyond max_nodes nodes (ValueError)."""
-    loader = yaml.SafeLoader(text)
+def load_yaml_bounded(text: str) -> Any:
+    """cilbench.safeio's bounded safe_load (size, alias expansion, recursion); ValueError with its reason."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, {}, set()) > max_nodes:
-            raise ValueError(f"YAML aliases expand beyond {max_nodes} nodes")
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML ({exc.__class__.__name__})") from None
-    finally:
-        loader.dispose()
+        return safe_yaml_loads(text, "config.yaml")
+    except UserError as exc:
+        raise ValueError(str(exc).split(": ", 1)[-1]) from None
 
 
 def _finite(value: Any, what: str) -> float:
