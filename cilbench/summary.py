@@ -29,7 +29,8 @@ def _steps(path: Path) -> list[dict]:
     try:
         with open(path / "steps.csv") as fh:
             return [{"step": int(r["step"]), "classes_seen": int(r["classes_seen"]), "top1": float(r["top1"]),
-                     "top5": float(r["top5"]), "extractors": int(r["extractors"]), "params": int(r["params"]),
+                     "top5": float(r["top5"]), "extractors": int(r["extractors"]),
+                     "params": int(float(r.get("params_total") or r["params"])),
                      "train_seconds": float(r.get("train_seconds") or 0),
                      "eval_seconds": float(r.get("eval_seconds") or 0)} for r in csv.DictReader(fh)]
     except (OSError, ValueError, KeyError):
@@ -62,8 +63,8 @@ def print_run_summary(path: Path, console: Console | None = None) -> None:
         console.print(to_rich(steps_table(f"{run.run_name} on {run.protocol} (seed {run.seed}): {run.status}",
                                           steps)))
     if not run.ok:
-        console.print(f"status {status_text(run)}")
-        console.print(f"results: {path}")
+        console.print(f"status {status_text(run)}", markup=False, highlight=False)
+        console.print(f"results: {path}", markup=False, highlight=False)
         return
     group = RunGroup(run.protocol, run.run_name, [run])
     try:
@@ -71,11 +72,13 @@ def print_run_summary(path: Path, console: Console | None = None) -> None:
     except UserError:
         refs = []
     refs = [r for r in refs if r.protocol == run.protocol and r.match and r.match in (run.method, run.run_name)]
-    metrics = default_metrics(group.dataset, group.regime)
+    metrics = default_metrics(group.dataset, group.regime, {run.method})
     table = protocol_table(run.protocol, [group], refs,
                            metrics + ([] if "forgetting" in metrics else ["forgetting"]))
     table.title = "Result (as in `cilbench report`)"
+    table.columns = [c for c in table.columns       # the terminal is narrow: drop columns with nothing in them
+                     if any(table.cell_text(r, c) not in ("", "–") for r in table.rows)]
     console.print(to_rich(table))
     for note in table.notes[1:]:
-        console.print(f"  {note}", style="dim")
-    console.print(f"results: {path}")
+        console.print(f"  {note}", style="dim", markup=False, highlight=False)
+    console.print(f"results: {path}", markup=False, highlight=False)

@@ -38,9 +38,13 @@ from cilbench.summary import print_run_summary
 def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str = "complete",
              avg: float = 70.0, last: float = 60.0, bwt: float = -5.0, top1: list[float] | None = None,
              extractors: list[int] | None = None, params: list[int] | None = None, tasks_done: int | None = None,
-             memory_size: int = 20, max_epochs: int | None = None, write_metrics: bool | None = None) -> Path:
+             memory_size: int = 20, max_epochs: int | None = None, write_metrics: bool | None = None,
+             params_backbone: list[int] | None = None, protocol_changes: dict | None = None,
+             task_mean: tuple[float, float] | None = None, protocol_dir: str | None = None) -> Path:
     """A run directory as cilbench.runner writes it, with the numbers given (metrics.json is not recomputed
-    from the steps on purpose: the report must take the summary numbers as written)."""
+    from the steps on purpose: the report must take the summary numbers as written). `params_backbone` adds
+    that steps.csv column (runs record it from issue 11 on); `protocol_changes` edits the resolved card (e.g.
+    class_order / class_orders); `protocol_dir` files the run under another protocol folder name."""
     p = load_protocol(protocol)
     T = p.tasks
     top1 = top1 or [round(90 - 30 * t / max(1, T - 1), 4) for t in range(T)]
@@ -48,10 +52,11 @@ def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str
     params = params or [464_154] * T
     done = T if tasks_done is None else tasks_done
     sizes = p.task_sizes
-    store = RunStore(run_dir(root, protocol, run_name, seed))
+    store = RunStore(run_dir(root, protocol_dir or protocol, run_name, seed))
     store.create(force=True)
     method = run_name.split("+")[0]
-    store.write_config({"method": method, "run_name": run_name, "seed": seed, "protocol": to_dict(p),
+    store.write_config({"method": method, "run_name": run_name, "seed": seed,
+                        "protocol": {**to_dict(p), **(protocol_changes or {})},
                         "method_config": {}, "runtime": {"device": "cpu", "max_epochs": max_epochs}})
     steps, matrix, matrix5 = [], [], []
     for t in range(done):
@@ -61,6 +66,11 @@ def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str
         matrix.append([max(0.0, top1[t] - 5 * (t - j)) for j in range(t + 1)])
         matrix5.append([min(100.0, v + 15) for v in matrix[-1]])
     store.write_steps(steps)
+    if params_backbone:
+        with open(store.path / "steps.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=[*steps[0], "params_backbone"])
+            writer.writeheader()
+            writer.writerows({**row, "params_backbone": params_backbone[t]} for t, row in enumerate(steps))
     store.write_matrix("acc_matrix.csv", matrix)
     store.write_matrix("acc_matrix_top5.csv", matrix5)
     store.write_manifest({"status": status, "method": method, "run_name": run_name, "protocol": protocol,
@@ -69,7 +79,9 @@ def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str
     if write_metrics if write_metrics is not None else status == "complete":
         store.write_metrics({"steps": done, "avg_acc": avg, "last_acc": last, "bwt": bwt, "forgetting": -bwt,
                              "avg_acc_top5": avg + 15, "last_acc_top5": last + 15, "bwt_top5": bwt / 2,
-                             "forgetting_top5": -bwt / 2, "avg_acc_task_mean": avg, "last_acc_task_mean": last,
+                             "forgetting_top5": -bwt / 2,
+                             "avg_acc_task_mean": task_mean[0] if task_mean else avg,
+                             "last_acc_task_mean": task_mean[1] if task_mean else last,
                              "params_avg": sum(params[:done]) / done, "params_last": params[done - 1],
                              "extractors_last": extractors[done - 1]})
     return store.path
@@ -136,8 +148,8 @@ def test_protocol_table_values_std_seeds_and_excluded_runs(built):
     assert "failed after 1/3 tasks" in incomplete["der seed3"]
     assert "running after 2/3 tasks" in incomplete["der seed4"]
     md = (built / "tables" / "cifar100_b50s25.md").read_text()
-    assert "| der | resnet32 | 3 | 3 | 2.00 | 1.38 | 0.92 | 72.00 ± 2.00 | 61.00 ± 1.00 | -6.00 ± 1.00 |" in md
-    assert "~~der seed3~~" in md
+    assert "| DER w/o P | resnet32 | 3 | 3 | 2.00 | 1.38 | 0.92 | – | <ins>72.00 ± 2.00</ins> | 61.00 ± 1.00 |" in md
+    assert "~~DER w/o P seed3~~" in md
 
 
 def test_complete_without_metrics_or_broken_manifest_is_not_averaged(runs, tmp_path):
@@ -145,7 +157,7 @@ def test_complete_without_metrics_or_broken_manifest_is_not_averaged(runs, tmp_p
     bad = run_dir(runs, "digits_b0s2", "replay", 3)
     bad.mkdir(parents=True)
     (bad / "manifest.json").write_text("{not json")
-    build_report(runs, tmp_path / "out")
+    build_report(runs, tmp_path / "out", plots=False)
     rows = read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv")
     replay = next(r for r in rows if r["kind"] == "ours")
     assert replay["seeds"] == "2" and float(replay["avg"]) == pytest.approx(96.0)
@@ -182,11 +194,11 @@ def test_imagenet_protocol_gets_top5_columns(tmp_path):
 
 def test_latex_tables_have_balanced_rows_and_columns(built):
     texs = sorted((built / "tables").glob("*.tex"))
-    assert len(texs) == 3
+    assert len(texs) == 7               # 2 protocols x (wide, compact, per step) + summary
     for tex in texs:
         text = tex.read_text()
         assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") == 1
-        spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", text).group(1)
+        spec = re.search(r"\\begin\{tabular\}\{(?:@\{\})?([lrc]+)(?:@\{\})?\}", text).group(1)
         body = text[text.index("\\begin{tabular}"): text.index("\\end{tabular}")]
         rows = [line for line in body.splitlines() if line.rstrip().endswith("\\\\")]
         assert len(rows) >= 2
@@ -216,7 +228,7 @@ def test_reference_rows_shown_and_differences_only_where_backbone_matches(built)
     sources = {r["source"] for r in published}
     assert any("Table 2" in s for s in sources) and any("Table 8" in s for s in sources)
     wo_p_t8 = next(r for r in published if r["method"] == "DER w/o P" and r["backbone"] == "resnet32")
-    assert wo_p_t8["avg"] == "70.18" and wo_p_t8["params_avg"] == "0.92" and wo_p_t8["seeds"] == "?"
+    assert wo_p_t8["avg"] == "70.18" and wo_p_t8["params_bb_avg"] == "0.92" and wo_p_t8["seeds"] == "?"
     wo_p_t2 = next(r for r in published if r["method"] == "DER w/o P" and r["backbone"] == "resnet18_cifar")
     assert wo_p_t2["avg"] == "74.61" and wo_p_t2["avg_std"] == "0.52"
     deltas = {r["method"]: r for r in rows if r["kind"] == "delta"}
@@ -224,7 +236,7 @@ def test_reference_rows_shown_and_differences_only_where_backbone_matches(built)
     # nor with pruned DER (that is `der_prune`); tsd_grc has no published row
     assert set(deltas) == {"Δ der − DER w/o P"}
     assert float(deltas["Δ der − DER w/o P"]["avg"]) == pytest.approx(72.0 - 70.18)
-    assert float(deltas["Δ der − DER w/o P"]["params_avg"]) == pytest.approx(0.92 - 0.92, abs=1e-9)
+    assert deltas["Δ der − DER w/o P"]["params_bb_avg"] == ""     # these runs record no backbone count
 
 
 def test_reference_files_load_with_provenance_and_marks():
@@ -240,13 +252,17 @@ def test_reference_files_load_with_provenance_and_marks():
         == "62.75"
     hpcr = by[("HPCR", "Table III,Table V,Table VI", "cifar100_online_b0s10", "resnet18_reduced", "reservoir:1000",
                "HPCR")]
-    assert hpcr.values["last"].text == "29.1" and hpcr.values["last"].spread_kind == "ci95"
-    assert hpcr.values["avg"].text == "40.1" and hpcr.values["forgetting"].text == "15.7" and hpcr.runs == "10"
+    assert hpcr.values["last_task_mean"].text == "29.1" and hpcr.values["last_task_mean"].spread_kind == "ci95"
+    assert hpcr.values["avg_task_mean"].text == "40.1" and hpcr.values["forgetting"].text == "15.7"
+    assert hpcr.runs == "10" and hpcr.orders == "random:10"
     seed = by[("SEED", "Table 1", "cifar100_b0s10", "resnet32", "none", "SEED")]
-    assert seed.values["avg"].status == "unverified" and "Papers-with-Code" in seed.values["avg"].note
+    seed_avg = seed.values["avg_task_mean"]                       # SEED reports FACIL's task-mean accuracy
+    assert seed_avg.status == "unverified" and "Papers-with-Code" in seed_avg.note
+    assert seed.orders == "seed1993"
     lwf = by[("SEED", "Table 1", "cifar100_b0s10", "resnet32", "none", "LwF*")]
-    assert lwf.values["avg"].status == "unknown" and lwf.values["avg"].text == ""   # lost: no number invented
-    assert "14.7 pp" in lwf.values["avg"].note
+    lost = lwf.values["avg_task_mean"]
+    assert lost.status == "unknown" and lost.text == ""   # lost: no number invented
+    assert "14.7 pp" in lost.note
     der_t3 = by[("DER", "Table 3", "imagenet100_b50s5", "resnet18_imagenet", "per_class:20", "DER w/o P")]
     assert der_t3.values["last"].status == "flagged" and "72.92" in der_t3.values["last"].note
     # per-step curves: complete ones reproduce the table averages they come from
@@ -289,24 +305,29 @@ def test_reference_task_counts_match_cards():
 # Plots and HTML
 
 
-def test_every_plot_is_a_non_blank_png_of_the_expected_size(built):
+def test_every_plot_is_a_non_blank_png_of_the_expected_size_with_a_pdf_beside_it(built):
     pngs = sorted((built / "plots").glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"cifar100_b50s25_steps_top1.png", "cifar100_b50s25_per_task.png", "cifar100_b50s25_heatmap_der.png",
+    assert {"cifar100_b50s25_steps_top1.png", "cifar100_b50s25_per_task.png", "cifar100_b50s25_heatmaps.png",
             "cifar100_b50s25_extractors.png", "cifar100_b50s25_params.png", "digits_b0s2_steps_top1.png",
-            "digits_b0s2_heatmap_replay.png"} <= names
+            "digits_b0s2_heatmaps.png"} <= names
     assert "digits_b0s2_extractors.png" not in names         # no method run at several N on digits_b0s2
-    kinds = {"steps": "steps", "per_task": "per_task", "heatmap": "heatmap", "extractors": "extractors",
-             "params": "params"}
+    kinds = ["steps", "per_task", "heatmaps", "extractors", "params"]
     for png in pngs:
         kind = next(k for k in kinds if f"_{k}" in png.name)
-        assert png_size(png) == plots.SIZES[kind], png.name
+        w, h = png_size(png)
+        if kind == "heatmaps":                                # small multiples: rows of 3 panels
+            assert w == plots.pixel_size("heatmap")[0] and h % plots.pixel_size("heatmap")[1] == 0, png.name
+        else:
+            assert (w, h) == plots.pixel_size(kind), png.name
         with Image.open(png) as im:
             im = im.convert("RGB")
-            colours = im.getcolors(maxcolors=1 << 20)
+            colours = im.getcolors(maxcolors=1 << 22)
             assert colours is not None and len(colours) > 20, f"{png.name} looks blank"
             lo, hi = im.convert("L").getextrema()
             assert hi - lo > 100, f"{png.name} has no contrast"
+        pdf = png.with_suffix(".pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF") and b"/Page" in pdf, png.name
 
 
 def test_extractor_plot_groups_runs_by_name_without_n_tag(runs):
@@ -339,7 +360,7 @@ def test_html_references_only_existing_local_files(built):
     assert any(x.endswith(".png") for x in files) and any(x.endswith(".tex") for x in files)
     for link in files:
         assert "://" not in link and not link.startswith("/"), link
-        assert (index.parent / link).is_file(), link
+        assert (index.parent / link).exists(), link
     anchors = {x[1:] for x in parser.links if x.startswith("#")}
     text = index.read_text()
     for a in anchors:
@@ -351,9 +372,11 @@ def test_html_references_only_existing_local_files(built):
 
 def test_rerun_removes_stale_outputs(runs, tmp_path):
     out = tmp_path / "out"
-    build_report(runs, out)
     build_report(runs, out, protocols=["digits_b0s2"])
-    assert not list((out / "plots").glob("cifar100*")) and not (out / "tables" / "cifar100_b50s25.md").exists()
+    assert list((out / "plots").glob("digits*.pdf"))
+    build_report(runs, out, protocols=["cifar100_b50s25"], plots=False)
+    assert not list((out / "plots").glob("digits*")) and not (out / "tables" / "digits_b0s2.md").exists()
+    assert (out / "tables" / "cifar100_b50s25.md").exists()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -362,13 +385,15 @@ def test_rerun_removes_stale_outputs(runs, tmp_path):
 
 def test_filters_protocol_methods_metric(runs, tmp_path):
     out = tmp_path / "out"
-    build_report(runs, out, protocols=["cifar100_b50s25"], methods=["tsd_grc"], metrics=["avg", "forgetting"])
-    assert sorted(p.name for p in (out / "tables").glob("*.md")) == ["cifar100_b50s25.md", "summary.md"]
+    build_report(runs, out, protocols=["cifar100_b50s25"], methods=["tsd_grc"], metrics=["avg", "forgetting"],
+                 plots=False)
+    assert sorted(p.name for p in (out / "tables").glob("*.md")) == ["cifar100_b50s25.md", "cifar100_b50s25_steps.md",
+                                                                     "summary.md"]
     rows = read_csv(out / "tables" / "cifar100_b50s25.csv")
     assert {r["method"] for r in rows if r["kind"] == "ours"} == {"tsd_grc+N2", "tsd_grc+N3"}
     assert not [r for r in rows if r["kind"] in ("published", "incomplete")]   # no DER rows without der
     assert "forgetting" in rows[0] and "last" not in rows[0] and "bwt" not in rows[0]
-    build_report(runs, out, methods=["der"], metrics=["last_acc"])              # metrics.json names accepted
+    build_report(runs, out, methods=["der"], metrics=["last_acc"], plots=False)  # metrics.json names accepted
     rows = read_csv(out / "tables" / "cifar100_b50s25.csv")
     assert {r["method"] for r in rows if r["kind"] == "ours"} == {"der"}
     assert "last" in rows[0] and "avg" not in rows[0]
@@ -428,10 +453,11 @@ def test_run_summary_uses_the_report_columns(tmp_path):
     console = Console(record=True, width=240)
     print_run_summary(path, console)
     text = console.export_text()
-    for header in ("#Ext (last)", "#Params M (avg)", "Avg", "Last", "BWT", "Forgetting", "Source"):
+    for header in ("#Ext (last)", "#Params M total (avg)", "#Params M backbone (avg)", "Avg", "Last", "BWT",
+                   "Forgetting", "Source"):
         assert header in text
     assert "70.00" in text and "-5.00" in text and "0.920" in text
-    assert "DER w/o P (published)" in text and "Δ der − DER w/o P" in text
+    assert "DER w/o P (published)" in text and "Δ DER w/o P − DER w/o P" in text
 
 
 def test_run_summary_of_an_interrupted_run(tmp_path):
@@ -453,21 +479,23 @@ def test_config_files_written_by_the_fixture_match_the_store_layout(runs):
 def test_pruned_der_runs_are_compared_with_pruned_der(tmp_path):
     root = tmp_path / "runs"
     make_run(root, "cifar100_b0s10", "der_prune", 0, avg=68.0, last=55.0, memory_size=200)
-    build_report(root, tmp_path / "out")
+    build_report(root, tmp_path / "out", plots=False)
     rows = read_csv(tmp_path / "out" / "tables" / "cifar100_b0s10.csv")
     deltas = {r["method"]: r for r in rows if r["kind"] == "delta"}
     assert set(deltas) == {"Δ der_prune − DER"}                     # Table 7 (resnet32): DER = 69.41
     assert float(deltas["Δ der_prune − DER"]["avg"]) == pytest.approx(68.0 - 69.41)
-    assert any(r["kind"] == "published" and r["method"] == "SEED" and r["avg"] == "61.7‡" for r in rows)
+    assert any(r["kind"] == "published" and r["method"] == "SEED" and r["avg_task_mean"] == "61.7‡" for r in rows)
 
 
 def test_epoch_capped_and_mixed_config_seeds_are_flagged(tmp_path):
     root = tmp_path / "runs"
     make_run(root, "digits_b0s2", "replay", 0, max_epochs=2)
     make_run(root, "digits_b0s2", "replay", 1)
-    build_report(root, tmp_path / "out")
+    build_report(root, tmp_path / "out", plots=False)
     row = next(r for r in read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv") if r["kind"] == "ours")
     assert "epochs capped at 2 (1/2 seeds)" in row["source"] and "runtime.max_epochs" in row["source"]
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "Replay: seeds differ in runtime.max_epochs (seed0: 2, seed1: null)" in page
 
 
 def test_der_curves_reproduce_the_table_averages():
@@ -490,3 +518,380 @@ def test_out_must_be_a_folder_outside_the_runs(runs, tmp_path):
         build_report(runs, tmp_path / "file")
     with pytest.raises(UserError, match="inside the runs directory"):
         build_report(runs, runs / "report")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Issue 13: the page and the tables a paper needs
+
+
+def make_ranked_runs(root: Path) -> Path:
+    """digits_b0s2 (5 tasks): finetune (lower bound), der (2 seeds), tsd_grc+N2, joint (upper bound), with
+    known per-step accuracies: joint is best everywhere but is a bound, so tsd is best and der second."""
+    make_run(root, "digits_b0s2", "finetune", 0, avg=40.0, last=20.0, bwt=-50.0, top1=[99, 50, 33, 25, 20])
+    make_run(root, "digits_b0s2", "der", 0, avg=90.0, last=84.0, bwt=-8.0, top1=[99, 94, 90, 86, 82],
+             params=[100_000 * (t + 1) for t in range(5)])
+    make_run(root, "digits_b0s2", "der", 1, avg=92.0, last=86.0, bwt=-6.0, top1=[99, 96, 92, 88, 86],
+             params=[100_000 * (t + 1) for t in range(5)])
+    make_run(root, "digits_b0s2", "tsd_grc+N2", 0, avg=94.0, last=90.0, bwt=-4.0, top1=[99, 97, 95, 92, 90])
+    make_run(root, "digits_b0s2", "joint", 0, avg=99.0, last=98.0, bwt=-1.0, top1=[100, 99, 99, 98, 98])
+    return root
+
+
+def test_rows_in_paper_order_with_best_and_second_marked_in_every_format(tmp_path):
+    out = tmp_path / "out"
+    build_report(make_ranked_runs(tmp_path / "runs"), out, plots=False)
+    rows = [r for r in read_csv(out / "tables" / "digits_b0s2.csv") if r["kind"] == "ours"]
+    assert [r["method"] for r in rows] == ["finetune", "der", "tsd_grc+N2", "joint"]     # run names kept in CSV
+    assert [r["name"] for r in rows] == ["Finetune", "DER w/o P", "TSD-GRC (N=2)", "Joint"]
+    marks = {r["method"]: (r["avg_mark"], r["last_mark"], r["bwt_mark"]) for r in rows}
+    assert marks == {"finetune": ("", "", ""), "der": ("second",) * 3, "tsd_grc+N2": ("best",) * 3,
+                     "joint": ("", "", "")}                                                # bounds not ranked
+    md = (out / "tables" / "digits_b0s2.md").read_text()
+    assert "| TSD-GRC (N=2) |" in md and "| **94.00** | **90.00** | **-4.00** |" in md
+    assert "<ins>91.00 ± 1.41</ins>" in md and "| 99.00 | 98.00 | -1.00 |" in md
+    assert md.index("| Finetune |") < md.index("| DER w/o P |") < md.index("| Joint |")
+    tex = (out / "tables" / "digits_b0s2.tex").read_text()
+    assert "\\textbf{94.00}" in tex and "\\underline{91.00 $\\pm$ 1.41}" in tex
+    page = (out / "index.html").read_text()
+    assert "<b>94.00</b>" in page and "<u>91.00 ± 1.41</u>" in page
+    # the per-step table: every step's mean ± std, marks on the right cells, in md, tex and csv
+    steps = {r["method"]: r for r in read_csv(out / "tables" / "digits_b0s2_steps.csv")}
+    assert float(steps["der"]["step1"]) == pytest.approx(95.0) and float(steps["der"]["step1_std"]) == \
+        pytest.approx(1.41421, abs=1e-4)
+    assert steps["tsd_grc+N2"]["step4_mark"] == "best" and steps["der"]["step4_mark"] == "second"
+    assert steps["joint"]["step4_mark"] == "" and float(steps["joint"]["step4"]) == 98.0
+    smd = (out / "tables" / "digits_b0s2_steps.md").read_text()
+    assert "| DER w/o P | **99.00 ± 0.00** | <ins>95.00 ± 1.41</ins> | <ins>91.00 ± 1.41</ins>" in smd   # tie
+    assert "**97.00**" in smd
+    stex = (out / "tables" / "digits_b0s2_steps.tex").read_text()
+    assert "\\underline{95.00 $\\pm$ 1.41}" in stex and "\\textbf{90.00}" in stex
+
+
+def test_compact_latex_table_fits_a_paper_column(tmp_path):
+    out = tmp_path / "out"
+    build_report(make_ranked_runs(tmp_path / "runs"), out, plots=False)
+    tex = (out / "tables" / "digits_b0s2_compact.tex").read_text()
+    body = tex[tex.index("\\begin{tabular}"): tex.index("\\end{tabular}")]
+    assert "\\toprule" in body and "\\bottomrule" in tex
+    assert "Method & Avg & Last & BWT & \\#Params (M) \\\\" in body
+    lines = [x for x in body.splitlines() if x.endswith("\\\\")]
+    assert [x.split(" & ")[0] for x in lines] == ["Method", "Finetune", "DER w/o P", "TSD-GRC (N=2)", "Joint"]
+    for line in lines:
+        assert len(re.split(r"(?<!\\)&", line)) == 5, line
+        assert line.count("{") - line.count("\\{") == line.count("}") - line.count("\\}"), line
+        assert line.count("$") % 2 == 0, line
+    all_lines = body.splitlines()
+    # \midrule after the header, after the lower bound and before the upper bound
+    assert all_lines[all_lines.index(lines[1]) + 1] == "\\midrule"
+    assert all_lines[all_lines.index(lines[4]) - 1] == "\\midrule"
+    assert "$\\mathbf{94.00}$" in body and "$\\underline{91.00}_{\\pm 1.41}$" in body
+    assert "$-50.00$" in body and "±" not in tex                     # a real minus sign, ± as a subscript
+
+
+class _Page(HTMLParser):
+    """Text, links and images of index.html, and the text inside each <dt>."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.images: list[str] = []
+        self.text: list[str] = []
+        self.dts: list[str] = []
+        self._in_dt = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self._in_dt = tag == "dt"
+        if tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        if tag == "img":
+            self.images.append(a["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in_dt:
+            self.dts.append(data.strip())
+            self._in_dt = False
+
+
+def test_page_has_legend_protocol_settings_run_links_and_header(built):
+    page = _Page()
+    page.feed((built / "index.html").read_text())
+    text = " ".join(page.text)
+    assert {"Avg", "Last", "BWT", "Forgetting", "task mean"} <= set(page.dts)
+    assert "base step included" in text
+    assert re.search(r"Made \d{4}-\d\d-\d\d \d\d:\d\d UTC by cilbench \d+\.\d+", text)
+    # protocol description and resolved settings
+    assert "CIFAR-100: 50 base classes, then 2 tasks of 25" in text
+    for word in ("class order(s)", "seed1993", "per_class:20", "resnet32", "170 epochs"):
+        assert word in text, word
+    # every seed directory is linked with its config, and every link and image resolves from the report folder
+    for seed in range(5):
+        assert f"../runs/cifar100_b50s25/der/seed{seed}/config.yaml" in page.links
+    for link in page.links + page.images:
+        if not link.startswith("#"):
+            assert (built / link).exists(), link
+    assert all(img.endswith(".png") for img in page.images) and len(page.images) >= 8
+
+
+def test_training_curves_from_events_are_plotted_and_linked(tmp_path):
+    root = tmp_path / "runs"
+    path = make_run(root, "digits_b0s2", "replay", 0)
+    events = [{"task": t, "phase": "train", "epoch": e, "epochs": 2, "loss": 2.0 / (1 + e + t), "lr": 0.1 / (1 + e)}
+              for t in range(5) for e in range(2)]
+    (path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"task": 4, "lo')
+    out = tmp_path / "out"
+    build_report(root, out)
+    png = out / "plots" / "training" / "digits_b0s2_replay_seed0.png"
+    assert png.exists() and png.with_suffix(".pdf").read_bytes().startswith(b"%PDF-")
+    assert "plots/training/digits_b0s2_replay_seed0.png" in (out / "index.html").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Issue 14: the output folder and bad run directories
+
+
+def test_report_out_removes_only_its_own_files(runs, tmp_path):
+    out = tmp_path / "out"
+    build_report(runs, out, protocols=["digits_b0s2"], plots=False)
+    mine = [out / "tables" / "notes.md", out / "tables" / "x.csv", out / "reference" / "mine.csv", out / "a.txt"]
+    for f in mine:
+        f.write_text("user data")
+    build_report(runs, out, protocols=["cifar100_b50s25"], plots=False)
+    assert all(f.read_text() == "user data" for f in mine)
+    assert not (out / "tables" / "digits_b0s2.md").exists() and (out / "tables" / "cifar100_b50s25.md").exists()
+    foreign = tmp_path / "papers"
+    foreign.mkdir()
+    (foreign / "draft.tex").write_text("keep me")
+    (foreign / "tables").mkdir()
+    (foreign / "tables" / "main.csv").write_text("keep me too")
+    with pytest.raises(UserError, match="not empty and is not a previous report"):
+        build_report(runs, foreign, plots=False)
+    assert (foreign / "draft.tex").read_text() == "keep me" and (foreign / "tables" / "main.csv").exists()
+    # a report written before manifests existed is overwritten, nothing of it removed
+    legacy = tmp_path / "legacy"
+    (legacy / "tables").mkdir(parents=True)
+    (legacy / "index.html").write_text("<html><head><title>cilbench report</title></head></html>")
+    (legacy / "tables" / "old.csv").write_text("kept")
+    build_report(runs, legacy, protocols=["digits_b0s2"], plots=False)
+    assert (legacy / "tables" / "old.csv").read_text() == "kept" and (legacy / ".cilbench-report.json").exists()
+    # a manifest naming files outside the folder removes nothing there
+    victim = tmp_path / "victim.txt"
+    victim.write_text("x")
+    (out / ".cilbench-report.json").write_text(json.dumps({"files": ["../victim.txt", str(victim)]}))
+    build_report(runs, out, plots=False)
+    assert victim.exists()
+
+
+def _bad_runs(root: Path) -> dict[str, str]:
+    """One good replay seed on digits_b0s2 and one run directory of each bad kind; -> run name: reason part."""
+    make_run(root, "digits_b0s2", "replay", 0, avg=95.0, last=88.0)
+    bad = {}
+
+    def broken(name: str, reason: str, edit) -> None:
+        path = make_run(root, "digits_b0s2", name, 0, avg=1.0)
+        edit(path)
+        bad[name] = reason
+
+    broken("inf", "not a finite number",
+           lambda p: (p / "metrics.json").write_text((p / "metrics.json").read_text()
+                                                     .replace('"avg_acc": 1.0', '"avg_acc": Infinity')))
+    broken("nan", "not a finite number",
+           lambda p: (p / "metrics.json").write_text((p / "metrics.json").read_text()
+                                                     .replace('"bwt": -5.0', '"bwt": NaN')))
+    broken("list", "metrics.json is a list", lambda p: (p / "metrics.json").write_text("[1, 2]"))
+    broken("scalar", "config.yaml holds a str", lambda p: (p / "config.yaml").write_text("just a string\n"))
+    broken("binary", "not UTF-8", lambda p: (p / "config.yaml").write_bytes(b"\xff\xfe\x00\x81binary"))
+    broken("short", "steps.csv line 3", lambda p: (p / "steps.csv").write_text(
+        "\n".join((p / "steps.csv").read_text().splitlines()[:2] + ["1,4,90.0"]) + "\n"))
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    broken("bomb", "through aliases", lambda p: (p / "config.yaml").write_text(bomb))
+    make_run(root, "digits_b0s2", "cost$1$", 0, avg=1.0, status="failed", tasks_done=2)   # '$' is matplotlib math
+    make_run(root, "digits_b0s2", "dollar$x$", 0, avg=50.0, last=40.0)
+    make_run(root, "digits_b0s2", "odd", 0, avg=30.0, protocol_changes={   # ill-typed but a mapping: shown
+        "num_classes": "ten", "backbone": "tiny", "memory": 3, "train": [], "class_order": {"a": 1}})
+    (root / "digits_b0s2" / "replay" / "seed7").mkdir()                                      # an empty seed dir
+    return bad
+
+
+def test_bad_run_directories_are_listed_and_never_averaged(tmp_path):
+    import time
+    root = tmp_path / "runs"
+    bad = _bad_runs(root)
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    build_report(root, out)                                               # completes, plots included
+    assert time.perf_counter() - t0 < 60
+    listed = {(r["run_name"], r["seed"]): r for r in read_csv(out / "tables" / "runs.csv")}
+    for name, reason in bad.items():
+        assert listed[(name, "0")]["averaged"] == "no" and reason in listed[(name, "0")]["reason"], name
+    assert listed[("replay", "7")]["status"] == "empty"                   # empty seed dirs are listed too
+    assert listed[("cost$1$", "0")]["status"] == "failed"
+    rows = read_csv(out / "tables" / "digits_b0s2.csv")
+    ours = {r["method"]: r for r in rows if r["kind"] == "ours"}
+    assert set(ours) == {"replay", "dollar$x$", "odd"}                     # no bad run is averaged
+    assert ours["replay"]["seeds"] == "1" and float(ours["replay"]["avg"]) == 95.0
+    assert {r["method"] for r in rows if r["kind"] == "incomplete"} >= {f"{n} seed0" for n in bad}
+    assert (out / "plots" / "digits_b0s2_steps_top1.png").exists()
+
+
+def test_a_nan_metric_keeps_the_run_out_of_seeds_and_mean(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "digits_b0s2", "der", 0, avg=90.0, bwt=-4.0)
+    nan = make_run(root, "digits_b0s2", "der", 1, avg=80.0, bwt=-6.0)
+    (nan / "metrics.json").write_text((nan / "metrics.json").read_text().replace('"bwt": -6.0', '"bwt": NaN'))
+    build_report(root, tmp_path / "out", plots=False)
+    der = next(r for r in read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv") if r["kind"] == "ours")
+    assert der["seeds"] == "1" and float(der["avg"]) == 90.0 and float(der["bwt"]) == -4.0
+
+
+def test_protocols_whose_names_slug_alike_keep_their_own_files(tmp_path):
+    root = tmp_path / "runs"
+    for k, name in enumerate(["a b", "a_b", "summary"]):
+        make_run(root, "digits_b0s2", "replay", 0, avg=10.0 + k, protocol_dir=name)
+    out = tmp_path / "out"
+    build_report(root, out, plots=False)
+    csvs = sorted(p.name for p in (out / "tables").glob("*.csv") if "_steps" not in p.name)
+    assert len(csvs) == 5 and "summary.csv" in csvs and "runs.csv" in csvs
+    avgs = sorted(float(next(r for r in read_csv(out / "tables" / f) if r["kind"] == "ours")["avg"])
+                  for f in csvs if f not in ("summary.csv", "runs.csv"))
+    assert avgs == [10.0, 11.0, 12.0]
+    summary = read_csv(out / "tables" / "summary.csv")
+    assert {"a b:avg", "a_b:avg", "summary:avg"} <= set(summary[0])
+
+
+def test_markdown_escapes_text_from_run_names(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "digits_b0s2", "x|y*z*+[l](u)", 0)
+    build_report(root, tmp_path / "out", plots=False)
+    md = (tmp_path / "out" / "tables" / "digits_b0s2.md").read_text()
+    assert "| x\\|y\\*z\\* \\[\\[l\\](u)\\] |" in md            # name 'x|y*z* [[l](u)]' (tag in brackets)
+    lines = [x for x in md.splitlines() if x.startswith("|")]
+    assert len({len(re.split(r"(?<!\\)\|", x)) for x in lines}) == 1
+
+
+def test_run_names_are_printed_literally_on_the_terminal(tmp_path):
+    path = make_run(tmp_path / "runs", "digits_b0s2", "x[bold]y[/bold]", 0)
+    console = Console(record=True, width=250)
+    print_run_summary(path, console)
+    assert "x[bold]y[/bold]" in console.export_text()
+    failed = make_run(tmp_path / "runs", "digits_b0s2", "[red]z", 0, status="failed", tasks_done=1)
+    manifest = json.loads((failed / "manifest.json").read_text())
+    (failed / "manifest.json").write_text(json.dumps({**manifest, "error": "boom [link=x]y[/link]"}))
+    console = Console(record=True, width=250)
+    print_run_summary(failed, console)
+    text = console.export_text()
+    assert "[red]z" in text and "boom [link=x]y[/link]" in text
+
+
+def test_include_keeps_only_the_seed_directories_it_accepts(runs, tmp_path):
+    seen = []
+
+    def include(seed_dir: Path) -> bool:
+        seen.append(seed_dir)
+        return seed_dir.name != "seed1"
+
+    build_report(runs, tmp_path / "out", protocols=["digits_b0s2"], include=include, plots=False)
+    replay = next(r for r in read_csv(tmp_path / "out" / "tables" / "digits_b0s2.csv") if r["kind"] == "ours")
+    assert replay["seeds"] == "1" and float(replay["avg"]) == 95.0
+    assert all(p.is_dir() and p.name.startswith("seed") for p in seen)
+    assert "seed1" not in {r["seed"] for r in read_csv(tmp_path / "out" / "tables" / "runs.csv")}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Issue 11: backbone #Params and class orders in the comparisons
+
+
+def test_backbone_params_are_labelled_and_compared_with_the_published_count(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "cifar100_b50s25", "der", 0, avg=72.0, extractors=[1, 2, 3],
+             params=[470_000, 940_000, 1_410_000], params_backbone=[400_000, 800_000, 1_200_000])
+    build_report(root, tmp_path / "out", plots=False)
+    rows = read_csv(tmp_path / "out" / "tables" / "cifar100_b50s25.csv")
+    der = next(r for r in rows if r["kind"] == "ours")
+    assert float(der["params_avg"]) == pytest.approx(0.94) and float(der["params_bb_avg"]) == pytest.approx(0.8)
+    delta = next(r for r in rows if r["kind"] == "delta" and r["method"] == "Δ der − DER w/o P")
+    assert float(delta["params_bb_avg"]) == pytest.approx(0.8 - 0.92) and delta["params_avg"] == ""
+    md = (tmp_path / "out" / "tables" / "cifar100_b50s25.md").read_text()
+    assert "#Params M total (avg)" in md.replace("\\#", "#") and "#Params M backbone (avg)" in md.replace("\\#", "#")
+
+
+def test_delta_rows_say_whether_the_class_orders_match(tmp_path):
+    root = tmp_path / "runs"
+    orders = ["podnet1", "podnet2", "podnet3"]
+    for seed in range(3):   # class_orders maps seed k to the k-th order: the papers' three-order protocol
+        make_run(root, "cifar100_b50s25", "der+3orders", seed, avg=70.0 + seed,
+                 protocol_changes={"class_orders": orders, "class_order": orders[seed]})
+    make_run(root, "cifar100_b50s25", "der", 0, avg=71.0)                            # seed1993 only
+    make_run(root, "cifar100_b0s10", "seed", 0, avg=60.0, task_mean=(61.0, 50.0), memory_size=0)
+    out = tmp_path / "out"
+    build_report(root, out, plots=False)
+    deltas = {r["method"]: r for r in read_csv(out / "tables" / "cifar100_b50s25.csv") if r["kind"] == "delta"}
+    assert "≠ class order" not in deltas["Δ der+3orders − DER w/o P"]["name"]
+    assert "likely the paper's" in deltas["Δ der+3orders − DER w/o P"]["source"]
+    assert deltas["Δ der − DER w/o P"]["name"].endswith("(≠ class order)")
+    assert "ours seed1993, paper 3 orders" in deltas["Δ der − DER w/o P"]["source"]
+    runs = {(r["run_name"], r["seed"]): r["class_order"] for r in read_csv(out / "tables" / "runs.csv")}
+    assert runs[("der+3orders", "2")] == "podnet3" and runs[("der", "0")] == "seed1993"
+    # SEED reports FACIL's task-mean accuracy with the seed-1993 order: compared on our task-mean Avg
+    rows = read_csv(out / "tables" / "cifar100_b0s10.csv")
+    seed = next(r for r in rows if r["kind"] == "ours")
+    assert seed["name"] == "SEED" and float(seed["avg_task_mean"]) == 61.0 and float(seed["avg"]) == 60.0
+    delta = next(r for r in rows if r["kind"] == "delta")
+    assert float(delta["avg_task_mean"]) == pytest.approx(61.0 - 61.7) and "≠" not in delta["name"]
+    assert "same class order(s): seed1993" in delta["source"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Issue 9: online tables in the papers' form
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from cilbench.report.aggregate import t975
+    for df in (1, 2, 4, 9, 29, 30, 31, 50, 200):
+        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-4), df
+
+
+def test_online_tables_show_task_mean_forms_with_95_ci_beside_published_hpcr(tmp_path):
+    root = tmp_path / "runs"
+    lasts = [28.0, 30.0, 31.0]
+    for seed, last in enumerate(lasts):
+        make_run(root, "cifar100_online_b0s10", "hpcr", seed, avg=40.0 + seed, last=last - 1, bwt=-10.0 - seed,
+                 task_mean=(41.0 + seed, last), memory_size=1000)
+    out = tmp_path / "out"
+    build_report(root, out, plots=False)
+    rows = read_csv(out / "tables" / "cifar100_online_b0s10.csv")
+    ours = next(r for r in rows if r["kind"] == "ours")
+    assert list(ours).index("last") < list(ours).index("last_task_mean") < list(ours).index("forgetting")
+    n, mean = 3, sum(lasts) / 3
+    sd = (sum((x - mean) ** 2 for x in lasts) / (n - 1)) ** 0.5
+    assert float(ours["last_task_mean"]) == pytest.approx(mean, abs=1e-4)
+    assert float(ours["last_task_mean_std"]) == pytest.approx(4.302653 * sd / n ** 0.5, abs=1e-4)   # 95% CI
+    assert float(ours["forgetting"]) == pytest.approx(11.0)
+    hpcr = next(r for r in rows if r["kind"] == "published" and r["method"] == "HPCR, buffer 1000")
+    assert hpcr["last_task_mean"] == "29.1" and hpcr["last_task_mean_std"] == "0.7" and hpcr["last"] == ""
+    assert hpcr["avg_task_mean"] == "40.1" and hpcr["forgetting"] == "15.7"
+    delta = next(r for r in rows if r["kind"] == "delta")
+    assert float(delta["last_task_mean"]) == pytest.approx(mean - 29.1, abs=1e-4)
+    assert float(delta["forgetting"]) == pytest.approx(11.0 - 15.7)
+    md = (out / "tables" / "cifar100_online_b0s10.md").read_text()
+    assert "95% CI" in md
+    compact = (out / "tables" / "cifar100_online_b0s10_compact.tex").read_text()
+    assert "Last (task mean) & Avg (task mean) & Forg." in compact
+
+
+def test_yaml_alias_bomb_is_refused_within_a_second():
+    import time
+
+    from cilbench.report import load_yaml_bounded
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))   # 10^9 nodes
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="through aliases"):
+        load_yaml_bounded(bomb)
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(ValueError, match="refers to itself"):
+        load_yaml_bounded("a: &a [1, *a]\n")
+    assert load_yaml_bounded("a: &x {k: 1}\nb: *x\n") == {"a": {"k": 1}, "b": {"k": 1}}   # small aliases are fine
