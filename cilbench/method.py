@@ -59,6 +59,7 @@ class Context:
 class Footprint:
     extractors: int
     params: int
+    params_backbone: int | None = None  # extractors only (no classifier), as the papers count #Params
 
 
 class Method:

@@ -260,7 +260,8 @@ def execute(request: RunRequest) -> Path:
                           "extractors": footprint.extractors, "params": footprint.params,
                           "memory_size": len(memory) if memory is not None else 0,
                           "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
-                          "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3)})
+                          "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3),
+                          "params_backbone": footprint.params_backbone, "params_total": footprint.params})
             acc.append(row)
             acc5.append(row5)
             store.write_steps(steps)
@@ -294,13 +295,25 @@ def execute(request: RunRequest) -> Path:
         reporter.close()
     metrics = summarize([s["top1"] for s in steps], [s["top5"] for s in steps], acc, acc5)
     metrics.update(params_avg=sum(s["params"] for s in steps) / len(steps), params_last=steps[-1]["params"],
-                   extractors_last=steps[-1]["extractors"],
+                   extractors_last=steps[-1]["extractors"], **param_counts(steps),
                    train_seconds=sum(s["train_seconds"] for s in steps),
                    eval_seconds=sum(s["eval_seconds"] for s in steps))
     store.write_metrics(metrics)
     manifest.update(status="complete", finished=_now())
     store.write_manifest(manifest)
     return store.path
+
+
+def param_counts(steps: list[dict]) -> dict:
+    """params_total_* (backbones + classifier, = params_*) and params_backbone_* (extractors only, the papers'
+    #Params; None when the method does not say) over the steps."""
+    out = {}
+    for key in ("params_total", "params_backbone"):
+        values = [s.get(key) for s in steps]
+        known = None not in values and "" not in values
+        out[f"{key}_avg"] = sum(values) / len(values) if known else None
+        out[f"{key}_last"] = values[-1] if known else None
+    return out
 
 
 def _check_same_config(stored: dict, current: dict) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilbench.backbones import build_backbone, count_params
-from cilbench.engine import phase_config
+from cilbench.engine import phase_config, warmup_length
 from cilbench.memory import class_balanced_subset
 from cilbench.method import Context, Footprint, Method, register
 from cilbench.nets import ExtractorStack, drop_columns, expand_head, linear_head
@@ -177,7 +177,7 @@ class DER(Method):
             groups.append({"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay})
         train_cfg = self.stage1_config(task)
         epochs = engine.epochs_for(train_cfg)
-        warmup = min(round(train_cfg.warmup_epochs * epochs / train_cfg.epochs), max(epochs - 1, 0))
+        warmup = warmup_length(train_cfg, epochs)
 
         def loss_fn(batch):
             if masks is not None:
@@ -218,7 +218,7 @@ class DER(Method):
             head = drop_columns(head, cols)
             self.log.append({"task": task.index, "params_before": count_params(new),
                              "params_after": count_params(pruned), "out_dim": pruned.out_dim,
-                             "kept": {g: len(k) for g, k in keep.items()}})
+                             "kept": {g: len(k) for g, k in keep.items()}, **masks.stats()})
             if ctx.log:
                 ctx.log(f"der: task {task.index} extractor pruned {count_params(new)} -> {count_params(pruned)} "
                         f"params, feature dim {new.out_dim} -> {pruned.out_dim}")
@@ -267,7 +267,7 @@ class DER(Method):
         return self.stack(x)
 
     def inference_footprint(self) -> Footprint:
-        return Footprint(len(self.stack), count_params(self.stack, self.head))
+        return Footprint(len(self.stack), count_params(self.stack, self.head), count_params(self.stack))
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

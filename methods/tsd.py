@@ -198,7 +198,7 @@ class TSDBase(Method):
         return self.pool(x)
 
     def inference_footprint(self) -> Footprint:
-        return Footprint(len(self.pool), count_params(self.pool, self.head))
+        return Footprint(len(self.pool), count_params(self.pool, self.head), count_params(self.pool))
 
     # --- building blocks ------------------------------------------------------------------------------
     def _new_extractor(self, source: nn.Module | None) -> nn.Module:
