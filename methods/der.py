@@ -26,9 +26,10 @@ from torch import nn
 
 from cilbench.backbones import build_backbone, count_params
 from cilbench.engine import phase_config, warmup_length
+from cilbench.losses import aux_labels
 from cilbench.memory import class_balanced_subset
 from cilbench.method import Context, Footprint, Method, register
-from cilbench.nets import ExtractorStack, drop_columns, expand_head, linear_head
+from cilbench.nets import ExtractorStack, HeadInit, drop_columns, expand_head, linear_head
 from cilbench.protocol import TrainConfig
 from cilbench.pruning import ChannelMasks, anneal, describe, prune, regrow
 from cilbench.stream import Task
@@ -39,7 +40,12 @@ class DERConfig:
     # --- model -------------------------------------------------------------------------------------
     aux_weight: float = 1.0                 # lambda_a (0 turns the auxiliary classifier off); never at t=1
     inherit_head: bool = True               # paper: the old classifier block is inherited; False = C-DER re-init
+    inherit_from: Literal["stage2", "stage1"] = "stage2"   # which head's old block is inherited: the one used
+    #                                         at inference (stage 2, trained on logits/delta; C-DER) or the
+    #                                         previous task's stage-1 head (trained on plain logits)
     head_bias: bool = True                  # C-DER: False (use_bias: False); also for the aux classifier
+    head_init: HeadInit = "pycil"           # PyCIL SimpleLinear (with head_bias, PyCIL's DER); der: C-DER's
+    #                                         kaiming_normal_ (use with head_bias false); torch: nn.Linear default
     reset_head_after_warmup: bool = False   # C-DER: classifier and aux classifier re-initialised after warm-up
     # --- stage-1 schedule ---------------------------------------------------------------------------
     schedule: Literal["paper", "card"] = "paper"   # paper: warm-up + multistep scaled to the card's epochs
@@ -75,11 +81,6 @@ class DERConfig:
     #                                         surviving channels + fresh rest / the pruned F_{t-1}^P
 
 
-def aux_labels(y: torch.Tensor, n_old: int) -> torch.Tensor:
-    """Auxiliary-classifier labels: old class -> 0, new class c -> c - n_old + 1."""
-    return torch.where(y < n_old, torch.zeros_like(y), y - n_old + 1)
-
-
 def _scaled(epochs: float, f: float) -> int:
     return int(round(epochs * f))
 
@@ -95,6 +96,7 @@ class DER(Method):
         super().__init__(cfg, ctx)
         self.stack = ExtractorStack()
         self.head: nn.Linear | None = None
+        self.stage1_head: nn.Linear | None = None   # inherit_from: stage1 -- the last stage-1 head
         self.prev_full: dict | None = None   # pruning: {"spec", "weights"} of the last extractor before pruning
         self.prev_keep: dict | None = None   # pruning: surviving channels of each group of that extractor
         self.log: list[dict] = []            # per task: pruning statistics
@@ -142,9 +144,10 @@ class DER(Method):
 
     def expand(self, task: Task) -> nn.Linear:
         """The classifier over all seen classes and the current super-feature (old block inherited)."""
-        inherit = self.cfg.inherit_head and self.head is not None
-        head = expand_head(self.head if inherit else None, self.stack.out_dim, task.n_seen, inherit=inherit,
-                           bias=self.cfg.head_bias)
+        old = self.stage1_head if self.cfg.inherit_from == "stage1" else self.head
+        inherit = self.cfg.inherit_head and old is not None
+        head = expand_head(old if inherit else None, self.stack.out_dim, task.n_seen, inherit=inherit,
+                           bias=self.cfg.head_bias, init=self.cfg.head_init)
         return self.ctx.engine.prepare(head)
 
     def balanced_indices(self, task: Task, ctx: Context) -> torch.Tensor:
@@ -165,7 +168,7 @@ class DER(Method):
         n_old = task.n_old
         aux = None
         if n_old > 0 and cfg.aux_weight > 0:
-            aux = engine.prepare(linear_head(new.out_dim, task.n_new + 1, bias=cfg.head_bias))
+            aux = engine.prepare(linear_head(new.out_dim, task.n_new + 1, cfg.head_bias, cfg.head_init))
         masks = None
         if cfg.prune:
             masks = ChannelMasks(new, cfg.mask_scope, cfg.s_max, cfg.sparsity_kernel, cfg.mask_init_mean,
@@ -224,6 +227,8 @@ class DER(Method):
                         f"params, feature dim {new.out_dim} -> {pruned.out_dim}")
         self.stack.freeze(slot)
         self.head = head
+        if cfg.inherit_from == "stage1":
+            self.stage1_head = copy.deepcopy(head)
 
         if task.index > 0 or cfg.classifier_stage_first_task:
             if cfg.classifier_stage == "balanced":
@@ -236,7 +241,8 @@ class DER(Method):
         frozen in eval mode, train augmentation applied."""
         cfg = self.cfg
         if cfg.balanced_reinit:
-            self.head = ctx.engine.prepare(linear_head(self.stack.out_dim, task.n_seen, bias=cfg.head_bias))
+            self.head = ctx.engine.prepare(linear_head(self.stack.out_dim, task.n_seen, cfg.head_bias,
+                                                       cfg.head_init))
         head, stack = self.head, self.stack
         subset = self.balanced_indices(task, ctx)
         stack.eval()
@@ -250,9 +256,12 @@ class DER(Method):
 
     @torch.no_grad()
     def weight_align(self, task: Task) -> None:
-        """PyCIL's weight aligning: new-class weight rows rescaled to the old rows' mean norm."""
+        """PyCIL's weight aligning: new-class weight rows rescaled to the old rows' mean norm. Nothing to align
+        with before there are old classes (classifier_stage_first_task): skipped, as PyCIL does."""
         w = self.head.weight
         n_old = task.n_old
+        if n_old == 0:
+            return
         gamma = w[:n_old].norm(dim=1).mean() / w[n_old:].norm(dim=1).mean()
         w[n_old:] *= gamma
 
@@ -273,6 +282,8 @@ class DER(Method):
     def state_dict(self) -> dict:
         state = {"stack_extra": self.stack.extra_state(), "stack": self.stack.state_dict(),
                  "head": self.head.state_dict(), "log": copy.deepcopy(self.log)}
+        if self.stage1_head is not None:
+            state["stage1_head"] = self.stage1_head.state_dict()
         if self.prev_full is not None:
             state["prev_full"] = {"spec": copy.deepcopy(self.prev_full["spec"]),
                                   "weights": {k: v.cpu() for k, v in self.prev_full["weights"].items()}}
@@ -285,6 +296,11 @@ class DER(Method):
         out_f, in_f = state["head"]["weight"].shape
         self.head = self.ctx.engine.prepare(linear_head(in_f, out_f, bias="bias" in state["head"]))
         self.head.load_state_dict(state["head"])
+        self.stage1_head = None
+        if "stage1_head" in state:
+            out_f, in_f = state["stage1_head"]["weight"].shape
+            self.stage1_head = self.ctx.engine.prepare(linear_head(in_f, out_f, bias="bias" in state["stage1_head"]))
+            self.stage1_head.load_state_dict(state["stage1_head"])
         self.log = copy.deepcopy(state.get("log", []))
         if "prev_full" in state:
             self.prev_full = {"spec": copy.deepcopy(state["prev_full"]["spec"]),

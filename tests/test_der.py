@@ -98,6 +98,7 @@ def test_old_extractor_bit_identical_and_stack_grows(prune_on):
     assert method.head.out_features == 4
     fp = method.inference_footprint()
     assert fp.extractors == 2 and fp.params == count_params(method.stack, method.head)
+    assert fp.params_backbone == count_params(method.stack)
 
 
 def test_head_old_block_inherited():
@@ -330,8 +331,11 @@ def test_cli_der_and_der_prune(tmp_path, card_path):
         assert [int(s["classes_seen"]) for s in steps] == [2, 4, 6]
         params = [int(s["params"]) for s in steps]
         assert params[0] < params[1] < params[2]
+        backbone = [int(s["params_backbone"]) for s in steps]       # DER's #Paras: extractors only
+        assert [int(s["params_total"]) for s in steps] == params and all(b < p for b, p in zip(backbone, params))
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == 3 and metrics["extractors_last"] == 3
+        assert metrics["params_backbone_last"] == backbone[-1] and metrics["params_total_last"] == params[-1]
         phases = {json.loads(line)["phase"] for line in (run / "events.jsonl").read_text().splitlines()}
         assert phases == {"der", "der_classifier"}
         runs[method] = params
@@ -359,3 +363,56 @@ def test_imagenet_cards_run_the_papers_imagenet_recipe_exactly():
     ctx.protocol = dataclasses.replace(ctx.protocol, train=dataclasses.replace(ctx.protocol.train, epochs=170))
     stage1 = method.stage1_config(stream.task(1))
     assert (stage1.epochs, stage1.warmup_epochs, stage1.milestones) == (130, 10, [30, 60, 80, 90])
+
+
+# --- smaller defects (issue 11, item 5) ------------------------------------------------------------------
+
+def test_weight_aligning_on_the_first_task_keeps_the_head_finite():
+    """classifier_stage=wa with classifier_stage_first_task: no old classes to align with at task 1 (it used to
+    divide by the mean norm of no rows and turn the head into NaN)."""
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx, classifier_stage="wa", classifier_stage_first_task=True)
+    run_task(method, ctx, stream, engine, memory, 0)
+    assert torch.isfinite(method.head.weight).all()
+    x = engine.augmenter.test(stream.test.images[:8])
+    with torch.no_grad():
+        assert torch.isfinite(method.scores(x)).all()
+
+
+def test_head_init_options():
+    from cilbench.nets import linear_head
+    fan_in, n = 256, 400
+    torch.manual_seed(0)
+    heads = {init: linear_head(fan_in, n, init=init) for init in ("torch", "pycil", "der")}
+    w = {k: h.weight.detach() for k, h in heads.items()}
+    std = {k: float(v.std()) for k, v in w.items()}
+    bound = math.sqrt(3 / fan_in)                         # kaiming_uniform_(nonlinearity='linear')
+    assert std["torch"] == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.03)
+    assert std["pycil"] == pytest.approx(1 / math.sqrt(fan_in), rel=0.03)
+    assert std["der"] == pytest.approx(1 / math.sqrt(fan_in), rel=0.03)
+    assert float(w["pycil"].abs().max()) <= bound < float(w["der"].abs().max())
+    assert float(heads["torch"].bias.detach().abs().max()) > 0
+    assert torch.equal(heads["pycil"].bias, torch.zeros(n)) and torch.equal(heads["der"].bias, torch.zeros(n))
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx, head_init="der", head_bias=False, balanced_epochs=1)
+    run_task(method, ctx, stream, engine, memory, 0)
+    assert method.head.bias is None
+
+
+def test_inherit_the_stage1_head_instead_of_the_stage2_head():
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx, inherit_from="stage1", balanced_epochs=1, classifier_stage_first_task=True)
+    run_task(method, ctx, stream, engine, memory, 0)
+    stage1, stage2 = method.stage1_head.weight.detach().clone(), method.head.weight.detach().clone()
+    assert not torch.equal(stage1, stage2)                # stage 2 re-initialised and retrained the head
+    method.stack.add(build_backbone(method.stack.specs()[0]))
+    head = method.expand(stream.task(1))
+    assert torch.equal(head.weight[:2, : stage1.shape[1]], stage1)
+    method.stack.pop()
+    method.cfg.inherit_from = "stage2"
+    method.stack.add(build_backbone(method.stack.specs()[0]))
+    assert torch.equal(method.expand(stream.task(1)).weight[:2, : stage2.shape[1]], stage2)
+    # the stage-1 head survives a checkpoint
+    other = der(ctx, inherit_from="stage1", balanced_epochs=1, classifier_stage_first_task=True)
+    other.load_state_dict(method.state_dict())
+    assert torch.equal(other.stage1_head.weight, method.stage1_head.weight)
