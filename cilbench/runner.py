@@ -21,7 +21,7 @@ from .errors import TrainingDiverged, UserError
 from .memory import ExemplarMemory, make_memory
 from .method import Context, Entry, Method, get_method
 from .metrics import summarize
-from .protocol import Protocol, build_protocol, card_path, load_card
+from .protocol import Protocol, build_protocol, card_path, load_card, order_for_seed, with_method_augment
 from .store import RunStore, run_dir
 from .stream import Stream, Task
 
@@ -86,6 +86,8 @@ def resolve(request: RunRequest) -> Resolved:
             apply_override(card, path, value)
     where = card_file if not request.overrides else f"{card_file} (with --set)"
     protocol = build_protocol(card, where)
+    protocol, class_order = order_for_seed(protocol, request.seed, where)
+    protocol = with_method_augment(protocol, [cls.family, request.method], where)
     if protocol.regime not in cls.regimes:
         raise UserError(f"method '{request.method}' supports the {'/'.join(cls.regimes)} regime, protocol "
                         f"'{protocol.name}' is {protocol.regime}; pick a protocol of a supported regime")
@@ -99,7 +101,8 @@ def resolve(request: RunRequest) -> Resolved:
     parts = [request.method, cls.run_tag(method_cfg), request.tag]
     run_name = "+".join(p for p in parts if p)
     config = {"method": request.method, "run_name": run_name, "seed": request.seed,
-              "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime)}
+              "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime),
+              "class_order": class_order}
     return Resolved(entry, protocol, method_cfg, runtime, run_name, config)
 
 
