@@ -71,11 +71,15 @@ class DERConfig:
     mask_scope: Literal["shared", "internal"] = "shared"   # spec A.9.2 choice B / choice A
     s_max: float = 400.0
     sparsity_kernel: Literal["area", "side"] = "area"     # K_l = k*k or k
-    grad_comp: Literal["paper", "hat", "none"] = "paper"  # eq. 9; hat: times s_max
+    # Default: masks that learn. Eq. 9 as printed ("paper") leaves e's gradient ~1e-4, so with HAT's N(0, 1)
+    # init no mask changes sign and the kept set is the random initial one; HAT's compensation (times s_max)
+    # with every channel starting kept lets the sparsity loss switch off what the task loss does not defend.
+    # The printed variant: grad_comp=paper mask_init_mean=0 mask_init_std=1.
+    grad_comp: Literal["paper", "hat", "none"] = "hat"    # eq. 9 as printed (paper) / times s_max (HAT's code)
     clamp_cosh: Optional[float] = 50.0      # HAT thres_cosh (s*e inside cosh); None: unclamped
     clamp_mask: Optional[float] = 6.0       # HAT thres_emb (e after each step); None: unclamped
-    mask_init_mean: float = 0.0             # e ~ N(mean, std^2) (HAT: nn.Embedding, N(0, 1))
-    mask_init_std: float = 1.0
+    mask_init_mean: float = 1.0             # e ~ N(mean, std^2): every channel starts kept (HAT: N(0, 1))
+    mask_init_std: float = 0.5
     mask_weight_decay: float = 0.0          # weight decay on e
     prune_init: Literal["full", "regrow", "pruned"] = "full"   # F_t from F_{t-1} before pruning / its
     #                                         surviving channels + fresh rest / the pruned F_{t-1}^P
