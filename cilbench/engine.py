@@ -2,7 +2,8 @@
 
 Methods hand the engine a loss function, the parameters to train and an index set into the stream's
 training tensors; the engine does batching, on-device augmentation, the optimiser and schedule, bf16
-autocast on CUDA for training (evaluation and features in float32), gradient clipping, a NaN/inf guard and per-epoch events.
+autocast on CUDA for training (evaluation and features in float32), gradient clipping, a NaN/inf guard and
+per-epoch events.
 """
 from __future__ import annotations
 

@@ -351,7 +351,8 @@ def test_method_augment_gives_each_lineage_its_augmentation():
         for method in ("der", "der_prune", "tsd_grc", "tsd_fixed", "finetune"):
             assert resolved(method, card, 0).protocol.augment.brightness == 0.0
         assert load_protocol(card).method_augment["exacfs"] == {"brightness": 0.247059}
-    r = resolved("der_prune", "digits_b0s2", 0, "method_augment.der.brightness=0.2", "method_augment.der_prune.flip=false")
+    r = resolved("der_prune", "digits_b0s2", 0, "method_augment.der.brightness=0.2",
+                 "method_augment.der_prune.flip=false")
     assert (r.protocol.augment.brightness, r.protocol.augment.flip) == (0.2, False)
     assert r.config["protocol"]["augment"]["brightness"] == 0.2           # recorded as run
     assert resolved("finetune", "digits_b0s2", 0, "method_augment.der.brightness=0.2").protocol.augment.brightness == 0
