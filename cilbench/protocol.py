@@ -253,7 +253,7 @@ def order_for_seed(protocol: Protocol, seed: int, where: str) -> tuple[Protocol,
         n = len(protocol.class_orders)
         if not 0 <= seed < n:
             raise UserError(f"{where}: class_orders lists {n} orders, for seeds 0..{n - 1}; got --seed {seed} "
-                            "(use --seed 0..{n - 1} or list more orders)")
+                            f"(use --seed 0..{n - 1} or list more orders)")
         order, rule = protocol.class_orders[seed], f"class_orders[{seed}]"
     elif protocol.class_order == "shuffle":
         order, rule = f"seed{seed}", "shuffle"
