@@ -2,7 +2,8 @@
 
 Methods hand the engine a loss function, the parameters to train and an index set into the stream's
 training tensors; the engine does batching, on-device augmentation, the optimiser and schedule, bf16
-autocast on CUDA, gradient clipping, a NaN/inf guard and per-epoch events.
+autocast on CUDA for training (evaluation and features in float32), gradient clipping, a NaN/inf guard and
+per-epoch events.
 """
 from __future__ import annotations
 
@@ -83,13 +84,24 @@ class FitResult:
     history: list[float] = field(default_factory=list)
 
 
+def warmup_length(cfg: TrainConfig, epochs: int) -> int:
+    """Warm-up epochs of a phase run for `epochs` epochs: the card's warm-up scaled like the milestones, at least
+    one epoch when the card asks for one (an --epochs cap never rounds it away) and never the whole phase."""
+    if cfg.warmup_epochs <= 0 or epochs < 2:
+        return 0
+    return min(max(1, round(cfg.warmup_epochs * epochs / cfg.epochs)), epochs - 1)
+
+
 def schedule_factor(cfg: TrainConfig, epochs: int, epoch: int) -> float:
     """Learning-rate multiplier for a 0-based epoch. When a phase is capped below its budget the warm-up and
-    milestones shrink in proportion, so a short run keeps the schedule's shape."""
+    milestones shrink in proportion, so a short run keeps the schedule's shape. A full-length warm-up ramps
+    (e + 1) / w up to full lr; a shortened or one-epoch one ramps (e + 1) / (w + 1), so it still starts below
+    full lr (a one-epoch warm-up at full lr would be no warm-up)."""
     scale = epochs / cfg.epochs
-    warmup = min(round(cfg.warmup_epochs * scale), max(epochs - 1, 0))
+    warmup = warmup_length(cfg, epochs)
     if epoch < warmup:
-        return (epoch + 1) / warmup
+        full = warmup > 1 and warmup == cfg.warmup_epochs
+        return (epoch + 1) / (warmup if full else warmup + 1)
     e, span = epoch - warmup, max(epochs - warmup, 1)
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * e / span))
@@ -114,6 +126,7 @@ class Engine:
         self.device = device
         self.cuda = device.type == "cuda"
         self.channels_last = options.channels_last and self.cuda
+        self.amp = options.amp and self.cuda       # bf16 autocast in training only; apply() stays float32
         self.augmenter = Augmenter(stream.protocol.augment, stream.image_shape[0], device, self.channels_last)
         self.order_gen = torch.Generator()
         self.on_epoch = on_epoch
@@ -139,8 +152,9 @@ class Engine:
         return module
 
     def autocast(self):
-        if self.cuda and self.options.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast for the training forward pass (CUDA with amp; tests may switch `amp` on for CPU)."""
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def epochs_for(self, cfg: TrainConfig) -> int:
@@ -237,13 +251,15 @@ class Engine:
     @torch.no_grad()
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tensor, split: str = "train",
               batch_size: int | None = None) -> torch.Tensor:
-        """fn over test-transformed images of `split` at `indices`, batched, concatenated (float32)."""
+        """fn over test-transformed images of `split` at `indices`, batched, concatenated, computed in float32
+        even where training uses bf16 autocast: bf16 scores tie (an exact top-1 tie goes to the lowest label,
+        an old class) and bf16 features change which exemplars herding picks."""
         data = getattr(self.stream, split)
         batch_size = batch_size or self.stream.protocol.eval_batch_size
         outs = []
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]
-            with self.autocast():
+            with torch.autocast(self.device.type, enabled=False):
                 outs.append(fn(self.augmenter.test(data.images[idx])).float())
         if not outs:
             return torch.empty(0, device=self.device)

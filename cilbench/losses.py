@@ -56,3 +56,9 @@ def supcon_distinct(z: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor
             return z.sum() * 0.0
         mean_log_prob_pos = (log_prob * pos).sum(dim=1)[valid] / n_pos[valid]
         return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+
+
+def aux_labels(y: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Targets of DER's auxiliary classifier (|new| + 1 outputs on the new extractor): every old class -> 0,
+    new class c -> c - n_old + 1."""
+    return torch.where(y < n_old, torch.zeros_like(y), y - n_old + 1)

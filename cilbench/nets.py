@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -101,16 +102,35 @@ class ExtractorStack(nn.Module):
         return count_params(self)
 
 
-def linear_head(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
-    """Linear head with Kaiming-uniform weights (PyTorch default), as PyCIL's SimpleLinear."""
-    return nn.Linear(in_features, out_features, bias=bias)
+HeadInit = Literal["torch", "pycil", "der"]
+
+
+def linear_head(in_features: int, out_features: int, bias: bool = True, init: HeadInit = "torch") -> nn.Linear:
+    """A linear head, initialised as
+    - torch: nn.Linear's default, weight and bias ~ U(+-1/sqrt(fan_in)) (kaiming_uniform_ with a = sqrt(5));
+    - pycil: PyCIL's SimpleLinear, weight kaiming_uniform_(nonlinearity='linear') ~ U(+-sqrt(3/fan_in)), bias 0;
+    - der: DER's official _gen_classifier, weight kaiming_normal_(nonlinearity='linear') ~ N(0, 1/fan_in),
+      bias 0."""
+    head = nn.Linear(in_features, out_features, bias=bias)
+    if init == "torch":
+        return head
+    with torch.no_grad():
+        if init == "pycil":
+            nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
+        elif init == "der":
+            nn.init.kaiming_normal_(head.weight, nonlinearity="linear")
+        else:
+            raise ValueError(f"unknown head init {init!r}; use torch, pycil or der")
+        if bias:
+            head.bias.zero_()
+    return head
 
 
 def expand_head(old: nn.Linear | None, in_features: int, out_features: int, inherit: bool = True,
-                bias: bool = True) -> nn.Linear:
+                bias: bool = True, init: HeadInit = "torch") -> nn.Linear:
     """A head over more inputs/classes whose top-left block copies `old` (DER / PyCIL update_fc)."""
     device = old.weight.device if old is not None else None
-    new = linear_head(in_features, out_features, bias).to(device)
+    new = linear_head(in_features, out_features, bias, init).to(device)
     if old is not None and inherit:
         with torch.no_grad():
             o, i = old.weight.shape

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from .config import build, load_yaml
+from .config import to_dict as config_dict
 from .errors import UserError
 from .safeio import check_component
 
@@ -128,7 +129,10 @@ class Protocol:
     step: int
     tasks: int
     regime: Literal["offline", "online"] = "offline"
-    class_order: str | list[int] = "seed1993"
+    class_order: str | list[int] = "seed1993"   # a name, an explicit list, or "shuffle": np seed = the run's seed
+    class_orders: list[str | list[int]] = field(default_factory=list)   # seed k runs the k-th order (a paper's
+    #                                       three-order protocol: [der_trial2, der_trial3, der_trial4]); overrides
+    #                                       class_order
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -139,15 +143,25 @@ class Protocol:
     description: str = ""
     source: str = ""
     methods: dict[str, dict] = field(default_factory=dict)
+    # per method (or family): augmentation keys that replace `augment` for its runs, so one card serves
+    # methods of different augmentation lineages (ImageNet-100: DER/PyCIL/TSD without brightness jitter,
+    # PODNet/EXACFS with it)
+    method_augment: dict[str, dict] = field(default_factory=dict)
     BOUNDS: ClassVar[dict] = {"num_classes": (1, None), "tasks": (1, None), "eval_batch_size": (1, None),
                               "class_order": (0, None)}
 
     def validate(self, where: str) -> None:
         check_component(self.name, f"{where}: protocol name")   # it names a folder under --out
-        order = self.class_order
-        if isinstance(order, str) and order.startswith("seed") and order[4:].isdigit() \
-                and int(order[4:]) > SEED_MAX:
-            raise UserError(f"{where}: key 'class_order': the seed must be at most {SEED_MAX}, got {order!r}")
+        check_order(self.class_order, f"{where}: key 'class_order'")
+        for k, order in enumerate(self.class_orders):
+            check_order(order, f"{where}: class_orders[{k}]")
+            if order == "shuffle":
+                raise UserError(f"{where}: class_orders[{k}]: shuffle is per seed already; use class_order: shuffle")
+        if self.class_order == "shuffle" and self.class_orders:
+            raise UserError(f"{where}: class_order shuffle and a class_orders list exclude each other; keep one")
+        for name, section in self.method_augment.items():
+            build(AugmentConfig, {**config_dict(self.augment), **(section or {})}, where,
+                  prefix=f"method_augment.{name}.")
         if self.base < 0 or self.step < 1:
             raise UserError(f"{where}: base must be >= 0 and step >= 1")
         first = self.base if self.base > 0 else self.step
@@ -242,6 +256,48 @@ def seed_permutation(seed: int, n: int) -> list[int]:
     return np.random.RandomState(seed).permutation(n).tolist()
 
 
+def check_order(order: str | list[int], where: str) -> None:
+    """A class order's name is one resolve_class_order knows (explicit lists are checked against the data)."""
+    if isinstance(order, list) or order in ("natural", "shuffle", "der_trial1") or order in NAMED_ORDERS:
+        return
+    if order.startswith("seed") and order[4:].isdigit():
+        if int(order[4:]) > SEED_MAX:
+            raise UserError(f"{where}: the seed must be at most {SEED_MAX}, got {order!r}")
+        return
+    known = ["natural", "shuffle", "seed<k> (e.g. seed1993)", "der_trial1", *sorted(NAMED_ORDERS)]
+    raise UserError(f"{where}: unknown order {order!r}; known: {', '.join(known)} or an explicit list")
+
+
+def order_for_seed(protocol: Protocol, seed: int, where: str) -> tuple[Protocol, dict]:
+    """The protocol a run with `seed` uses (class_order resolved for that seed), and what to record of it:
+    class_orders[seed] when the card lists orders, seed<k> (np.random.seed(k) permutation, PyCIL's per-run
+    shuffle) when class_order is shuffle, else the card's class_order."""
+    if protocol.class_orders:
+        n = len(protocol.class_orders)
+        if not 0 <= seed < n:
+            raise UserError(f"{where}: class_orders lists {n} orders, for seeds 0..{n - 1}; got --seed {seed} "
+                            f"(use --seed 0..{n - 1} or list more orders)")
+        order, rule = protocol.class_orders[seed], f"class_orders[{seed}]"
+    elif protocol.class_order == "shuffle":
+        order, rule = f"seed{seed}", "shuffle"
+    else:
+        order, rule = protocol.class_order, "class_order"
+    record = {"name": order if isinstance(order, str) else "explicit", "rule": rule,
+              "orders": list(protocol.class_orders)}
+    return dataclasses.replace(protocol, class_order=order), record
+
+
+def with_method_augment(protocol: Protocol, names: list[str], where: str) -> Protocol:
+    """The protocol with the augmentation keys of `names`' method_augment sections (in that order) applied."""
+    changes: dict = {}
+    for name in names:
+        changes.update(protocol.method_augment.get(name) or {})
+    if not changes:
+        return protocol
+    augment = build(AugmentConfig, {**config_dict(protocol.augment), **changes}, where, prefix="augment.")
+    return dataclasses.replace(protocol, augment=augment)
+
+
 def resolve_class_order(order: str | list[int], num_classes: int, dataset_classes: int) -> list[int]:
     """The original class ids in training order; only the first `num_classes` of it are used."""
     if isinstance(order, list):
@@ -255,8 +311,8 @@ def resolve_class_order(order: str | list[int], num_classes: int, dataset_classe
     elif order in NAMED_ORDERS:
         full = NAMED_ORDERS[order]
     else:
-        known = ["natural", "seed<k> (e.g. seed1993)", "der_trial1", *sorted(NAMED_ORDERS), "an explicit list"]
-        raise UserError(f"class_order: unknown order {order!r}; known: {', '.join(known)}")
+        check_order(order, "class_order")
+        raise UserError(f"class_order: {order!r} is resolved per run (order_for_seed), not here")
     if len(full) < num_classes:
         raise UserError(f"class_order: gives {len(full)} classes, the protocol needs {num_classes}")
     chosen = full[:num_classes]

@@ -175,6 +175,7 @@ class ChannelMasks(nn.Module):
         self.e = nn.ParameterDict({
             g: nn.Parameter(torch.randn(self.graph.channels[g]).mul_(init_std).add_(init_mean).to(device))
             for g in self.graph.masked})
+        self.initial = {g: (e.detach() > 0).cpu() for g, e in self.e.items()}   # the signs training starts from
         self._handles: list = []
         g = self.graph
         self._den = float(sum(k * g.channels[i] * g.channels[o] for _, i, o, k in g.convs))
@@ -195,6 +196,17 @@ class ChannelMasks(nn.Module):
             else:
                 out[g] = torch.arange(c)
         return out
+
+    def stats(self) -> dict:
+        """Kept fraction over the masked channels, and the fraction whose keep decision differs from the sign
+        of its initial e (0 would mean the masks never learned: pruning by the random initialisation)."""
+        total = kept = changed = 0
+        for g, e in self.e.items():
+            keep = binarize(e.detach()).cpu()
+            total += keep.numel()
+            kept += int(keep.sum())
+            changed += int((keep != self.initial[g]).sum())
+        return {"kept_fraction": kept / total, "changed_vs_init": changed / total}
 
     def attach(self) -> "ChannelMasks":
         self.detach()

@@ -24,7 +24,7 @@ from .errors import Terminated, TrainingDiverged, UserError
 from .memory import ExemplarMemory, make_memory
 from .method import Context, Entry, Method, get_method
 from .metrics import summarize
-from .protocol import Protocol, build_protocol, card_path, load_card
+from .protocol import Protocol, build_protocol, card_path, load_card, order_for_seed, with_method_augment
 from .runlock import RunLock
 from .safeio import check_component
 from .store import RunStore, check_out_root, damaged, run_dir
@@ -91,6 +91,8 @@ def resolve(request: RunRequest) -> Resolved:
             apply_override(card, path, value)
     where = card_file if not request.overrides else f"{card_file} (with --set)"
     protocol = build_protocol(card, where)
+    protocol, class_order = order_for_seed(protocol, request.seed, where)
+    protocol = with_method_augment(protocol, [cls.family, request.method], where)
     if protocol.regime not in cls.regimes:
         raise UserError(f"method '{request.method}' supports the {'/'.join(cls.regimes)} regime, protocol "
                         f"'{protocol.name}' is {protocol.regime}; pick a protocol of a supported regime")
@@ -108,7 +110,8 @@ def resolve(request: RunRequest) -> Resolved:
     run_name = "+".join(p for p in parts if p)
     check_component(run_name, "run name")
     config = {"method": request.method, "run_name": run_name, "seed": request.seed,
-              "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime)}
+              "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime),
+              "class_order": class_order}
     return Resolved(entry, protocol, method_cfg, runtime, run_name, config)
 
 
@@ -328,7 +331,8 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
                           "extractors": footprint.extractors, "params": footprint.params,
                           "memory_size": len(memory) if memory is not None else 0,
                           "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
-                          "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3)})
+                          "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3),
+                          "params_backbone": footprint.params_backbone, "params_total": footprint.params})
             steps[-1].update(extras)
             acc.append(row)
             acc5.append(row5)
@@ -364,13 +368,25 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
         reporter.close()
     metrics = summarize([s["top1"] for s in steps], [s["top5"] for s in steps], acc, acc5)
     metrics.update(params_avg=sum(s["params"] for s in steps) / len(steps), params_last=steps[-1]["params"],
-                   extractors_last=steps[-1]["extractors"],
+                   extractors_last=steps[-1]["extractors"], **param_counts(steps),
                    train_seconds=sum(s["train_seconds"] for s in steps),
                    eval_seconds=sum(s["eval_seconds"] for s in steps))
     store.write_metrics(metrics)
     manifest.update(status="complete", finished=_now())
     store.write_manifest(manifest)
     return store.path
+
+
+def param_counts(steps: list[dict]) -> dict:
+    """params_total_* (backbones + classifier, = params_*) and params_backbone_* (extractors only, the papers'
+    #Params; None when the method does not say) over the steps."""
+    out = {}
+    for key in ("params_total", "params_backbone"):
+        values = [s.get(key) for s in steps]
+        known = None not in values and "" not in values
+        out[f"{key}_avg"] = sum(values) / len(values) if known else None
+        out[f"{key}_last"] = values[-1] if known else None
+    return out
 
 
 def _check_same_config(stored: dict, current: dict) -> None:

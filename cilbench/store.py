@@ -19,8 +19,9 @@ from .errors import UserError
 from .runlock import LOCK_NAME
 from .safeio import safe_yaml_load
 
+# params = params_total (backbones + classifier); params_backbone counts the extractors only (DER's #Paras)
 STEP_FIELDS = ["step", "classes_seen", "top1", "top5", "extractors", "params", "memory_size",
-               "memory_bytes", "train_seconds", "eval_seconds"]
+               "memory_bytes", "train_seconds", "eval_seconds", "params_backbone", "params_total"]
 
 
 def run_dir(out: str | Path, protocol: str, run_name: str, seed: int) -> Path:

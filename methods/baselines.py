@@ -54,7 +54,7 @@ class SingleNetwork(Method):
         return self.backbone(x)
 
     def inference_footprint(self) -> Footprint:
-        return Footprint(1, count_params(self.backbone, self.head))
+        return Footprint(1, count_params(self.backbone, self.head), count_params(self.backbone))
 
     def state_dict(self) -> dict:
         return {"spec": self.backbone.spec, "backbone": self.backbone.state_dict(),

@@ -7,11 +7,13 @@ Per task t:
   auxiliary classifier on F_t(x) alone predicts |new classes| + 1 labels (every old class is label 0).
   Loss: CE + aux_weight * CE_aux (+ sparsity_weight * L_S with pruning).
 - with pruning (`prune: true`, alias `der_prune`): HAT-style channel masks sigma(s * e) on F_t, s annealed
-  within each epoch, gradient compensation, sparsity loss; after stage 1 the masks are binarised and F_t is
+  within each epoch, gradient compensation (HAT's, with the s_max factor, by default: eq. 9 as printed cannot
+  move a mask off its initial sign), sparsity loss; after stage 1 the masks are binarised and F_t is
   physically pruned (cilbench/pruning.py); the classifier's columns of removed feature channels are dropped.
 - stage 2 (classifier learning): the classifier is re-initialised and retrained on a class-balanced subset
   of new data + memory with a temperature, extractors frozen in eval mode (train augmentation still on).
-  Weight aligning (PyCIL) is an alternative.
+  Weight aligning (PyCIL) is an alternative. The next task inherits the stage-2 head's old block
+  (`inherit_from: stage1` inherits the stage-1 head instead).
 Herding then runs on the concatenated super-features (features()).
 """
 from __future__ import annotations
@@ -25,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilbench.backbones import build_backbone, count_params
-from cilbench.engine import phase_config
+from cilbench.engine import phase_config, warmup_length
+from cilbench.losses import aux_labels
 from cilbench.memory import class_balanced_subset
 from cilbench.method import Context, Footprint, Method, register
-from cilbench.nets import ExtractorStack, drop_columns, expand_head, linear_head
+from cilbench.nets import ExtractorStack, HeadInit, drop_columns, expand_head, linear_head
 from cilbench.protocol import TrainConfig
 from cilbench.pruning import ChannelMasks, anneal, describe, prune, regrow
 from cilbench.stream import Task
@@ -39,7 +42,12 @@ class DERConfig:
     # --- model -------------------------------------------------------------------------------------
     aux_weight: float = 1.0                 # lambda_a (0 turns the auxiliary classifier off); never at t=1
     inherit_head: bool = True               # paper: the old classifier block is inherited; False = C-DER re-init
+    inherit_from: Literal["stage2", "stage1"] = "stage2"   # which head's old block is inherited: the one used
+    #                                         at inference (stage 2, trained on logits/delta; C-DER) or the
+    #                                         previous task's stage-1 head (trained on plain logits)
     head_bias: bool = True                  # C-DER: False (use_bias: False); also for the aux classifier
+    head_init: HeadInit = "pycil"           # PyCIL SimpleLinear (with head_bias, PyCIL's DER); der: C-DER's
+    #                                         kaiming_normal_ (use with head_bias false); torch: nn.Linear default
     reset_head_after_warmup: bool = False   # C-DER: classifier and aux classifier re-initialised after warm-up
     # --- stage-1 schedule ---------------------------------------------------------------------------
     schedule: Literal["paper", "card"] = "paper"   # paper: warm-up + multistep scaled to the card's epochs
@@ -65,19 +73,18 @@ class DERConfig:
     mask_scope: Literal["shared", "internal"] = "shared"   # spec A.9.2 choice B / choice A
     s_max: float = 400.0
     sparsity_kernel: Literal["area", "side"] = "area"     # K_l = k*k or k
-    grad_comp: Literal["paper", "hat", "none"] = "paper"  # eq. 9; hat: times s_max
+    # Default: masks that learn. Eq. 9 as printed ("paper") leaves e's gradient ~1e-4, so with HAT's N(0, 1)
+    # init no mask changes sign and the kept set is the random initial one; HAT's compensation (times s_max)
+    # with every channel starting kept lets the sparsity loss switch off what the task loss does not defend.
+    # The printed variant: grad_comp=paper mask_init_mean=0 mask_init_std=1.
+    grad_comp: Literal["paper", "hat", "none"] = "hat"    # eq. 9 as printed (paper) / times s_max (HAT's code)
     clamp_cosh: Optional[float] = 50.0      # HAT thres_cosh (s*e inside cosh); None: unclamped
     clamp_mask: Optional[float] = 6.0       # HAT thres_emb (e after each step); None: unclamped
-    mask_init_mean: float = 0.0             # e ~ N(mean, std^2) (HAT: nn.Embedding, N(0, 1))
-    mask_init_std: float = 1.0
+    mask_init_mean: float = 1.0             # e ~ N(mean, std^2): every channel starts kept (HAT: N(0, 1))
+    mask_init_std: float = 0.5
     mask_weight_decay: float = 0.0          # weight decay on e
     prune_init: Literal["full", "regrow", "pruned"] = "full"   # F_t from F_{t-1} before pruning / its
     #                                         surviving channels + fresh rest / the pruned F_{t-1}^P
-
-
-def aux_labels(y: torch.Tensor, n_old: int) -> torch.Tensor:
-    """Auxiliary-classifier labels: old class -> 0, new class c -> c - n_old + 1."""
-    return torch.where(y < n_old, torch.zeros_like(y), y - n_old + 1)
 
 
 def _scaled(epochs: float, f: float) -> int:
@@ -95,6 +102,7 @@ class DER(Method):
         super().__init__(cfg, ctx)
         self.stack = ExtractorStack()
         self.head: nn.Linear | None = None
+        self.stage1_head: nn.Linear | None = None   # inherit_from: stage1 -- the last stage-1 head
         self.prev_full: dict | None = None   # pruning: {"spec", "weights"} of the last extractor before pruning
         self.prev_keep: dict | None = None   # pruning: surviving channels of each group of that extractor
         self.log: list[dict] = []            # per task: pruning statistics
@@ -142,9 +150,10 @@ class DER(Method):
 
     def expand(self, task: Task) -> nn.Linear:
         """The classifier over all seen classes and the current super-feature (old block inherited)."""
-        inherit = self.cfg.inherit_head and self.head is not None
-        head = expand_head(self.head if inherit else None, self.stack.out_dim, task.n_seen, inherit=inherit,
-                           bias=self.cfg.head_bias)
+        old = self.stage1_head if self.cfg.inherit_from == "stage1" else self.head
+        inherit = self.cfg.inherit_head and old is not None
+        head = expand_head(old if inherit else None, self.stack.out_dim, task.n_seen, inherit=inherit,
+                           bias=self.cfg.head_bias, init=self.cfg.head_init)
         return self.ctx.engine.prepare(head)
 
     def balanced_indices(self, task: Task, ctx: Context) -> torch.Tensor:
@@ -165,7 +174,7 @@ class DER(Method):
         n_old = task.n_old
         aux = None
         if n_old > 0 and cfg.aux_weight > 0:
-            aux = engine.prepare(linear_head(new.out_dim, task.n_new + 1, bias=cfg.head_bias))
+            aux = engine.prepare(linear_head(new.out_dim, task.n_new + 1, cfg.head_bias, cfg.head_init))
         masks = None
         if cfg.prune:
             masks = ChannelMasks(new, cfg.mask_scope, cfg.s_max, cfg.sparsity_kernel, cfg.mask_init_mean,
@@ -177,7 +186,7 @@ class DER(Method):
             groups.append({"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay})
         train_cfg = self.stage1_config(task)
         epochs = engine.epochs_for(train_cfg)
-        warmup = min(round(train_cfg.warmup_epochs * epochs / train_cfg.epochs), max(epochs - 1, 0))
+        warmup = warmup_length(train_cfg, epochs)
 
         def loss_fn(batch):
             if masks is not None:
@@ -218,12 +227,14 @@ class DER(Method):
             head = drop_columns(head, cols)
             self.log.append({"task": task.index, "params_before": count_params(new),
                              "params_after": count_params(pruned), "out_dim": pruned.out_dim,
-                             "kept": {g: len(k) for g, k in keep.items()}})
+                             "kept": {g: len(k) for g, k in keep.items()}, **masks.stats()})
             if ctx.log:
                 ctx.log(f"der: task {task.index} extractor pruned {count_params(new)} -> {count_params(pruned)} "
                         f"params, feature dim {new.out_dim} -> {pruned.out_dim}")
         self.stack.freeze(slot)
         self.head = head
+        if cfg.inherit_from == "stage1":
+            self.stage1_head = copy.deepcopy(head)
 
         if task.index > 0 or cfg.classifier_stage_first_task:
             if cfg.classifier_stage == "balanced":
@@ -236,7 +247,8 @@ class DER(Method):
         frozen in eval mode, train augmentation applied."""
         cfg = self.cfg
         if cfg.balanced_reinit:
-            self.head = ctx.engine.prepare(linear_head(self.stack.out_dim, task.n_seen, bias=cfg.head_bias))
+            self.head = ctx.engine.prepare(linear_head(self.stack.out_dim, task.n_seen, cfg.head_bias,
+                                                       cfg.head_init))
         head, stack = self.head, self.stack
         subset = self.balanced_indices(task, ctx)
         stack.eval()
@@ -250,9 +262,12 @@ class DER(Method):
 
     @torch.no_grad()
     def weight_align(self, task: Task) -> None:
-        """PyCIL's weight aligning: new-class weight rows rescaled to the old rows' mean norm."""
+        """PyCIL's weight aligning: new-class weight rows rescaled to the old rows' mean norm. Nothing to align
+        with before there are old classes (classifier_stage_first_task): skipped, as PyCIL does."""
         w = self.head.weight
         n_old = task.n_old
+        if n_old == 0:
+            return
         gamma = w[:n_old].norm(dim=1).mean() / w[n_old:].norm(dim=1).mean()
         w[n_old:] *= gamma
 
@@ -267,12 +282,14 @@ class DER(Method):
         return self.stack(x)
 
     def inference_footprint(self) -> Footprint:
-        return Footprint(len(self.stack), count_params(self.stack, self.head))
+        return Footprint(len(self.stack), count_params(self.stack, self.head), count_params(self.stack))
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"stack_extra": self.stack.extra_state(), "stack": self.stack.state_dict(),
                  "head": self.head.state_dict(), "log": copy.deepcopy(self.log)}
+        if self.stage1_head is not None:
+            state["stage1_head"] = self.stage1_head.state_dict()
         if self.prev_full is not None:
             state["prev_full"] = {"spec": copy.deepcopy(self.prev_full["spec"]),
                                   "weights": {k: v.cpu() for k, v in self.prev_full["weights"].items()}}
@@ -285,6 +302,11 @@ class DER(Method):
         out_f, in_f = state["head"]["weight"].shape
         self.head = self.ctx.engine.prepare(linear_head(in_f, out_f, bias="bias" in state["head"]))
         self.head.load_state_dict(state["head"])
+        self.stage1_head = None
+        if "stage1_head" in state:
+            out_f, in_f = state["stage1_head"]["weight"].shape
+            self.stage1_head = self.ctx.engine.prepare(linear_head(in_f, out_f, bias="bias" in state["stage1_head"]))
+            self.stage1_head.load_state_dict(state["stage1_head"])
         self.log = copy.deepcopy(state.get("log", []))
         if "prev_full" in state:
             self.prev_full = {"spec": copy.deepcopy(state["prev_full"]["spec"]),

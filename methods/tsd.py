@@ -30,9 +30,9 @@ from torch import nn
 from cilbench.backbones import count_params
 from cilbench.engine import phase_config
 from cilbench.errors import UserError
-from cilbench.losses import kd_soft_ce, supcon_distinct
+from cilbench.losses import aux_labels, kd_soft_ce, supcon_distinct
 from cilbench.method import Context, Footprint, Method, register
-from cilbench.nets import ExtractorStack, ProjectionHead, freeze, linear_head, trainable_copy
+from cilbench.nets import ExtractorStack, HeadInit, ProjectionHead, freeze, linear_head, trainable_copy
 from cilbench.stream import Task
 
 # ---------------------------------------------------------------------------------------------------------
@@ -47,6 +47,7 @@ class TSDConfig:
     init: Literal["copy_last", "random"] = "copy_last"   # new extractor: copy of the latest one (DER) or random
     first_task_epochs: int | None = None   # CE epochs of task 1 (None: the card's train.epochs; PyCIL uses 200)
     head_bias: bool = True                 # linear heads with bias (PyCIL SimpleLinear; DER official: False)
+    head_init: HeadInit = "pycil"          # heads' init: PyCIL SimpleLinear (TSD builds on PyCIL); torch | der
     ce_head_init: Literal["inherit", "fresh"] = "inherit"  # CE head copies the old head's [old classes x kept
     #                                        extractors] block (DER/PyCIL update_fc) or starts fresh
     ce_views: Literal[1, 2] = 1            # cross-entropy on view 1 only, or averaged over both views
@@ -198,7 +199,7 @@ class TSDBase(Method):
         return self.pool(x)
 
     def inference_footprint(self) -> Footprint:
-        return Footprint(len(self.pool), count_params(self.pool, self.head))
+        return Footprint(len(self.pool), count_params(self.pool, self.head), count_params(self.pool))
 
     # --- building blocks ------------------------------------------------------------------------------
     def _new_extractor(self, source: nn.Module | None) -> nn.Module:
@@ -217,7 +218,7 @@ class TSDBase(Method):
         id(source)) copies the old head's weights for the old head's classes, and the bias is copied; the
         other entries keep the default (Kaiming-uniform) initialisation."""
         new_dims = [m.out_dim for m in new_modules]
-        head = linear_head(sum(new_dims), n_out, bias=self.cfg.head_bias).to(self.ctx.device)
+        head = linear_head(sum(new_dims), n_out, self.cfg.head_bias, self.cfg.head_init).to(self.ctx.device)
         if old is None or not warm:
             return head
         alias = alias or {}
@@ -270,7 +271,7 @@ class TSDBase(Method):
         proj = self._projection(new.out_dim) if use_con else None
         aux = None
         if cfg.aux_loss and n_old > 0:
-            aux = ctx.engine.prepare(linear_head(new.out_dim, task.n_new + 1))
+            aux = ctx.engine.prepare(linear_head(new.out_dim, task.n_new + 1, cfg.head_bias, cfg.head_init))
         frozen_negs = use_con and cfg.con_frozen_negatives and len(frozen) > 0
         modules = [*frozen, new]
 
@@ -289,8 +290,7 @@ class TSDBase(Method):
                 caches.append(cache)
                 loss = loss + F.cross_entropy(head(torch.cat(feats, dim=1)), y) / ce_views
                 if aux is not None:
-                    aux_y = torch.where(y < n_old, torch.zeros_like(y), y - n_old + 1)
-                    loss = loss + cfg.aux_weight * F.cross_entropy(aux(f_new[v]), aux_y) / ce_views
+                    loss = loss + cfg.aux_weight * F.cross_entropy(aux(f_new[v]), aux_labels(y, n_old)) / ce_views
             if use_con:
                 labels = torch.cat([y] * views)
                 z = proj(f_new_all)

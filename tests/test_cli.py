@@ -19,7 +19,8 @@ RUN_FILES = ["config.yaml", "manifest.json", "steps.csv", "acc_matrix.csv", "acc
              "metrics.json", "events.jsonl", "checkpoint.pt"]
 METRIC_KEYS = {"steps", "avg_acc", "last_acc", "bwt", "forgetting", "avg_acc_top5", "last_acc_top5", "bwt_top5",
                "forgetting_top5", "avg_acc_task_mean", "last_acc_task_mean", "params_avg", "params_last",
-               "extractors_last", "train_seconds", "eval_seconds"}
+               "extractors_last", "train_seconds", "eval_seconds", "params_total_avg", "params_total_last",
+               "params_backbone_avg", "params_backbone_last"}
 
 
 def _digits_counts(protocol_name, split):
@@ -105,6 +106,10 @@ def test_baseline_end_to_end(tmp_path, run_cli, monkeypatch, method, protocol, m
     assert all(int(s["extractors"]) == 1 for s in steps)
     params = [int(s["params"]) for s in steps]
     assert params == sorted(params) and params[0] < params[-1]          # the head grows with the classes
+    # params = params_total (backbone + head); params_backbone is what the papers' #Params counts
+    assert [int(s["params_total"]) for s in steps] == params
+    backbone = {int(s["params_backbone"]) for s in steps}
+    assert len(backbone) == 1 and backbone.pop() < params[0]
     top1 = [float(s["top1"]) for s in steps]
     top5 = [float(s["top5"]) for s in steps]
     assert all(0 <= a <= b <= 100 for a, b in zip(top1, top5))
@@ -135,6 +140,8 @@ def test_baseline_end_to_end(tmp_path, run_cli, monkeypatch, method, protocol, m
     assert metrics["bwt_top5"] == pytest.approx(bwt(a5), abs=1e-3)
     assert metrics["avg_acc_task_mean"] == pytest.approx(sum(task_mean(a)) / 5, abs=1e-3)
     assert metrics["params_last"] == params[-1] and metrics["extractors_last"] == 1
+    assert metrics["params_total_last"] == params[-1] and metrics["params_total_avg"] == metrics["params_avg"]
+    assert metrics["params_backbone_last"] == int(steps[-1]["params_backbone"])
 
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     epochs = 1 if "online" in protocol else 2

@@ -98,6 +98,7 @@ def test_old_extractor_bit_identical_and_stack_grows(prune_on):
     assert method.head.out_features == 4
     fp = method.inference_footprint()
     assert fp.extractors == 2 and fp.params == count_params(method.stack, method.head)
+    assert fp.params_backbone == count_params(method.stack)
 
 
 def test_head_old_block_inherited():
@@ -330,8 +331,11 @@ def test_cli_der_and_der_prune(tmp_path, card_path):
         assert [int(s["classes_seen"]) for s in steps] == [2, 4, 6]
         params = [int(s["params"]) for s in steps]
         assert params[0] < params[1] < params[2]
+        backbone = [int(s["params_backbone"]) for s in steps]       # DER's #Paras: extractors only
+        assert [int(s["params_total"]) for s in steps] == params and all(b < p for b, p in zip(backbone, params))
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == 3 and metrics["extractors_last"] == 3
+        assert metrics["params_backbone_last"] == backbone[-1] and metrics["params_total_last"] == params[-1]
         phases = {json.loads(line)["phase"] for line in (run / "events.jsonl").read_text().splitlines()}
         assert phases == {"der", "der_classifier"}
         runs[method] = params
@@ -359,3 +363,149 @@ def test_imagenet_cards_run_the_papers_imagenet_recipe_exactly():
     ctx.protocol = dataclasses.replace(ctx.protocol, train=dataclasses.replace(ctx.protocol.train, epochs=170))
     stage1 = method.stage1_config(stream.task(1))
     assert (stage1.epochs, stage1.warmup_epochs, stage1.milestones) == (130, 10, [30, 60, 80, 90])
+
+
+# --- smaller defects (issue 11, item 5) ------------------------------------------------------------------
+
+def test_weight_aligning_on_the_first_task_keeps_the_head_finite():
+    """classifier_stage=wa with classifier_stage_first_task: no old classes to align with at task 1 (it used to
+    divide by the mean norm of no rows and turn the head into NaN)."""
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx, classifier_stage="wa", classifier_stage_first_task=True)
+    run_task(method, ctx, stream, engine, memory, 0)
+    assert torch.isfinite(method.head.weight).all()
+    x = engine.augmenter.test(stream.test.images[:8])
+    with torch.no_grad():
+        assert torch.isfinite(method.scores(x)).all()
+
+
+def test_head_init_options():
+    from cilbench.nets import linear_head
+    fan_in, n = 256, 400
+    torch.manual_seed(0)
+    heads = {init: linear_head(fan_in, n, init=init) for init in ("torch", "pycil", "der")}
+    w = {k: h.weight.detach() for k, h in heads.items()}
+    std = {k: float(v.std()) for k, v in w.items()}
+    bound = math.sqrt(3 / fan_in)                         # kaiming_uniform_(nonlinearity='linear')
+    assert std["torch"] == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.03)
+    assert std["pycil"] == pytest.approx(1 / math.sqrt(fan_in), rel=0.03)
+    assert std["der"] == pytest.approx(1 / math.sqrt(fan_in), rel=0.03)
+    assert float(w["pycil"].abs().max()) <= bound < float(w["der"].abs().max())
+    assert float(heads["torch"].bias.detach().abs().max()) > 0
+    assert torch.equal(heads["pycil"].bias, torch.zeros(n)) and torch.equal(heads["der"].bias, torch.zeros(n))
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx, head_init="der", head_bias=False, balanced_epochs=1)
+    run_task(method, ctx, stream, engine, memory, 0)
+    assert method.head.bias is None
+
+
+def test_inherit_the_stage1_head_instead_of_the_stage2_head():
+    ctx, stream, engine, memory = make_ctx()
+    method = der(ctx, inherit_from="stage1", balanced_epochs=1, classifier_stage_first_task=True)
+    run_task(method, ctx, stream, engine, memory, 0)
+    stage1, stage2 = method.stage1_head.weight.detach().clone(), method.head.weight.detach().clone()
+    assert not torch.equal(stage1, stage2)                # stage 2 re-initialised and retrained the head
+    method.stack.add(build_backbone(method.stack.specs()[0]))
+    head = method.expand(stream.task(1))
+    assert torch.equal(head.weight[:2, : stage1.shape[1]], stage1)
+    method.stack.pop()
+    method.cfg.inherit_from = "stage2"
+    method.stack.add(build_backbone(method.stack.specs()[0]))
+    assert torch.equal(method.expand(stream.task(1)).weight[:2, : stage2.shape[1]], stage2)
+    # the stage-1 head survives a checkpoint
+    other = der(ctx, inherit_from="stage1", balanced_epochs=1, classifier_stage_first_task=True)
+    other.load_state_dict(method.state_dict())
+    assert torch.equal(other.stage1_head.weight, method.stage1_head.weight)
+
+
+# --- pruning masks that learn (issue 11, item 1) -----------------------------------------------------------
+
+def pruned_task0(sparsity_weight, epochs=4, **options):
+    """DER with pruning on the first task of a 64-images-per-class card: the pruning log of that task."""
+    card = {**TINY_CARD, "data": {"synthetic": {**TINY_CARD["data"]["synthetic"], "train_per_class": 64}}}
+    protocol = build_protocol(card, "tiny")
+    device = torch.device("cpu")
+    stream = Stream(protocol, load_dataset(protocol, None), device)
+    engine = Engine(stream, RuntimeOptions(device="cpu", max_epochs=epochs), device)
+    ctx = Context(protocol, stream, engine, make_memory(protocol.memory, device), device, seed=0)
+    method = DER(build(DERConfig, {"prune": True, "sparsity_weight": sparsity_weight, **options}, "test"), ctx)
+    engine.begin_task(0, 0)
+    method.learn(stream.task(0), ctx)
+    return method.log[0]
+
+
+def test_pruning_keeps_a_learned_set_not_the_initial_signs():
+    """Eq. 9 as printed with HAT's N(0, 1) init never flips a mask: pruning by the random init. The default
+    (HAT's compensation, every channel starting kept) decides the kept set in training."""
+    learned = pruned_task0(0.75)
+    assert learned["changed_vs_init"] > 0.1
+    printed = pruned_task0(0.75, grad_comp="paper", mask_init_mean=0.0, mask_init_std=1.0)
+    assert printed["changed_vs_init"] < 0.05
+
+
+def test_sparsity_weight_controls_how_much_is_pruned():
+    logs = [pruned_task0(w) for w in (0.0, 0.75, 3.0)]
+    params = [log["params_after"] for log in logs]
+    kept = [log["kept_fraction"] for log in logs]
+    assert params[0] > params[1] > params[2], params
+    assert kept[0] > kept[1] > kept[2], kept
+    # a real lever, not the few flips eq. 9 as printed allows (there: 5178 -> 4814 params, kept 55% -> 54%)
+    assert params[2] < 0.5 * params[0] and kept[0] - kept[2] > 0.2
+
+
+def signal_net():
+    """A fixed ResNet whose feature channel 0 carries the label (it reads input channel 0, the class sign) and
+    channels 1-3 carry only noise (they read input channel 1); block convs are zero, so the block passes the
+    stem output through its identity shortcut."""
+    spec = {"name": "toy", "in_channels": 2, "stem": 4, "stem_kind": "cifar", "shortcut": "A",
+            "stages": [[[2, 4]]]}
+    net = build_backbone(spec)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+        stem = net.stem[0].weight                         # (4, 2, 3, 3)
+        stem[0, 0] = 1 / 9
+        stem[1, 1], stem[2, 1], stem[3, 1] = 1 / 9, -1 / 9, 0.2
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+@pytest.mark.parametrize("grad_comp, init, survives", [("default", None, True), ("default", -0.5, True),
+                                                         ("paper", -0.5, False)])
+def test_the_channel_the_task_needs_survives_and_noise_is_pruned(grad_comp, init, survives):
+    """With DER's default mask options the channel carrying the label is kept (even from an unlucky negative
+    start) and the noise channels are pruned; eq. 9 as printed cannot move a mask off its start."""
+    torch.manual_seed(0)
+    cfg = DERConfig()
+    grad_comp = cfg.grad_comp if grad_comp == "default" else grad_comp
+    net = signal_net()
+    masks = ChannelMasks(net, cfg.mask_scope, cfg.s_max, cfg.sparsity_kernel, cfg.mask_init_mean,
+                         cfg.mask_init_std).attach()
+    stream = masks.graph.out
+    if init is not None:
+        with torch.no_grad():
+            masks.e[stream][0] = init                   # the signal channel's start (-0.5: an unlucky draw)
+    head = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD([*masks.parameters(), *head.parameters()], lr=0.05, momentum=0.9)
+    steps = 20
+    for step in range(200):
+        y = torch.randint(0, 2, (32,))
+        x = torch.randn(32, 2, 6, 6)
+        x[:, 0] += (2.0 * y - 1)[:, None, None]
+        masks.s = anneal(step % steps, steps, cfg.s_max)
+        loss = torch.nn.functional.cross_entropy(head(net(x)), y) + cfg.sparsity_weight * masks.sparsity()
+        opt.zero_grad()
+        loss.backward()
+        masks.compensate(grad_comp, cfg.clamp_cosh)
+        opt.step()
+        masks.clamp_(cfg.clamp_mask)
+    keep = masks.keep()[stream].tolist()
+    assert (0 in keep) == survives
+    if survives:
+        assert keep == [0]                               # every noise channel is switched off

@@ -54,9 +54,9 @@ def test_cosine_with_warmup():
 
 def test_capped_phase_keeps_the_schedule_shape():
     cfg = TrainConfig(epochs=170, schedule="multistep", milestones=[80, 120], gamma=0.1, warmup_epochs=10)
-    # capped to 17 epochs: warm-up 1 epoch, milestones at 8 and 12 after it
+    # capped to 17 epochs: warm-up 1 epoch (half lr), milestones at 8 and 12 after it
     f = factors(cfg, 17)
-    assert f[0] == pytest.approx(1.0)
+    assert f[0] == pytest.approx(0.5)
     assert f[1:9] == pytest.approx([1.0] * 8)
     assert f[9:13] == pytest.approx([0.1] * 4)
     assert f[13:] == pytest.approx([0.01] * 4)
@@ -68,8 +68,21 @@ def test_warmup_never_eats_a_whole_short_phase():
     cfg = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=10)
     assert factors(cfg, 1) == pytest.approx([1.0])
     f = factors(cfg, 10)
-    assert f[:9] == pytest.approx([(e + 1) / 9 for e in range(9)])
+    assert f[:9] == pytest.approx([(e + 1) / 10 for e in range(9)])
     assert f[9] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("cap", [2, 3, 5, 16])
+def test_capped_warmup_keeps_a_ramp_below_full_lr(cap):
+    """DER's 10-of-170-epoch warm-up under --epochs caps below 17: it used to round to 0 epochs (no warm-up)
+    or to 1 epoch at full lr."""
+    cfg = TrainConfig(epochs=170, schedule="multistep", milestones=[100, 120], gamma=0.1, warmup_epochs=10)
+    f = factors(cfg, cap)
+    assert f[0] < 1.0
+    assert f[1:] and max(f) == pytest.approx(1.0)
+    ramp = [x for x in f if x < 1.0 - 1e-9][: max(1, round(10 * cap / 170))]
+    assert ramp == sorted(ramp)
+    assert factors(TrainConfig(epochs=4, warmup_epochs=0), 2)[0] == 1.0      # no warm-up asked: none added
 
 
 def test_phase_config_derives_a_budget():
@@ -134,7 +147,7 @@ def test_fit_applies_the_schedule_and_reports_epochs(make_engine):
     assert [e["epoch"] for e in events] == [0, 1, 2, 3]
     assert {e["phase"] for e in events} == {"ce"} and {e["task"] for e in events} == {0}
     expected = [0.2 * f for f in factors(cfg)]
-    assert expected == pytest.approx([0.2, 0.2, 0.2, 0.1])
+    assert expected == pytest.approx([0.1, 0.2, 0.2, 0.1])     # a one-epoch warm-up starts below full lr
     assert [e["lr"] for e in events] == pytest.approx(expected)
     assert [applied[e] for e in range(4)] == pytest.approx(expected, rel=1e-4)
     assert result.images == 4 * len(idx)
@@ -326,3 +339,37 @@ def test_resume_gives_the_same_results_as_an_uninterrupted_run(tmp_path, run_cli
     assert _events(full) == _events(split)
     manifest = json.loads((split / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["tasks_done"] == 5 and manifest["deterministic"]
+
+
+def test_scores_and_herding_features_float32_under_bf16_training(make_engine):
+    """CUDA trains under bf16 autocast; forced on here for CPU (the same code path). Training sees bf16,
+    evaluation and herding features (Engine.apply) stay float32 and equal an amp-off engine bit for bit."""
+    engine, _ = make_engine()
+    engine.amp = True
+    torch.manual_seed(0)
+    model = Linear()
+    seen = []
+
+    def loss(batch):
+        out = model(batch.x)
+        seen.append(out.dtype)
+        return nn.functional.cross_entropy(out.float(), batch.y)
+
+    idx = engine.stream.task(0).train_idx
+    engine.fit(model.parameters(), loss, idx, TrainConfig(epochs=1, batch_size=64, lr=0.01), modules=[model])
+    assert set(seen) == {torch.bfloat16}
+    model.eval()
+
+    def scores(x):
+        out = model(x)
+        seen.append(out.dtype)
+        return out
+
+    seen.clear()
+    amp_scores = engine.apply(scores, idx)
+    assert set(seen) == {torch.float32}
+    reference, _ = make_engine()
+    assert torch.equal(amp_scores, reference.apply(model, idx))
+    with engine.autocast():      # what the old apply computed: bf16 scores differ and tie
+        bf16 = model(engine.augmenter.test(engine.stream.train.images[idx])).float()
+    assert not torch.equal(bf16, amp_scores)

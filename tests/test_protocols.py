@@ -299,3 +299,61 @@ def test_stream_with_a_base_task():
     assert stream.task_sizes == [4, 2, 2]
     assert list(stream.task(0).classes) == [0, 1, 2, 3]
     assert list(stream.task(2).classes) == [6, 7]
+
+
+# --- class orders per seed, augmentation lineage (issue 11 item 4, issue 9) ---------------------------------
+
+def resolved(method: str, protocol: str, seed: int, *sets: str):
+    from cilbench.runner import RunRequest, resolve
+    return resolve(RunRequest(method=method, protocol=protocol, seed=seed, overrides=list(sets)))
+
+
+def test_class_orders_map_seed_k_to_the_kth_order():
+    """A three-seed run is DER's three-order protocol; config.yaml records the order used and the list."""
+    orders = "class_orders=[der_trial2,der_trial3,der_trial4]"
+    for seed, name in enumerate(["der_trial2", "der_trial3", "der_trial4"]):
+        r = resolved("finetune", "cifar100_b50s5", seed, orders)
+        assert r.protocol.class_order == name
+        assert r.config["protocol"]["class_order"] == name
+        assert r.config["class_order"] == {"name": name, "rule": f"class_orders[{seed}]",
+                                           "orders": ["der_trial2", "der_trial3", "der_trial4"]}
+    plain = resolved("finetune", "cifar100_b50s5", 1)
+    assert plain.protocol.class_order == "seed1993"
+    assert plain.config["class_order"] == {"name": "seed1993", "rule": "class_order", "orders": []}
+
+
+def test_class_order_shuffle_draws_one_order_per_seed():
+    r = [resolved("finetune", "digits_b0s2", seed, "class_order=shuffle") for seed in (0, 1)]
+    assert [x.protocol.class_order for x in r] == ["seed0", "seed1"]
+    assert r[1].config["class_order"]["rule"] == "shuffle"
+    assert resolve_class_order("seed0", 10, 10) != resolve_class_order("seed1", 10, 10)
+
+
+@pytest.mark.parametrize("sets, seed, match", [
+    (["class_orders=[podnet1,podnet2,podnet3]"], 3, r"class_orders lists 3 orders, for seeds 0\.\.2; got --seed 3"),
+    (["class_orders=[podnet1,podnet9]"], 0, r"class_orders\[1\]: unknown order 'podnet9'"),
+    (["class_order=shuffle", "class_orders=[podnet1]"], 0, "exclude each other"),
+    (["method_augment.der.brightnes=0.2"], 0, r"unknown key 'method_augment\.der\.brightnes'"),
+])
+def test_bad_class_orders_and_method_augment_are_user_errors(sets, seed, match):
+    with pytest.raises(UserError, match=match):
+        resolved("der", "cifar100_b50s5", seed, *sets)
+
+
+def test_cli_out_of_range_seed_exits_2(tmp_path, run_cli, error_line, nothing_complete):
+    res = run_cli("finetune", "digits_b0s2", tmp_path, "--seed", "2", "--set", "class_orders=[seed1,seed2]")
+    assert res.exit_code == 2 and "class_orders lists 2 orders" in error_line(res)
+    assert nothing_complete(tmp_path)
+
+
+def test_method_augment_gives_each_lineage_its_augmentation():
+    """ImageNet-100: DER/PyCIL/TSD published rows train without brightness jitter, PODNet/EXACFS with it."""
+    for card in ("imagenet100_b0s10", "imagenet100_b50s5"):
+        for method in ("der", "der_prune", "tsd_grc", "tsd_fixed", "finetune"):
+            assert resolved(method, card, 0).protocol.augment.brightness == 0.0
+        assert load_protocol(card).method_augment["exacfs"] == {"brightness": 0.247059}
+    r = resolved("der_prune", "digits_b0s2", 0, "method_augment.der.brightness=0.2",
+                 "method_augment.der_prune.flip=false")
+    assert (r.protocol.augment.brightness, r.protocol.augment.flip) == (0.2, False)
+    assert r.config["protocol"]["augment"]["brightness"] == 0.2           # recorded as run
+    assert resolved("finetune", "digits_b0s2", 0, "method_augment.der.brightness=0.2").protocol.augment.brightness == 0

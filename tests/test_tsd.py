@@ -300,6 +300,7 @@ def test_fixed_pool_bound_selection_and_untouched_slots():
     assert method.prev_target == prev
     n_params = sum(p.numel() for p in method.pool.parameters()) + sum(p.numel() for p in method.head.parameters())
     assert method.inference_footprint().params == n_params
+    assert method.inference_footprint().params_backbone == sum(p.numel() for p in method.pool.parameters())
 
 
 def test_fixed_similarity_uses_exemplars_of_own_classes():
@@ -473,3 +474,35 @@ def test_one_frozen_negative_per_old_sample_and_frozen_extractor():
         tsd.supcon_distinct = original
     assert seen and any(old for old, _ in seen)
     assert all(negatives == 2 * old for old, negatives in seen)
+
+
+def test_aux_head_honours_head_bias_and_uses_ders_aux_labels(monkeypatch):
+    """The optional DER auxiliary head (aux_loss) follows head_bias like every other head, and its targets
+    come from the one shared mapping (cilbench.losses.aux_labels)."""
+    import methods.tsd as tsd_module
+    from cilbench.losses import aux_labels
+
+    calls = []
+
+    def spy_labels(y, n_old):
+        calls.append(n_old)
+        return aux_labels(y, n_old)
+
+    monkeypatch.setattr(tsd_module, "aux_labels", spy_labels)
+    ctx = make_ctx()
+    method = make_method("tsd_grc", ctx, n_extractors=2, aux_loss=True, head_bias=False, con_weight=0.0)
+    trained = []
+    fit = ctx.engine.fit
+
+    def spy(params, loss_fn, indices, train_cfg, **kw):
+        if kw["phase"] == "ce":
+            trained.append([tuple(p.shape) for p in params])
+        return fit(params, loss_fn, indices, train_cfg, **kw)
+
+    ctx.engine.fit = spy
+    learn_task(method, ctx, 0)
+    learn_task(method, ctx, 1)
+    n_aux = ctx.stream.task(1).n_new + 1
+    assert any(len(s) == 2 and s[0] == n_aux for s in trained[1])   # the aux head trains in the CE phase
+    assert (n_aux,) not in trained[1]                 # no aux bias with head_bias false
+    assert calls and set(calls) == {2}
