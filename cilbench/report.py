@@ -26,7 +26,7 @@ import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -1132,11 +1132,11 @@ def _clear_outputs(out_dir: Path) -> None:
 
 
 def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, metrics=None,
-                 reference_dir: Path | None = None) -> Path:
+                 reference_dir: Path | None = None, include: Callable[[Path], bool] | None = None) -> Path:
     """Scan runs_dir, aggregate seeds, write tables/plots/index.html under out_dir; return index.html."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     chosen_metrics = resolve_metrics(list(metrics) if metrics else None)
-    all_runs = scan_runs(runs_dir)
+    all_runs = [r for r in scan_runs(runs_dir) if include is None or include(r.path)]
     if not all_runs:
         raise UserError(f"no runs under {runs_dir} (expected <runs>/<protocol>/<run_name>/seed<k>/manifest.json); "
                         "run `cilbench run ...` first or pass --runs DIR")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import datetime as dt
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -237,6 +239,7 @@ def execute(request: RunRequest) -> Path:
         "python": platform.python_version(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "deterministic": runtime.deterministic, "started": _now(), "finished": None,
+        "host": socket.gethostname(), "pid": os.getpid(),   # lets `cilbench sweep` tell a dead run from a live one
         "tasks_done": start_task, "tasks_total": stream.num_tasks, "error": None,
     }
     store.write_manifest(manifest)
