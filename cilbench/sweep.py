@@ -52,6 +52,18 @@ class SweepSpec:
     out: str = "results/runs"
     data_root: str | None = None
     tag: str | None = None
+    grids: list[dict] = field(default_factory=list)     # parts of the grid, each overriding the keys above
+    source: str = field(default="", init=False)        # the file it came from (for messages)
+
+
+@dataclass
+class GridPart:
+    """One part of a sweep's grid (e.g. one protocol with its own N): unset keys come from the file's top
+    level; `set` entries are added to the top level's."""
+    methods: list[str] | None = None
+    protocols: list[str] | None = None
+    seeds: list[int] | None = None
+    set: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,14 +92,14 @@ def load_sweep(path: str | None, methods=None, protocols=None, seeds=None, sets=
         data = load_yaml(path)
         data.setdefault("name", Path(path).stem)
         spec = build(SweepSpec, data, path)
+        spec.source = path
     else:
         spec = SweepSpec(name="cli")
-    if methods:
-        spec.methods = list(methods)
-    if protocols:
-        spec.protocols = list(protocols)
-    if seeds:
-        spec.seeds = list(seeds)
+    for key, value in (("methods", methods), ("protocols", protocols), ("seeds", seeds)):
+        if value:   # the command line's grid replaces the file's, in every part
+            setattr(spec, key, list(value))
+            for part in spec.grids:
+                part.pop(key, None)
     for text in sets:
         if "=" not in text:
             raise UserError(f"--set {text!r}: expected key=value or key=[v1,v2] (an axis of the grid)")
@@ -121,33 +133,45 @@ def _known_method_heads() -> set[str]:
 
 
 def expand(spec: SweepSpec) -> list[Cell]:
-    """Every cell of the grid, protocol-major. A `set` key headed by a method (or its family) applies only to
-    that method's cells; any other key (card, runtime) applies to all."""
-    for what in ("methods", "protocols", "seeds"):
-        if not getattr(spec, what):
-            raise UserError(f"sweep {spec.name}: the grid is empty: no {what} given (in the file or --{what})")
-    heads = _known_method_heads() | set(spec.methods)
-    families = {m: _family(m) for m in spec.methods}
-    for key in spec.set:
-        head = key.split(".")[0]
-        if head in heads and head not in set(spec.methods) | set(families.values()):
-            raise UserError(f"sweep {spec.name}: set key '{key}' is an option of '{head}', which is not in the "
-                            f"grid's methods ({', '.join(spec.methods)}); remove it or add the method")
+    """Every cell of the grid, part by part, protocol-major."""
+    where = spec.source or "the command line"
+    parts = [build(GridPart, g, where, prefix=f"grids[{i}].") for i, g in enumerate(spec.grids)] or [GridPart()]
     cells = []
-    for protocol in spec.protocols:
-        for method in spec.methods:
-            keys = [k for k in spec.set if k.split(".")[0] not in heads or k.split(".")[0] in (method, families[method])]
-            fixed = [f"{k}={_yaml_value(spec.set[k])}" for k in keys if not isinstance(spec.set[k], list)]
-            axis_keys = [k for k in keys if isinstance(spec.set[k], list)]
-            for k in axis_keys:
-                if not spec.set[k]:
-                    raise UserError(f"sweep {spec.name}: set key '{k}' is an empty list, so the grid is empty; "
-                                    "give at least one value")
-            for values in itertools.product(*(spec.set[k] for k in axis_keys)):
+    for i, part in enumerate(parts):
+        name = f"{spec.name}" + (f" grids[{i}]" if spec.grids else "")
+        cells += _expand_part(name, part.methods or spec.methods, part.protocols or spec.protocols,
+                              spec.seeds if part.seeds is None else part.seeds, {**spec.set, **part.set}, spec.tag)
+    return cells
+
+
+def _expand_part(name: str, methods: list[str], protocols: list[str], seeds: list[int], sets: dict,
+                 tag: str | None) -> list[Cell]:
+    """A `set` key headed by a method (or its family) applies only to that method's cells; any other key
+    (card, runtime) applies to all. A list value is an axis."""
+    for what, values in (("methods", methods), ("protocols", protocols), ("seeds", seeds)):
+        if not values:
+            raise UserError(f"sweep {name}: the grid is empty: no {what} given (in the file or --{what})")
+    heads = _known_method_heads() | set(methods)
+    families = {m: _family(m) for m in methods}
+    for key, value in sets.items():
+        head = key.split(".")[0]
+        if head in heads and head not in set(methods) | set(families.values()):
+            raise UserError(f"sweep {name}: set key '{key}' is an option of '{head}', which is not in the "
+                            f"grid's methods ({', '.join(methods)}); remove it or add the method")
+        if value == []:
+            raise UserError(f"sweep {name}: set key '{key}' is an empty list, so the grid is empty; "
+                            "give at least one value")
+    cells = []
+    for protocol in protocols:
+        for method in methods:
+            keys = [k for k in sets if k.split(".")[0] not in heads or k.split(".")[0] in (method, families[method])]
+            fixed = [f"{k}={_yaml_value(sets[k])}" for k in keys if not isinstance(sets[k], list)]
+            axis_keys = [k for k in keys if isinstance(sets[k], list)]
+            for values in itertools.product(*(sets[k] for k in axis_keys)):
                 axes = tuple(zip(axis_keys, values))
                 overrides = tuple(fixed + [f"{k}={_yaml_value(v)}" for k, v in axes])
-                for seed in spec.seeds:
-                    cells.append(Cell(method, protocol, int(seed), overrides, axes, spec.tag))
+                for seed in seeds:
+                    cells.append(Cell(method, protocol, int(seed), overrides, axes, tag))
     return cells
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from cilbench import sweep as sweeps
+from cilbench.cli import app
 from cilbench.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,10 +218,17 @@ def test_a_failing_cell_is_reported_while_the_others_complete(cli, tmp_path):
 # --------------------------------------------------------------------------------------------------------
 # --status and report --sweep, on runs made in-process
 
-@pytest.fixture
-def half_done(run_cli, tmp_path):
+@pytest.fixture(scope="module")
+def half_done(tmp_path_factory):
     """A 4-cell sweep: one run complete, one stopped after a task, one failed, one not started; plus a run
     outside the sweep."""
+    runner = CliRunner()
+
+    def run_cli(method, protocol, out, *extra):
+        args = ["run", "--method", method, "--protocol", protocol, "--out", str(out), "--device", "cpu", "--quiet"]
+        return runner.invoke(app, args + list(extra))
+
+    tmp_path = tmp_path_factory.mktemp("half")
     out = tmp_path / "runs"
     path = write_sweep(tmp_path / "half.yaml", methods=["finetune"], protocols=["digits_b4s2"], seeds=[0, 1],
                        set={"train.lr": [0.05, 1.0e+30]}, epochs=1, device="cpu", out=str(out))
@@ -252,7 +261,8 @@ def test_status_of_a_half_done_sweep(half_done, cli):
 def test_status_reads_a_run_whose_process_died_as_interrupted(half_done, cli):
     path, out = half_done
     manifest_path = out / "digits_b4s2" / "finetune+lr0.05" / "seed1" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
     dead = subprocess.Popen([PYTHON, "-c", "pass"])
     dead.wait()
     manifest.update(status="running", pid=dead.pid, error=None)
@@ -262,6 +272,7 @@ def test_status_reads_a_run_whose_process_died_as_interrupted(half_done, cli):
     manifest.update(pid=os.getpid())                          # a live owner: left alone
     manifest_path.write_text(json.dumps(manifest))
     assert sweeps.read_state(manifest_path.parent).state == "running"
+    manifest_path.write_text(original)
 
 
 def test_report_of_a_sweep_shows_only_its_runs(half_done, cli, tmp_path):
