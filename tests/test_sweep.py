@@ -104,6 +104,19 @@ def test_bad_grid_is_refused_before_anything_is_submitted(cli, error_line, tmp_p
     assert not out.exists()                   # nothing submitted, nothing written
 
 
+def test_grid_parts_take_their_own_protocols_and_options(tmp_path):
+    path = write_sweep(tmp_path / "p.yaml", methods=["tsd_grc", "finetune"], seeds=[0], epochs=1, grids=[
+        {"protocols": ["digits_b0s2"], "set": {"tsd_grc.n_extractors": 2}},
+        {"protocols": ["digits_b4s2"], "set": {"tsd_grc.n_extractors": [3, 4]}, "seeds": [1]}])
+    cells = sweeps.prepare(sweeps.load_sweep(str(path), out=str(tmp_path)))
+    assert sorted(c.run_dir.relative_to(tmp_path).as_posix() for c in cells) == [
+        "digits_b0s2/finetune/seed0", "digits_b0s2/tsd_grc+N2/seed0",
+        "digits_b4s2/finetune/seed1", "digits_b4s2/tsd_grc+N3/seed1", "digits_b4s2/tsd_grc+N4/seed1"]
+    bad = write_sweep(tmp_path / "bad.yaml", methods=["finetune"], grids=[{"protocol": ["digits_b0s2"]}])
+    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'grids\[0\]\.protocol'"):
+        sweeps.expand(sweeps.load_sweep(str(bad)))
+
+
 def test_grid_from_the_command_line_matches_the_file(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", **CI_GRID)
     from_file = sweeps.prepare(sweeps.load_sweep(str(path), out=str(tmp_path)))
@@ -256,6 +269,19 @@ def test_status_of_a_half_done_sweep(half_done, cli):
     assert "1/4" not in failed and "non-finite loss" in failed
     interrupted = next(line for line in lines if " interrupted " in line)
     assert " 1/4 " in interrupted
+
+
+def test_only_unfinished_runs_are_started_and_failed_ones_on_request(half_done):
+    path, out = half_done
+    spec = sweeps.load_sweep(str(path))
+    cells = sweeps.prepare(spec)
+    names = lambda cs: sorted((c.run_dir.parent.name, c.seed) for c in cs)   # noqa: E731
+    start, skipped = sweeps.to_start(cells, retry_failed=False)
+    assert names(start) == [("finetune+lr0.05", 1), ("finetune+lr1.0e30", 1)]     # interrupted, pending
+    assert names(skipped["complete"]) == [("finetune+lr0.05", 0)]
+    assert names(skipped["failed"]) == [("finetune+lr1.0e30", 0)]
+    start, _ = sweeps.to_start(cells, retry_failed=True)
+    assert ("finetune+lr1.0e30", 0) in names(start)
 
 
 def test_status_reads_a_run_whose_process_died_as_interrupted(half_done, cli):
