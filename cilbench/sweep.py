@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -432,7 +433,9 @@ def make_executor(backend: Backend, spec: SweepSpec) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=log_folder(spec) / "%j", cluster=backend.kind)
     minutes = parse_time(backend.time)
     if backend.kind == "local":
-        executor.update_parameters(timeout_min=minutes or 60 * 24 * 365)
+        # submitit's per-job controller writes a traceback when a job is cancelled: keep it in the logs
+        controller_log = shlex.quote(str(log_folder(spec) / "controllers.err"))
+        executor.update_parameters(timeout_min=minutes or 60 * 24 * 365, local_setup=[f"exec 2>>{controller_log}"])
         return executor
     extra = {}
     for line in backend.sbatch:
@@ -577,6 +580,7 @@ def _run_local(spec, start, executor, slots, outcome, echo) -> Outcome:
     echo(f"starting {len(start)} runs, {len(slots)} at a time; logs in {log_folder(spec)}")
     progress = Progress(len(start))
     queue, free, running = list(start), list(slots), {}
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         while queue or running:
             while queue and free:
@@ -603,8 +607,14 @@ def _run_local(spec, start, executor, slots, outcome, echo) -> Outcome:
             time.sleep(0.2)
         outcome.interrupted = [c for c, _, _ in running.values()] + queue
     finally:
+        signal.signal(signal.SIGTERM, previous)
         progress.close()
     return outcome
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    """SIGTERM to the sweep (a closed session, `timeout`) stops its runs as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def summary(spec: SweepSpec, cells: list[Cell], outcome: Outcome, report: Path | None, sweep_file: str | None) -> str:
