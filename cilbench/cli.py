@@ -145,7 +145,7 @@ def sweep(
     deterministic: Optional[bool] = typer.Option(None, "--deterministic/--fast", help="deterministic runs"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     data_root: Optional[str] = typer.Option(None, help="data folder"),
-    out: Optional[str] = typer.Option(None, help="root of the run directories [default: the file's, else results/runs]"),
+    out: Optional[str] = typer.Option(None, help="root of the run directories [default: the file's, or results/runs]"),
     name: Optional[str] = typer.Option(None, help="sweep name (log folder) [default: the file's stem]"),
     backend: str = typer.Option("local", help="local | slurm"),
     jobs: Optional[int] = typer.Option(None, help="local: runs at once [default: one per GPU slot, else 1]"),
@@ -180,15 +180,17 @@ def sweep(
         if status:
             typer.echo(sweeps.status_table(spec, cells))
             return
-        gpu_ids = [int(g) for g in _csv([gpus])] if gpus else None
+        gpu_ids = None
+        if gpus:
+            if not all(g.isdigit() for g in _csv([gpus])):
+                _fail(f"--gpus must be GPU ids, e.g. --gpus 0,1,2,3; got {gpus!r}")
+            gpu_ids = [int(g) for g in _csv([gpus])]
         options = sweeps.Backend(backend, jobs, gpu_ids, runs_per_gpu, time_, partition, account, gpus_per_run,
                                  cpus_per_run, mem_gb, array_parallelism, list(sbatch))
         if backend == "local" and gpus_per_run != 1:
             _fail("--gpus-per-run applies to --backend slurm; the local backend pins each run to one GPU")
         sweeps.parse_time(time_)
         outcome = sweeps.run_sweep(spec, cells, options, retry_failed, echo=typer.echo)
-    except ValueError as exc:   # e.g. a --gpus id that is not a number
-        _fail(f"sweep: {exc}")
     except UserError as exc:
         _fail(str(exc))
     index = None

@@ -168,7 +168,7 @@ def killed_then_finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     path = write_sweep(root / "ci.yaml", **CI_GRID)
     out = root / "runs"
-    proc = _sweep_process([path, "--out", out, "--jobs", "1", "--no-report"])
+    proc = _sweep_process([path, "--out", out, "--jobs", "2", "--no-report"])
     _wait_for_half_done(out, proc)
     os.killpg(proc.pid, signal.SIGINT)                       # a Ctrl-C reaches the whole process group
     killed_output = proc.communicate(timeout=120)[0]
