@@ -343,6 +343,21 @@ def _child_setup() -> None:
         pass
 
 
+def _exited(child: subprocess.Popen, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while True:
+        if child.returncode is not None:
+            return True
+        try:
+            if os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:   # reaped meanwhile
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 class RunCell(submitit.helpers.Checkpointable):
     """The submitit job callable. On pre-emption or time-out submitit calls `checkpoint`: the run is stopped
     with SIGTERM (it marks itself interrupted after its last finished task) and the same command is
@@ -366,19 +381,14 @@ class RunCell(submitit.helpers.Checkpointable):
             raise
 
     def _stop(self, sig: int, grace_s: float = 0.0, wait_s: float = 60.0) -> None:
-        """Signal the run unless it ends within `grace_s`, then give it `wait_s` to mark itself and exit."""
+        """Signal the run unless it ends within `grace_s`, then give it `wait_s` to mark itself and exit.
+        Runs inside submitit's signal handler, while `__call__` may hold Popen's wait lock: so it watches the
+        process with waitid(WNOWAIT), which leaves reaping to `__call__`."""
         child = self._child
-        if child is None:
+        if child is None or _exited(child, grace_s):
             return
-        try:
-            child.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            pass
         child.send_signal(sig)
-        try:
-            child.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
+        if not _exited(child, wait_s):
             child.kill()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

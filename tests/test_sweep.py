@@ -359,18 +359,27 @@ def test_slurm_backend_submits_one_job_array_of_resumable_runs(cli, stub_sbatch,
 
 
 def test_preempted_job_stops_its_run_and_requeues_the_same_command():
+    """submitit calls `checkpoint` from its USR2 handler, in the thread that waits for the run."""
     cell = sweeps.RunCell()
     command = [PYTHON, "-c", "import time; time.sleep(60)"]
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(code=cell(command)))
-    worker.start()
-    while cell._child is None:
-        time.sleep(0.01)
-    requeued = cell.checkpoint(command)                       # what submitit calls on USR2
-    worker.join(timeout=30)
-    assert result["code"] == -signal.SIGTERM
-    assert isinstance(requeued.function, sweeps.RunCell) and requeued.args == (command,)
-    pickle.dumps(requeued)                                     # submitit pickles it for the requeued job
+    requeued = {}
+    previous = signal.signal(signal.SIGUSR2, lambda *_: requeued.update(job=cell.checkpoint(command)))
+
+    def preempt():
+        while cell._child is None:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=preempt).start()
+    t0 = time.monotonic()
+    try:
+        code = cell(command)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert code == -signal.SIGTERM and time.monotonic() - t0 < 20    # stopped by SIGTERM, not left to the kill
+    job = requeued["job"]
+    assert isinstance(job.function, sweeps.RunCell) and job.args == (command,)
+    pickle.dumps(job)                                          # submitit pickles it for the requeued job
 
 
 def test_bad_backend_options_are_refused(cli, error_line, tmp_path):
