@@ -240,6 +240,7 @@ class RunState:
     tasks_total: int | None = None
     elapsed_s: float | None = None
     reason: str = ""
+    orphaned: bool = False           # marked running, but its process is gone (killed, out of memory, reboot)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -284,7 +285,8 @@ def read_state(path: Path) -> RunState:
     if status not in STATES:
         status = "failed"
     return RunState(status, int(manifest.get("tasks_done") or 0), manifest.get("tasks_total"),
-                    _elapsed(Path(path), manifest), reason if status != "complete" else "")
+                    _elapsed(Path(path), manifest), reason if status != "complete" else "",
+                    orphaned=manifest.get("status") == "running" and status == "interrupted")
 
 
 def _duration(seconds: float | None) -> str:
@@ -520,9 +522,14 @@ class Progress:
             self.bar.stop()
 
 
-def _failure_reason(cell: Cell, job) -> str:
+def _failure_reason(cell: Cell, job, state: RunState) -> str:
     """The run's own reason, else the last `error:` line the job printed (e.g. data not found)."""
-    state = read_state(cell.run_dir)
+    if state.orphaned:
+        try:
+            code = f"exit code {job.result()}"
+        except Exception:   # the job itself failed
+            code = "no exit code"
+        return f"its process died without marking the run ({code}); the next invocation resumes it"
     if state.reason:
         return state.reason
     try:
@@ -604,9 +611,11 @@ def _run_local(spec, start, executor, slots, outcome, echo) -> Outcome:
                 state = read_state(cell.run_dir)
                 if state.state == "complete":
                     outcome.complete.append(cell)
+                elif state.state == "interrupted" and not state.orphaned:   # stopped from outside
+                    outcome.interrupted.append(cell)
                 else:
-                    state.reason = _failure_reason(cell, job)
-                    state.state = "failed" if state.state in ("pending", "running") else state.state
+                    state.reason = _failure_reason(cell, job, state)
+                    state.state = "failed"
                     outcome.failed.append((cell, state.reason))
                 progress.finished(cell, state, time.monotonic() - t0)
     except KeyboardInterrupt:
@@ -615,7 +624,7 @@ def _run_local(spec, start, executor, slots, outcome, echo) -> Outcome:
         deadline = time.monotonic() + 60
         while any(not j.done() for j in running) and time.monotonic() < deadline:
             time.sleep(0.2)
-        outcome.interrupted = [c for c, _, _ in running.values()] + queue
+        outcome.interrupted += [c for c, _, _ in running.values()] + queue
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
@@ -638,7 +647,7 @@ def summary(spec: SweepSpec, cells: list[Cell], outcome: Outcome, report: Path |
         lines.append(f"  failed: {cell.label}: {reason}")
     if outcome.interrupted:
         lines.append(f"interrupted with {len(outcome.interrupted)} runs left; the same command continues them")
-    if outcome.failed:
+    if total["failed"]:
         lines.append("rerun the failed ones with --retry-failed")
     if report is not None:
         lines.append(f"report: {report}")
