@@ -32,7 +32,7 @@ from typing import Any, Callable
 import submitit
 import yaml
 
-from .config import build, load_yaml
+from .config import build, load_yaml, parse_override
 from .errors import UserError
 
 STATES = ("complete", "running", "interrupted", "failed", "pending")
@@ -101,11 +101,13 @@ def load_sweep(path: str | None, methods=None, protocols=None, seeds=None, sets=
             setattr(spec, key, list(value))
             for part in spec.grids:
                 part.pop(key, None)
-    for text in sets:
-        if "=" not in text:
-            raise UserError(f"--set {text!r}: expected key=value or key=[v1,v2] (an axis of the grid)")
-        key, raw = text.split("=", 1)
-        spec.set[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    for text in sets:   # the command line's --set wins over the file's, in every part
+        path_, value = parse_override(text)
+        key = ".".join(path_)
+        spec.set[key] = value
+        for part in spec.grids:
+            if isinstance(part.get("set"), dict):
+                part["set"].pop(key, None)
     for key, value in fixed.items():
         if value is not None:
             setattr(spec, key, value)

@@ -112,6 +112,8 @@ def test_grid_parts_take_their_own_protocols_and_options(tmp_path):
     assert sorted(c.run_dir.relative_to(tmp_path).as_posix() for c in cells) == [
         "digits_b0s2/finetune/seed0", "digits_b0s2/tsd_grc+N2/seed0",
         "digits_b4s2/finetune/seed1", "digits_b4s2/tsd_grc+N3/seed1", "digits_b4s2/tsd_grc+N4/seed1"]
+    overridden = sweeps.prepare(sweeps.load_sweep(str(path), sets=["tsd_grc.n_extractors=[2,5]"], out=str(tmp_path)))
+    assert sorted({c.run_dir.parent.name for c in overridden}) == ["finetune", "tsd_grc+N2", "tsd_grc+N5"]
     bad = write_sweep(tmp_path / "bad.yaml", methods=["finetune"], grids=[{"protocol": ["digits_b0s2"]}])
     with pytest.raises(UserError, match=r"bad.yaml: unknown key 'grids\[0\]\.protocol'"):
         sweeps.expand(sweeps.load_sweep(str(bad)))
