@@ -178,11 +178,10 @@ def killed_then_finished(tmp_path_factory):
     cells = sweeps.prepare(spec)
     states_after_kill = {c.run_dir: sweeps.read_state(c.run_dir) for c in cells}
     status_after_kill = sweeps.status_table(spec, cells)
-    second = _sweep_process([path, "--out", out, "--jobs", "2"])
-    second_output = second.communicate(timeout=600)[0]
+    second = CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--jobs", "2"])
     return dict(path=path, out=out, cells=cells, killed_rc=proc.returncode, killed_output=killed_output,
                 states_after_kill=states_after_kill, status_after_kill=status_after_kill,
-                second_rc=second.returncode, second_output=second_output)
+                second_rc=second.exit_code, second_output=second.output)
 
 
 def test_killed_sweep_continues_to_metrics_equal_to_uninterrupted_runs(killed_then_finished, run_cli, tmp_path):
