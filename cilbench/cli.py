@@ -110,19 +110,105 @@ def download(dataset: str = typer.Argument(..., help="cifar10 | cifar100"),
 
 
 @app.command()
-def report(runs: str = typer.Option("results/runs", help="root of the run directories"),
-           out: str = typer.Option("results/report", help="where tables, plots and index.html go"),
+def report(runs: Optional[str] = typer.Option(None, help="root of the run directories [default: results/runs, "
+                                              "or the sweep's out]"),
+           out: Optional[str] = typer.Option(None, help="where tables, plots and index.html go [default: "
+                                             "results/report, or results/report/<sweep name>]"),
            protocol: List[str] = typer.Option([], "--protocol", help="only these protocols"),
            methods: List[str] = typer.Option([], "--methods", help="only these run names / methods"),
-           metric: List[str] = typer.Option([], "--metric", help="only these metric columns (avg, last, bwt, ...)")):
+           metric: List[str] = typer.Option([], "--metric", help="only these metric columns (avg, last, bwt, ...)"),
+           sweep: Optional[str] = typer.Option(None, "--sweep", help="only the runs of this sweep file")):
     """Paper-style tables, plots and an HTML report from every run found."""
     from .report import build_report
+    include = None
     try:
-        index = build_report(Path(runs), Path(out), protocols=protocol or None, methods=methods or None,
-                             metrics=metric or None)
+        if sweep is not None:
+            from . import sweep as sweeps
+            spec = sweeps.load_sweep(sweep, out=runs)
+            include = sweeps.include_filter(sweeps.prepare(spec))
+            runs, out = spec.out, out or str(sweeps.default_report_dir(spec))
+        index = build_report(Path(runs or "results/runs"), Path(out or "results/report"), protocols=protocol or None,
+                             methods=methods or None, metrics=metric or None, include=include)
     except UserError as exc:
         _fail(str(exc))
     typer.echo(f"report written: {index}")
+
+
+def _csv(values: List[str]) -> List[str]:
+    return [v.strip() for text in values for v in text.split(",") if v.strip()]
+
+
+@app.command()
+def sweep(
+    file: Optional[str] = typer.Argument(None, help="sweep file (protocols/sweeps/*.yaml); or give the grid below"),
+    methods: List[str] = typer.Option([], "--methods", help="grid: methods (comma-separated or repeated)"),
+    protocols: List[str] = typer.Option([], "--protocols", help="grid: protocols"),
+    seeds: List[str] = typer.Option([], "--seeds", help="grid: seeds, e.g. 0,1,2"),
+    set_: List[str] = typer.Option([], "--set", help="key=value for every run, key=[v1,v2] for an axis"),
+    epochs: Optional[int] = typer.Option(None, help="cap every training phase at N epochs"),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--fast", help="deterministic runs"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    data_root: Optional[str] = typer.Option(None, help="data folder"),
+    out: Optional[str] = typer.Option(None, help="root of the run directories [default: the file's, or results/runs]"),
+    name: Optional[str] = typer.Option(None, help="sweep name (log folder) [default: the file's stem]"),
+    backend: str = typer.Option("local", help="local | slurm"),
+    jobs: Optional[int] = typer.Option(None, help="local: runs at once [default: one per GPU slot, else 1]"),
+    gpus: Optional[str] = typer.Option(None, help="local: GPU ids to pin runs to, e.g. 0,1,2,3 [default: all]"),
+    runs_per_gpu: int = typer.Option(1, help="local: runs packed on each GPU"),
+    partition: Optional[str] = typer.Option(None, help="slurm: partition"),
+    account: Optional[str] = typer.Option(None, help="slurm: account"),
+    time_: Optional[str] = typer.Option(None, "--time", help="time limit per run, [D-]HH:MM:SS"),
+    gpus_per_run: int = typer.Option(1, help="slurm: GPUs per run"),
+    cpus_per_run: Optional[int] = typer.Option(None, help="slurm: CPUs per run"),
+    mem_gb: Optional[float] = typer.Option(None, help="slurm: memory per run (GB)"),
+    array_parallelism: Optional[int] = typer.Option(None, help="slurm: array tasks running at once"),
+    sbatch: List[str] = typer.Option([], "--sbatch", help="slurm: extra sbatch option key=value (repeatable)"),
+    status: bool = typer.Option(False, "--status", help="print each run's state (read from the run directories)"),
+    retry_failed: bool = typer.Option(False, help="also rerun (resume) failed runs"),
+    report_: bool = typer.Option(True, "--report/--no-report", help="local: build the sweep's report at the end"),
+):
+    """Run a grid of runs (methods x protocols x seeds x --set values) here or on Slurm, skipping complete runs."""
+    from . import sweep as sweeps
+    if backend not in ("local", "slurm"):
+        _fail(f"--backend must be local or slurm, got {backend!r}")
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    try:
+        seed_list = [int(s) for s in _csv(seeds)]
+    except ValueError:
+        _fail(f"--seeds must be integers, e.g. --seeds 0,1,2; got {seeds}")
+    try:
+        spec = sweeps.load_sweep(file, _csv(methods), _csv(protocols), seed_list, set_, epochs=epochs,
+                                 deterministic=deterministic, device=device, data_root=data_root, out=out, name=name)
+        cells = sweeps.prepare(spec)
+        if status:
+            typer.echo(sweeps.status_table(spec, cells))
+            return
+        gpu_ids = None
+        if gpus:
+            if not all(g.isdigit() for g in _csv([gpus])):
+                _fail(f"--gpus must be GPU ids, e.g. --gpus 0,1,2,3; got {gpus!r}")
+            gpu_ids = [int(g) for g in _csv([gpus])]
+        options = sweeps.Backend(backend, jobs, gpu_ids, runs_per_gpu, time_, partition, account, gpus_per_run,
+                                 cpus_per_run, mem_gb, array_parallelism, list(sbatch))
+        if backend == "local" and gpus_per_run != 1:
+            _fail("--gpus-per-run applies to --backend slurm; the local backend pins each run to one GPU")
+        sweeps.parse_time(time_)
+        outcome = sweeps.run_sweep(spec, cells, options, retry_failed, echo=typer.echo)
+    except UserError as exc:
+        _fail(str(exc))
+    index = None
+    if report_ and backend == "local" and outcome.complete and not outcome.interrupted:
+        from .report import build_report
+        try:
+            index = build_report(Path(spec.out), sweeps.default_report_dir(spec), include=sweeps.include_filter(cells))
+        except UserError as exc:
+            typer.echo(f"report not written: {exc}", err=True)
+    typer.echo(sweeps.summary(spec, cells, outcome, index, file))
+    if outcome.interrupted:
+        raise typer.Exit(130)
+    if outcome.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -307,6 +309,7 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
         "python": platform.python_version(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "deterministic": runtime.deterministic, "started": _now(), "finished": None,
+        "host": socket.gethostname(), "pid": os.getpid(),   # lets `cilbench sweep` tell a dead run from a live one
         "tasks_done": start_task, "tasks_total": stream.num_tasks, "error": None,
     }
     store.write_manifest(manifest)
