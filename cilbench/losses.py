@@ -58,15 +58,17 @@ def supcon_distinct(z: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor
         return -(temperature / base_temperature) * mean_log_prob_pos.mean()
 
 
-def nca_margin_loss(similarities: torch.Tensor, labels: torch.Tensor, margin: float = 0.6, scale: float = 1.0,
+def nca_margin_loss(similarities: torch.Tensor, labels: torch.Tensor, margin: float | torch.Tensor = 0.6,
+                    scale: float = 1.0,
                     form: str = "paper", reduction: str = "mean") -> torch.Tensor:
-    """PODNet's NCA loss on class similarities y (the LSC output), positive excluded from the denominator.
+    """PODNet's NCA loss on class logits y (the LSC output), positive excluded from the denominator.
 
     paper: l = [ -log( exp(s (y_y - delta)) / sum_{c != y} exp(s y_c) ) ]_+     (PODNet's LSC loss)
     code:  PODNet's released `nca`: s (y - delta) for every class, the positive's entry zeroed (not removed)
            in the denominator after a max shift, no hinge.
-    `scale` s is the outer NCA scale (PODNet: 1; the LSC's learned eta is inside y). Computed in float32;
-    `reduction` "none" gives the per-sample losses (significance needs them)."""
+    `scale` s is the outer NCA scale (PODNet: 1; the LSC's learned eta is already in y, so the paper's
+    eta (y_y - delta) is margin = eta * delta here). Computed in float32; `reduction` "none" gives the
+    per-sample losses (significance needs them)."""
     with torch.autocast(similarities.device.type, enabled=False):
         sims = similarities.float()
         rows = torch.arange(len(sims), device=sims.device)

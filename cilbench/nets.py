@@ -204,17 +204,21 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 30)
 
 class LocalSimilarityHead(nn.Module):
     """PODNet's local-similarity classifier (LSC): K proxies theta_ck per class; per proxy the similarity
-        s_ck = -eta * ||h/|h| - theta_ck/|theta_ck| ||^2 = eta * (2 cos - 2),   eta = scale^2 (learned, from 1),
-    (PODNet's neg_stable_cosine_distance with its learned FactorScalar inside the distance, so eta >= 0), and
-    the class similarity y_c = sum_k softmax_k(s_ck) s_ck. The output y (<= 0) is the logits the NCA loss
-    and evaluation use. Proxies live in one block per task, so the blocks of old classes can be frozen
-    (PODNet's CIFAR config: old_weights lr factor 0)."""
+        s_ck = -||h/|h| - theta_ck/|theta_ck| ||^2 = 2 cos - 2     (PODNet's neg_stable_cosine_distance),
+    the class similarity y_c = sum_k softmax_k(s_ck) s_ck, and logits eta * y_c with eta a learned scale
+    (PODNet's learned_scaling post-processor, from 1), kept positive as eta = exp(log_scale): with eta < 0
+    the hinged NCA loss reaches 0 by ranking the true class last. Proxies live in one block per task, so the blocks of
+    old classes can be frozen (PODNet's CIFAR config: old_weights lr factor 0)."""
 
     def __init__(self, in_features: int, proxies_per_class: int = 10, scale: float = 1.0):
         super().__init__()
         self.in_features, self.k = in_features, proxies_per_class
         self.blocks = nn.ParameterList()
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
 
     @property
     def n_classes(self) -> int:
@@ -223,7 +227,7 @@ class LocalSimilarityHead(nn.Module):
     def add_classes(self, n: int, centres: torch.Tensor | None = None) -> None:
         """n new classes; `centres` [n, K, d] imprints their proxies (rescaled to the old proxies' mean norm),
         otherwise Kaiming-normal (PODNet's initialisation)."""
-        device = self.scale.device
+        device = self.log_scale.device
         if centres is None:
             weight = torch.empty(n * self.k, self.in_features, device=device)
             nn.init.kaiming_normal_(weight, nonlinearity="linear")
@@ -238,11 +242,15 @@ class LocalSimilarityHead(nn.Module):
         for block in list(self.blocks)[:-1]:
             block.requires_grad_(not frozen)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def similarities(self, x: torch.Tensor) -> torch.Tensor:
+        """y_c in [-4, 0], float32."""
         w = F.normalize(torch.cat(list(self.blocks)).float(), dim=1)
         cos = F.linear(F.normalize(x.float(), dim=1), w).view(len(x), -1, self.k)       # [B, C, K]
-        sims = -(self.scale ** 2) * (2 - 2 * cos).clamp_min(0)
+        sims = -(2 - 2 * cos).clamp_min(0)
         return (F.softmax(sims, dim=-1) * sims).sum(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.similarities(x)
 
     @classmethod
     def from_state(cls, state: dict, proxies_per_class: int) -> "LocalSimilarityHead":

@@ -52,7 +52,7 @@ class EXACFSConfig:
     # --- classifier: PODNet LSC -----------------------------------------------------------------------
     proxies_per_class: int = 10
     margin: float = 0.6
-    scale_init: float = 1.0                 # learned scale s (eta = s^2 inside the distance, PODNet code)
+    scale_init: float = 1.0                 # learned eta (PODNet's learned_scaling post-processor)
     nca_form: Literal["paper", "code"] = "paper"   # paper formula with hinge / PODNet's released nca
     freeze_old_proxies: bool = True         # PODNet CIFAR config (old_weights lr factor 0)
     imprint: bool = True                    # k-means imprinting of new-class proxies (t >= 1)
