@@ -54,11 +54,11 @@ def normalise_significance(sig: list[torch.Tensor], mode: SigNorm = "across_clas
     out = []
     for s in sig:
         if mode == "across_classes":
-            out.append(s / s.sum(dim=0, keepdim=True).clamp_min(1e-12))
+            out.append(s / s.sum(dim=0, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny))
         elif mode == "across_channels":
-            out.append(s / s.sum(dim=1, keepdim=True).clamp_min(1e-12))
+            out.append(s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny))
         elif mode == "mean_one":
-            out.append(s / s.mean(dim=1, keepdim=True).clamp_min(1e-12))
+            out.append(s / s.mean(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny))
         else:
             raise ValueError(f"unknown significance normalisation {mode!r}")
     return out
