@@ -17,7 +17,8 @@ of a residual connection (cilbench/pruning.py).
   classifier can place anywhere on the sphere); the layout EXACFS distils over four stages.
 
 A spec may carry "stage_strides" (the first block's stride per stage; without it every stage after the
-first halves the resolution) and "final_relu": false (the last block's output is not rectified). `stage_outputs(net, x)` gives any factory backbone's stage maps and features.
+first halves the resolution) and "final_relu": false (the last block's output is not rectified).
+`stage_outputs(net, x)` gives any factory backbone's stage maps and pooled features in one pass.
 """
 from __future__ import annotations
 

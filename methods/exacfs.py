@@ -30,9 +30,15 @@ from cilbench.losses import nca_margin_loss
 from cilbench.method import Context, Footprint, Method, register
 from cilbench.nets import LocalSimilarityHead, kmeans, snapshot
 from cilbench.protocol import TrainConfig
-from cilbench.significance import (class_gradient_significance, ema_significance, normalise_significance,
-                                   significance_distillation, significance_summary, significance_weights,
-                                   uniform_like)
+from cilbench.significance import (
+    class_gradient_significance,
+    ema_significance,
+    normalise_significance,
+    significance_distillation,
+    significance_summary,
+    significance_weights,
+    uniform_like,
+)
 from cilbench.stream import Task
 
 

@@ -19,8 +19,14 @@ from cilbench.memory import make_memory
 from cilbench.method import Context
 from cilbench.nets import LocalSimilarityHead, snapshot
 from cilbench.protocol import build_protocol
-from cilbench.significance import (class_gradient_significance, ema_significance, normalise_significance,
-                                   significance_distillation, significance_weights, uniform_like)
+from cilbench.significance import (
+    class_gradient_significance,
+    ema_significance,
+    normalise_significance,
+    significance_distillation,
+    significance_weights,
+    uniform_like,
+)
 from cilbench.stream import Stream
 from methods import exacfs as exacfs_module
 from methods.exacfs import EXACFS, EXACFSConfig, adaptive_weight
