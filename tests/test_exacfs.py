@@ -310,3 +310,13 @@ def test_cli_beats_finetune_and_replay(tmp_path, run_cli, card):
             assert "dl_old" not in event
     with open(run / "steps.csv") as fh:
         assert [int(s["extractors"]) for s in csv.DictReader(fh)] == [1, 1, 1, 1]
+
+
+def test_kmeans_imprinting_finds_the_clusters():
+    from cilbench.nets import kmeans
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 0.0], [0.0, 5.0], [-5.0, -5.0]])
+    x = torch.cat([c + 0.1 * torch.randn(20, 2, generator=g) for c in centres])
+    found = kmeans(x, 3, torch.Generator().manual_seed(1))
+    assert torch.cdist(found, centres).min(dim=0).values.max() < 0.2
+    assert kmeans(x[:2], 3, torch.Generator().manual_seed(1)).shape == (3, 2)   # fewer samples than K
