@@ -113,18 +113,24 @@ def significance_distillation(new_maps: list[torch.Tensor], old_maps: list[torch
 
 
 def significance_summary(sig: list[torch.Tensor]) -> dict:
-    """How peaked the significance is per class: per stage, the mean over classes of the largest channel's
-    share of the class vector, of the normalised entropy (1 = uniform over channels) and of the share of
-    the top 10% channels."""
+    """How peaked the significance is per class. Per stage, over the classes with any significance: the mean
+    of the largest channel's share of the class vector, of the normalised entropy (1 = uniform over
+    channels) and of the share of the top 10% channels; and how many classes have none at all (every sample
+    past the NCA hinge, so a zero gradient)."""
     stats = []
     for s in sig:
-        p = s / s.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        d = p.shape[1]
-        entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1) / torch.log(torch.tensor(float(d)))
-        top = max(1, d // 10)
-        stats.append({"channels": d, "max_share": round(float(p.max(dim=1).values.mean()), 4),
-                      "entropy": round(float(entropy.mean()), 4),
-                      "top10pct_share": round(float(p.topk(top, dim=1).values.sum(dim=1).mean()), 4)})
+        totals = s.sum(dim=1, keepdim=True)
+        live = totals.flatten() > 0
+        p = (s / totals.clamp_min(torch.finfo(s.dtype).tiny))[live]
+        d = s.shape[1]
+        entry = {"channels": d, "classes": len(s), "zero_classes": int((~live).sum())}
+        if len(p):
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1) / torch.log(torch.tensor(float(d)))
+            top = max(1, d // 10)
+            entry.update(max_share=round(float(p.max(dim=1).values.mean()), 4),
+                         entropy=round(float(entropy.mean()), 4),
+                         top10pct_share=round(float(p.topk(top, dim=1).values.sum(dim=1).mean()), 4))
+        stats.append(entry)
     return {"stages": stats}
 
 

@@ -24,6 +24,7 @@ from cilbench.significance import (
     ema_significance,
     normalise_significance,
     significance_distillation,
+    significance_summary,
     significance_weights,
     uniform_like,
 )
@@ -130,6 +131,9 @@ def test_normalisation_and_ema_by_hand():
     torch.testing.assert_close(aged, torch.tensor([[0.4 + 0.3, 0.3], [0.12, 0.4 + 0.48], [0.9, 0.1]]))
     assert ema_significance(None, current, 0.4)[0].equal(current[0])    # t = 0: S~^0 = S^0
     assert torch.equal(uniform_like(s)[0], torch.full((3, 2), 16 / 6))
+    summary = significance_summary([torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])])["stages"][0]
+    assert summary["zero_classes"] == 1 and summary["max_share"] == pytest.approx(0.75)
+    assert summary["entropy"] == pytest.approx(0.5) and summary["top10pct_share"] == pytest.approx(0.75)
 
 
 def test_distillation_zero_for_equal_models_and_by_hand():
@@ -241,8 +245,8 @@ def test_options_run_and_state_round_trip():
     assert [s.shape for s in method.significance] == [(4, 4), (4, 8), (4, 16), (4, 16)]
     for s in method.significance:                       # mean_one on each class (EMA of mean-one vectors)
         torch.testing.assert_close(s.mean(dim=1), torch.ones(4))
-    assert set(method.log[-1]["significance"]["stages"][0]) == {"channels", "max_share", "entropy",
-                                                                "top10pct_share"}
+    assert set(method.log[-1]["significance"]["stages"][0]) == {"channels", "classes", "zero_classes", "max_share",
+                                                                "entropy", "top10pct_share"}
     other = exacfs(ctx, **options)
     other.load_state_dict(method.state_dict())
     x = engine.augmenter.test(stream.test.images[:8])
