@@ -11,7 +11,14 @@ of a residual connection (cilbench/pruning.py).
   resnet32 has 0.46M parameters);
 - resnet18_cifar: 3x3 stem, no max-pool (DER's CIFAR ResNet-18, 512-d);
 - resnet18_imagenet: 7x7/2 stem + max-pool (512-d);
-- resnet18_reduced: nf=20, CIFAR stem (the "reduced ResNet-18" of GEM/ER/PCR, 160-d).
+- resnet18_reduced: nf=20, CIFAR stem (the "reduced ResNet-18" of GEM/ER/PCR, 160-d);
+- resnet32_podnet: PODNet's CIFAR ResNet-32 ("rebuffi"): 5/5/4 blocks at 16/32/64 channels plus a fourth
+  stage of one block at 64 channels and stride 1, without the final ReLU (64-d features that a cosine
+  classifier can place anywhere on the sphere); the layout EXACFS distils over four stages.
+
+A spec may carry "stage_strides" (the first block's stride per stage; without it every stage after the
+first halves the resolution) and "final_relu": false (the last block's output is not rectified).
+`stage_outputs(net, x)` gives any factory backbone's stage maps and pooled features in one pass.
 """
 from __future__ import annotations
 
@@ -30,7 +37,12 @@ STANDARD = {
     "resnet18_cifar": (2, 64, (1, 2, 4, 8), "cifar", "B"),
     "resnet18_imagenet": (2, 64, (1, 2, 4, 8), "imagenet", "B"),
     "resnet18_reduced": (2, 20, (1, 2, 4, 8), "cifar", "B"),
+    "resnet32_podnet": (5, 16, (1, 2, 4), "cifar", "A"),
 }
+# Architectures that append single-block stages at stride 1: name -> width multipliers of those stages.
+EXTRA_STAGES = {"resnet32_podnet": (4,)}
+# Architectures whose stages differ from the uniform `blocks`: name -> blocks per stage (before the extras).
+STAGE_BLOCKS = {"resnet32_podnet": (5, 5, 4)}
 
 
 def standard_spec(name: str, in_channels: int = 3, width: int = 0) -> dict:
@@ -38,9 +50,16 @@ def standard_spec(name: str, in_channels: int = 3, width: int = 0) -> dict:
         raise UserError(f"unknown backbone '{name}'; known: {', '.join(STANDARD)}")
     blocks, default_width, mults, stem_kind, shortcut = STANDARD[name]
     base = width or default_width
-    stages = [[[base * m, base * m] for _ in range(blocks)] for m in mults]
-    return {"name": name, "in_channels": in_channels, "stem": base, "stem_kind": stem_kind,
+    per_stage = STAGE_BLOCKS.get(name, (blocks,) * len(mults))
+    stages = [[[base * m, base * m] for _ in range(n)] for m, n in zip(mults, per_stage)]
+    spec = {"name": name, "in_channels": in_channels, "stem": base, "stem_kind": stem_kind,
             "shortcut": shortcut, "stages": stages}
+    if name in EXTRA_STAGES:
+        extra = EXTRA_STAGES[name]
+        spec["stages"] += [[[base * m, base * m]] for m in extra]
+        spec["stage_strides"] = [1] + [2] * (len(mults) - 1) + [1] * len(extra)
+        spec["final_relu"] = False
+    return spec
 
 
 class ShortcutA(nn.Module):
@@ -82,13 +101,13 @@ class IndexShortcut(nn.Module):
 
 class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int, shortcut: str,
-                 index: list[int] | None = None):
+                 index: list[int] | None = None, relu_out: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, mid_ch, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid_ch)
         self.conv2 = nn.Conv2d(mid_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        self.relu_out = True          # False: no ReLU after the residual sum (SEED's last stage)
+        self.relu_out = relu_out      # False: no ReLU after the residual sum (SEED's last stage, PODNet's last block)
         if index is not None:
             self.shortcut = IndexShortcut(in_ch, index, stride)
         elif stride == 1 and in_ch == out_ch:
@@ -122,11 +141,14 @@ class ResNet(nn.Module):
                                       nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, in_ch = [], stem
         index = spec.get("shortcut_index", {})
+        strides = spec.get("stage_strides") or [1] + [2] * (len(spec["stages"]) - 1)
         for s, blocks in enumerate(spec["stages"]):
             layers = []
             for b, (mid, out) in enumerate(blocks):
-                stride = 2 if (s > 0 and b == 0) else 1
-                layers.append(BasicBlock(in_ch, mid, out, stride, spec["shortcut"], index.get(f"{s}.{b}")))
+                stride = strides[s] if b == 0 else 1
+                last = s == len(spec["stages"]) - 1 and b == len(blocks) - 1
+                layers.append(BasicBlock(in_ch, mid, out, stride, spec["shortcut"], index.get(f"{s}.{b}"),
+                                         relu_out=spec.get("final_relu", True) or not last))
                 in_ch = out
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
@@ -164,6 +186,17 @@ class ResNet(nn.Module):
         if self.latent is not None:
             x = self.latent(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def stage_outputs(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The output map of every stage (stem excluded) and the pooled feature, in one forward pass."""
+    maps = net.forward_stages(x)[1:]
+    return maps, torch.flatten(F.adaptive_avg_pool2d(maps[-1], 1), 1)
+
+
+def stage_channels(net: nn.Module) -> list[int]:
+    """Channels of each stage output of a factory backbone."""
+    return [blocks[-1][1] for blocks in net.spec["stages"]]
 
 
 def build_backbone(name_or_spec: str | dict, in_channels: int = 3, width: int = 0) -> ResNet:

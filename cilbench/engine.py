@@ -180,12 +180,14 @@ class Engine:
             phase: str = "train", views: int = 1, modules: Iterable[nn.Module] = (),
             before_step: Callable[[Batch], None] | None = None,
             after_step: Callable[[Batch], None] | None = None, drop_last: bool = False,
-            shuffle: bool = True) -> FitResult:
+            shuffle: bool = True, epoch_extras: Callable[[], dict] | None = None) -> FitResult:
         """Train `params` to minimise `loss_fn` over `indices` (into the stream's train split).
 
         `modules` are put in train mode at every epoch start (frozen parts of an ExtractorStack stay in eval).
         `before_step` runs between backward and the optimiser step (gradient surgery, e.g. DER's mask
         gradient compensation); `after_step` after it (online replay updates its buffer there).
+        `epoch_extras` is called at each epoch's end; its entries join that epoch's event (a method's loss
+        parts, e.g. EXACFS's old/new distillation contributions).
         """
         params = list(params)
         optimizer = make_optimizer(params, cfg)
@@ -228,10 +230,11 @@ class Engine:
             seconds = time.perf_counter() - t0
             result.history.append(mean_loss)
             result.images += seen
+            extras = epoch_extras() if epoch_extras is not None else {}
             if self.on_epoch is not None:
                 self.on_epoch({"task": self.task, "phase": phase, "epoch": epoch, "epochs": epochs,
                                "loss": mean_loss, "lr": cfg.lr * factor, "seconds": seconds,
-                               "images_per_s": seen / max(seconds, 1e-9)})
+                               "images_per_s": seen / max(seconds, 1e-9), **extras})
         result.final_loss = result.history[-1] if result.history else float("nan")
         result.seconds = time.perf_counter() - start
         return result

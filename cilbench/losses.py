@@ -62,3 +62,32 @@ def aux_labels(y: torch.Tensor, n_old: int) -> torch.Tensor:
     """Targets of DER's auxiliary classifier (|new| + 1 outputs on the new extractor): every old class -> 0,
     new class c -> c - n_old + 1."""
     return torch.where(y < n_old, torch.zeros_like(y), y - n_old + 1)
+
+
+def nca_margin_loss(similarities: torch.Tensor, labels: torch.Tensor, margin: float | torch.Tensor = 0.6,
+                    scale: float = 1.0,
+                    form: str = "paper", reduction: str = "mean") -> torch.Tensor:
+    """PODNet's NCA loss on class logits y (the LSC output), positive excluded from the denominator.
+
+    paper: l = [ -log( exp(s (y_y - delta)) / sum_{c != y} exp(s y_c) ) ]_+     (PODNet's LSC loss)
+    code:  PODNet's released `nca`: s (y - delta) for every class, the positive's entry zeroed (not removed)
+           in the denominator after a max shift, no hinge.
+    `scale` s is the outer NCA scale (PODNet: 1; the LSC's learned eta is already in y, so the paper's
+    eta (y_y - delta) is margin = eta * delta here). Computed in float32; `reduction` "none" gives the
+    per-sample losses (significance needs them)."""
+    with torch.autocast(similarities.device.type, enabled=False):
+        sims = similarities.float()
+        rows = torch.arange(len(sims), device=sims.device)
+        positive = torch.zeros_like(sims, dtype=torch.bool)
+        positive[rows, labels] = True
+        if form == "paper":
+            numerator = scale * (sims[rows, labels] - margin)
+            others = (scale * sims).masked_fill(positive, float("-inf"))
+            losses = F.relu(torch.logsumexp(others, dim=1) - numerator)
+        elif form == "code":
+            shifted = scale * (sims - margin)
+            shifted = shifted - shifted.max(dim=1, keepdim=True).values   # as released (not detached)
+            losses = torch.logsumexp(shifted.masked_fill(positive, 0.0), dim=1) - shifted[rows, labels]
+        else:
+            raise ValueError(f"nca form must be 'paper' or 'code', got {form!r}")
+    return losses.mean() if reduction == "mean" else losses

@@ -18,7 +18,7 @@ from torch import nn
 from .backbones import build_backbone
 from .engine import Engine
 from .errors import UserError
-from .memory import ExemplarMemory, ReservoirMemory
+from .memory import ExemplarMemory, ReservoirMemory, class_balanced_subset
 from .protocol import Protocol
 from .stream import Stream, Task
 
@@ -40,15 +40,27 @@ class Context:
     log: Any = None           # callable(str) for progress messages
     extra: dict = field(default_factory=dict)
 
-    def new_backbone(self) -> nn.Module:
+    def new_backbone(self, name: str | None = None) -> nn.Module:
+        """The card's backbone, or the factory architecture `name` at the card's width."""
         spec = self.protocol.backbone
-        return self.engine.prepare(build_backbone(spec.name, self.stream.image_shape[0], spec.width))
+        return self.engine.prepare(build_backbone(name or spec.name, self.stream.image_shape[0], spec.width))
 
     def train_indices(self, task: Task) -> torch.Tensor:
         """New-class samples plus the exemplars this protocol and method are allowed."""
         if self.memory is None or not len(self.memory):
             return task.train_idx
         return torch.cat([task.train_idx, self.memory.indices().to(task.train_idx.device)])
+
+    def balanced_indices(self, task: Task, per_class: int | None = None) -> torch.Tensor:
+        """train_indices undersampled to the same count per class (the smallest class count by default:
+        with a per-class memory, new classes are cut to the exemplars per class)."""
+        indices = self.train_indices(task)
+        return class_balanced_subset(indices, self.stream.train.labels[indices], self.engine.order_gen, per_class)
+
+    def fit_balanced(self, task: Task, params, loss_fn, cfg, *, phase: str, per_class: int | None = None):
+        """Class-balanced fine-tuning (EEIL/DER/PODNet): fit `params` (a classifier) on balanced_indices.
+        The caller keeps the extractor frozen in eval mode inside `loss_fn`."""
+        return self.engine.fit(params, loss_fn, self.balanced_indices(task, per_class), cfg, phase=phase)
 
     def seen_indices(self, task: Task) -> torch.Tensor:
         """Every training sample of every class seen so far (the joint upper bound only)."""

@@ -191,3 +191,94 @@ def trainable_copy(module: nn.Module) -> nn.Module:
 
 
 __all__ += ["ProjectionHead", "trainable_copy"]
+
+
+def snapshot(module: nn.Module) -> nn.Module:
+    """A frozen copy of `module` (the previous model M^{t-1} of distillation methods): deep copy, eval mode,
+    no parameter requires grad. The caller runs it under torch.no_grad(); training the original leaves it
+    bit-identical, and it is never handed to a fit loop, so nothing puts it back in train mode."""
+    import copy
+    return freeze(copy.deepcopy(module))
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 30) -> torch.Tensor:
+    """k centres of the rows of `x` (Lloyd's algorithm from a k-means++ start drawn with `generator`).
+    With fewer rows than k, rows are repeated so every centre is a data point."""
+    x = x.float()
+    if len(x) < k:
+        x = x[torch.arange(k, device=x.device) % len(x)]
+    first = int(torch.randint(len(x), (1,), generator=generator))
+    centres = [x[first]]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centres)).min(dim=1).values ** 2
+        probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1 / len(d2))
+        centres.append(x[int(torch.multinomial(probs.cpu(), 1, generator=generator))])
+    c = torch.stack(centres)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(dim=1)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+    return c
+
+
+class LocalSimilarityHead(nn.Module):
+    """PODNet's local-similarity classifier (LSC): K proxies theta_ck per class; per proxy the similarity
+        s_ck = -||h/|h| - theta_ck/|theta_ck| ||^2 = 2 cos - 2     (PODNet's neg_stable_cosine_distance),
+    the class similarity y_c = sum_k softmax_k(s_ck) s_ck, and logits eta * y_c with eta a learned scale
+    (PODNet's learned_scaling post-processor, from 1), kept positive as eta = exp(log_scale): with eta < 0
+    the hinged NCA loss reaches 0 by ranking the true class last. Proxies live in one block per task, so the blocks of
+    old classes can be frozen (PODNet's CIFAR config: old_weights lr factor 0)."""
+
+    def __init__(self, in_features: int, proxies_per_class: int = 10, scale: float = 1.0):
+        super().__init__()
+        self.in_features, self.k = in_features, proxies_per_class
+        self.blocks = nn.ParameterList()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    @property
+    def n_classes(self) -> int:
+        return sum(b.shape[0] for b in self.blocks) // self.k
+
+    def add_classes(self, n: int, centres: torch.Tensor | None = None) -> None:
+        """n new classes; `centres` [n, K, d] imprints their proxies (rescaled to the old proxies' mean norm),
+        otherwise Kaiming-normal (PODNet's initialisation)."""
+        device = self.log_scale.device
+        if centres is None:
+            weight = torch.empty(n * self.k, self.in_features, device=device)
+            nn.init.kaiming_normal_(weight, nonlinearity="linear")
+        else:
+            weight = F.normalize(centres.reshape(n * self.k, -1).float(), dim=1).to(device)
+            if len(self.blocks):
+                weight = weight * torch.cat(list(self.blocks)).norm(dim=1).mean()
+        self.blocks.append(nn.Parameter(weight))
+
+    def freeze_old(self, frozen: bool = True) -> None:
+        """Old-class proxies (every block but the last) off the optimiser, or back on."""
+        for block in list(self.blocks)[:-1]:
+            block.requires_grad_(not frozen)
+
+    def similarities(self, x: torch.Tensor) -> torch.Tensor:
+        """y_c in [-4, 0], float32."""
+        w = F.normalize(torch.cat(list(self.blocks)).float(), dim=1)
+        cos = F.linear(F.normalize(x.float(), dim=1), w).view(len(x), -1, self.k)       # [B, C, K]
+        sims = -(2 - 2 * cos).clamp_min(0)
+        return (F.softmax(sims, dim=-1) * sims).sum(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.similarities(x)
+
+    @classmethod
+    def from_state(cls, state: dict, proxies_per_class: int) -> "LocalSimilarityHead":
+        head = cls(state["blocks.0"].shape[1], proxies_per_class)
+        for i in range(sum(key.startswith("blocks.") for key in state)):
+            head.blocks.append(nn.Parameter(torch.empty_like(state[f"blocks.{i}"])))
+        head.load_state_dict(state)
+        return head
+
+
+__all__ += ["snapshot", "kmeans", "LocalSimilarityHead"]

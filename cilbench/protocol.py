@@ -115,7 +115,8 @@ class OnlineConfig:
 
 @dataclass
 class BackboneConfig:
-    name: Literal["resnet32", "resnet20", "resnet18_cifar", "resnet18_imagenet", "resnet18_reduced"] = "resnet32"
+    name: Literal["resnet32", "resnet20", "resnet18_cifar", "resnet18_imagenet", "resnet18_reduced",
+                  "resnet32_podnet"] = "resnet32"
     width: int = 0                        # base width; 0 = the architecture's standard width
     BOUNDS: ClassVar[dict] = {"width": (0, None)}
 

@@ -29,7 +29,6 @@ from torch import nn
 from cilbench.backbones import build_backbone, count_params
 from cilbench.engine import phase_config, warmup_length
 from cilbench.losses import aux_labels
-from cilbench.memory import class_balanced_subset
 from cilbench.method import Context, Footprint, Method, register
 from cilbench.nets import ExtractorStack, HeadInit, drop_columns, expand_head, linear_head
 from cilbench.protocol import TrainConfig
@@ -157,9 +156,7 @@ class DER(Method):
         return self.ctx.engine.prepare(head)
 
     def balanced_indices(self, task: Task, ctx: Context) -> torch.Tensor:
-        indices = ctx.train_indices(task)
-        labels = ctx.stream.train.labels[indices]
-        return class_balanced_subset(indices, labels, ctx.engine.order_gen, self.cfg.balanced_per_class)
+        return ctx.balanced_indices(task, self.cfg.balanced_per_class)
 
     # --- the task --------------------------------------------------------------------------------------
     def learn(self, task: Task, ctx: Context) -> None:

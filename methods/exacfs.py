@@ -1,0 +1,253 @@
+"""EXACFS: exponentially averaged class-wise feature significance (Balasubramanian et al., 2024).
+
+Per task t (Algorithm 2, spec hpcr_exacfs.md Part B):
+1. M^t <- M^{t-1}; keep a frozen snapshot of M^{t-1}'s extractor (t >= 1); add c^t classes to PODNet's
+   local-similarity classifier (LSC), their proxies imprinted by k-means of normalised features (t >= 1);
+   old-class proxies frozen (option).
+2. Train on D^t u E^{0~t-1} with
+       L^t = CL^t + alpha * tau * sum_j DL_j^t,    tau = sqrt(r^t / c^t)                         (Eq. 4)
+   CL = LSC's NCA loss (margin 0.6, learned scale); DL_j = significance-weighted squared change of the
+   Frobenius-normalised stage-j maps of M^{t-1} and M^t (Eq. 3); old-class samples weigh their channels by
+   S~^{t-1, y}, new-class samples by 1. No DL at t = 0.
+3. Class-balanced fine-tuning of the classifier only (20 epochs; PODNet's undersampling recipe).
+4. (harness) herding, 20 exemplars per class.
+5. Significance (Algorithm 1): per class, mean squared spatially-averaged gradient of CL w.r.t. every stage
+   map, in eval mode on D^t u E^{0~t-1}; normalised; EMA with beta 0.4 (Eq. 2).
+Every choice the paper leaves open is an option of EXACFSConfig (logged in the run's config.yaml).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from cilbench.backbones import STANDARD, build_backbone, count_params, stage_channels, stage_outputs
+from cilbench.engine import phase_config
+from cilbench.errors import UserError
+from cilbench.losses import nca_margin_loss
+from cilbench.method import Context, Footprint, Method, register
+from cilbench.nets import LocalSimilarityHead, kmeans, snapshot
+from cilbench.protocol import TrainConfig
+from cilbench.significance import (
+    class_gradient_significance,
+    ema_significance,
+    normalise_significance,
+    significance_distillation,
+    significance_summary,
+    significance_weights,
+    uniform_like,
+)
+from cilbench.stream import Task
+
+
+@dataclass
+class EXACFSConfig:
+    # --- distillation (Eqs. 3-4) ----------------------------------------------------------------------
+    alpha: float = 4.0                      # 4 CIFAR-100, 10 ImageNet-100
+    stages: Optional[list[int]] = None      # 1-based stages distilled; None: every stage (the paper's four)
+    feature_norm: Literal["stage", "channel"] = "stage"   # Frobenius norm of the stage tensor / of each map
+    dl_samples: Literal["all", "exemplars_only"] = "all"  # all: new-class samples weigh every channel 1
+    new_class_weight: float = 1.0           # the paper's fixed significance of new classes
+    # --- significance (Eqs. 1-2, Algorithm 1) ---------------------------------------------------------
+    ema_beta: float = 0.4
+    sig_norm: Literal["across_classes", "across_channels", "mean_one"] = "across_classes"
+    significance: Literal["class", "uniform"] = "class"   # uniform: Figure 2's ablation (same total weight)
+    sig_after_cbf: bool = True              # estimate on the model after balanced fine-tuning
+    # --- classifier: PODNet LSC -----------------------------------------------------------------------
+    proxies_per_class: int = 10
+    margin: float = 0.6
+    scale_init: float = 1.0                 # learned eta (PODNet's learned_scaling post-processor)
+    nca_form: Literal["paper", "code"] = "paper"   # paper formula with hinge / PODNet's released nca
+    freeze_old_proxies: bool = True         # PODNet CIFAR config (old_weights lr factor 0)
+    imprint: bool = True                    # k-means imprinting of new-class proxies (t >= 1)
+    kmeans_iters: int = 30
+    # --- training budget ------------------------------------------------------------------------------
+    backbone: Optional[str] = None          # None: the card's; the CIFAR cards name resnet32_podnet
+    epochs: Optional[int] = None            # None: the card's (paper: 160 CIFAR, 90 ImageNet)
+    lr: Optional[float] = None              # None: the card's (paper: 0.1)
+    weight_decay: Optional[float] = None    # None: the card's (paper: 5e-4 CIFAR, 1e-4 ImageNet)
+    batch_size: Optional[int] = None        # None: the card's (not in the paper; PODNet 128 / 64)
+    # --- class-balanced fine-tuning (PODNet recipe) -----------------------------------------------------
+    cbf_epochs: int = 20                    # 0 turns it off
+    cbf_lr: float = 0.05                    # 0.05 CIFAR, 0.01 ImageNet
+    cbf_per_class: Optional[int] = None     # None: the smallest class count (new classes cut to memory's)
+    cbf_first_task: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.proxies_per_class < 1:
+            raise UserError(f"{where}.proxies_per_class: must be >= 1, got {self.proxies_per_class}")
+        if not 0.0 <= self.ema_beta <= 1.0:
+            raise UserError(f"{where}.ema_beta: must be in [0, 1], got {self.ema_beta}")
+        if self.alpha < 0 or self.cbf_epochs < 0:
+            raise UserError(f"{where}: alpha and cbf_epochs must be >= 0")
+        if self.backbone is not None and self.backbone not in STANDARD:
+            raise UserError(f"{where}.backbone: unknown '{self.backbone}'; known: {', '.join(STANDARD)}")
+
+
+def adaptive_weight(n_seen: int, n_new: int) -> float:
+    """tau of Eq. 4: sqrt(r^t / c^t) (PODNet's sqrt(seen / new))."""
+    return math.sqrt(n_seen / n_new)
+
+
+@register("exacfs")
+class EXACFS(Method):
+    Config = EXACFSConfig
+    uses_exemplars = True
+    regimes = ("offline",)
+    summary = "class-wise feature-significance distillation of stage maps, PODNet LSC, balanced fine-tuning"
+
+    def __init__(self, cfg: EXACFSConfig, ctx: Context):
+        super().__init__(cfg, ctx)
+        self.backbone = ctx.new_backbone(cfg.backbone)
+        n_stages = len(stage_channels(self.backbone))
+        if cfg.stages is not None and (not cfg.stages or any(not 1 <= j <= n_stages for j in cfg.stages)):
+            raise UserError(f"exacfs.stages: {cfg.stages} out of range; the backbone has stages 1..{n_stages}")
+        self.stages = [j - 1 for j in cfg.stages] if cfg.stages is not None else list(range(n_stages))
+        self.head = LocalSimilarityHead(self.backbone.out_dim, cfg.proxies_per_class, cfg.scale_init).to(ctx.device)
+        self.significance: list[torch.Tensor] | None = None   # S~^{t-1}: per stage [r^{t-1}, d_j]
+        self.log: list[dict] = []                              # per task: tau, significance statistics
+
+    # --- the task (Algorithm 2) -------------------------------------------------------------------------
+    def learn(self, task: Task, ctx: Context) -> None:
+        cfg = self.cfg
+        previous = snapshot(self.backbone) if task.index > 0 else None
+        self.add_classes(task, ctx)
+        self.train_task(task, ctx, previous)
+        del previous
+        if not cfg.sig_after_cbf:
+            self.update_significance(task, ctx)
+        if cfg.cbf_epochs and (task.index > 0 or cfg.cbf_first_task):
+            self.balanced_finetune(task, ctx)
+        if cfg.sig_after_cbf:
+            self.update_significance(task, ctx)
+
+    def add_classes(self, task: Task, ctx: Context) -> None:
+        centres = self.imprint(task, ctx) if (self.cfg.imprint and task.index > 0) else None
+        self.head.add_classes(task.n_new, centres)
+        self.head.freeze_old(self.cfg.freeze_old_proxies)
+
+    @torch.no_grad()
+    def imprint(self, task: Task, ctx: Context) -> torch.Tensor:
+        """[c^t, K, d]: k-means centres of each new class's L2-normalised features (PODNet imprinting)."""
+        self.backbone.eval()
+        centres = []
+        for label in task.classes:
+            feats = ctx.engine.apply(self.backbone, ctx.stream.class_indices(label))
+            centres.append(kmeans(torch.nn.functional.normalize(feats, dim=1), self.cfg.proxies_per_class,
+                                  ctx.engine.order_gen, self.cfg.kmeans_iters))
+        return torch.stack(centres)
+
+    def train_config(self) -> TrainConfig:
+        cfg, base = self.cfg, self.ctx.protocol.train
+        changes = {k: v for k, v in (("epochs", cfg.epochs), ("lr", cfg.lr), ("weight_decay", cfg.weight_decay),
+                                     ("batch_size", cfg.batch_size)) if v is not None}
+        return phase_config(base, schedule="cosine", warmup_epochs=0, milestones=[], **changes)
+
+    def classification_loss(self, features: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+        return nca_margin_loss(self.head(features), y, self.cfg.margin, form=self.cfg.nca_form, reduction=reduction)
+
+    def train_task(self, task: Task, ctx: Context, previous) -> None:
+        cfg, n_old = self.cfg, task.n_old
+        weight = cfg.alpha * adaptive_weight(task.n_seen, task.n_new)
+        sig = self.significance
+        if sig is not None and cfg.significance == "uniform":
+            sig = uniform_like(sig)
+        new_value = cfg.new_class_weight if cfg.dl_samples == "all" else 0.0
+        parts = {"old": torch.zeros((), device=ctx.device), "new": torch.zeros((), device=ctx.device), "n": 0}
+
+        def loss_fn(batch):
+            maps, features = stage_outputs(self.backbone, batch.x)
+            loss = self.classification_loss(features, batch.y)
+            if previous is None:
+                return loss
+            with torch.no_grad():
+                old_maps, _ = stage_outputs(previous, batch.x)
+            weights = significance_weights([sig[j] for j in self.stages], batch.y, n_old, new_value)
+            per_sample = significance_distillation([maps[j] for j in self.stages], [old_maps[j] for j in self.stages],
+                                                   weights, cfg.feature_norm)
+            is_old = batch.y < n_old
+            count = len(batch.y) if cfg.dl_samples == "all" else max(int(is_old.sum()), 1)
+            distill = per_sample.sum() / count
+            parts["old"] += per_sample[is_old].detach().sum() / count
+            parts["new"] += per_sample[~is_old].detach().sum() / count
+            parts["n"] += 1
+            return loss + weight * distill
+
+        def epoch_extras() -> dict:
+            if not parts["n"]:
+                return {}
+            out = {"dl_old": float(parts["old"]) / parts["n"], "dl_new": float(parts["new"]) / parts["n"],
+                   "dl_weight": weight}
+            parts.update(old=parts["old"] * 0, new=parts["new"] * 0, n=0)
+            return out
+
+        params = [p for p in (*self.backbone.parameters(), *self.head.parameters()) if p.requires_grad]
+        ctx.engine.fit(params, loss_fn, ctx.train_indices(task), self.train_config(), phase="exacfs",
+                       modules=[self.backbone, self.head], epoch_extras=epoch_extras)
+        self.log.append({"task": task.index, "tau": adaptive_weight(task.n_seen, task.n_new)})
+
+    def balanced_finetune(self, task: Task, ctx: Context) -> None:
+        """Classifier only (every proxy and the scale), extractor frozen in eval mode, CL only."""
+        backbone, head = self.backbone, self.head
+        backbone.eval()
+        head.freeze_old(False)
+
+        def loss_fn(batch):
+            with torch.no_grad():
+                features = backbone(batch.x)
+            return self.classification_loss(features, batch.y)
+
+        cbf = phase_config(self.train_config(), epochs=self.cfg.cbf_epochs, lr=self.cfg.cbf_lr)
+        ctx.fit_balanced(task, list(head.parameters()), loss_fn, cbf, phase="exacfs_balanced",
+                         per_class=self.cfg.cbf_per_class)
+
+    def update_significance(self, task: Task, ctx: Context) -> None:
+        """Algorithm 1 on D^t u E^{0~t-1} with M^t in eval mode, then normalisation and the EMA."""
+        self.backbone.eval()
+        self.head.eval()
+        current = normalise_significance(self.estimate_significance(task, ctx), self.cfg.sig_norm)
+        self.significance = ema_significance(self.significance, current, self.cfg.ema_beta)
+        self.log[-1]["significance"] = significance_summary(self.significance)
+
+    def estimate_significance(self, task: Task, ctx: Context) -> list[torch.Tensor]:
+        engine, data = ctx.engine, ctx.stream.train
+        indices = ctx.train_indices(task)
+
+        def batches():
+            for idx in engine.batches(indices, ctx.protocol.eval_batch_size, shuffle=False):
+                yield engine.augmenter.test(data.images[idx]).float(), data.labels[idx].to(ctx.device)
+
+        def loss(features, y):
+            return self.classification_loss(features, y, reduction="none")
+
+        return class_gradient_significance(lambda x: stage_outputs(self.backbone, x), loss, batches(), task.n_seen)
+
+    # --- inference -------------------------------------------------------------------------------------
+    def networks(self):
+        return [self.backbone, self.head]
+
+    def scores(self, x):
+        return self.head(self.backbone(x))
+
+    def features(self, x):
+        return self.backbone(x)
+
+    def inference_footprint(self) -> Footprint:
+        return Footprint(1, count_params(self.backbone, self.head), params_backbone=count_params(self.backbone))
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"spec": self.backbone.spec, "backbone": self.backbone.state_dict(), "head": self.head.state_dict(),
+                "significance": [s.cpu() for s in self.significance] if self.significance is not None else None,
+                "log": self.log}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backbone = self.ctx.engine.prepare(build_backbone(state["spec"]))
+        self.backbone.load_state_dict(state["backbone"])
+        self.head = LocalSimilarityHead.from_state(state["head"], self.cfg.proxies_per_class).to(self.ctx.device)
+        self.head.freeze_old(self.cfg.freeze_old_proxies)
+        sig = state["significance"]
+        self.significance = [s.to(self.ctx.device) for s in sig] if sig is not None else None
+        self.log = list(state["log"])

@@ -1,0 +1,326 @@
+"""EXACFS (methods/exacfs.py) and its shared pieces: class-wise significance (cilbench/significance.py), the
+PODNet local-similarity classifier and NCA loss, resnet32_podnet and stage outputs, the frozen snapshot."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from cilbench.backbones import build_backbone, count_params, stage_channels, stage_outputs
+from cilbench.config import build
+from cilbench.data import load_dataset
+from cilbench.engine import Engine, RuntimeOptions
+from cilbench.losses import nca_margin_loss
+from cilbench.memory import make_memory
+from cilbench.method import Context
+from cilbench.nets import LocalSimilarityHead, snapshot
+from cilbench.protocol import build_protocol
+from cilbench.significance import (
+    class_gradient_significance,
+    ema_significance,
+    normalise_significance,
+    significance_distillation,
+    significance_summary,
+    significance_weights,
+    uniform_like,
+)
+from cilbench.stream import Stream
+from methods import exacfs as exacfs_module
+from methods.exacfs import EXACFS, EXACFSConfig, adaptive_weight
+
+TINY_CARD = {
+    "name": "tiny_exacfs", "dataset": "synthetic", "num_classes": 6, "class_order": "natural", "base": 2,
+    "step": 2, "tasks": 3, "regime": "offline",
+    "memory": {"policy": "per_class", "per_class": 5, "selection": "herding"},
+    "backbone": {"name": "resnet20", "width": 4},
+    "train": {"epochs": 2, "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+              "weight_decay": 0.0005, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
+    "augment": {"crop_padding": 1, "flip": True, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    "eval_batch_size": 200,
+    "data": {"synthetic": {"classes": 6, "image_size": 8, "channels": 3, "train_per_class": 20,
+                           "test_per_class": 8, "noise": 0.3, "seed": 0}},
+    "methods": {"exacfs": {"cbf_epochs": 2, "proxies_per_class": 3}},
+}
+
+
+def make_ctx(max_epochs=1):
+    protocol = build_protocol(dict(TINY_CARD), "tiny")
+    device = torch.device("cpu")
+    stream = Stream(protocol, load_dataset(protocol, None), device)
+    engine = Engine(stream, RuntimeOptions(device="cpu", max_epochs=max_epochs), device)
+    memory = make_memory(protocol.memory, device)
+    return Context(protocol, stream, engine, memory, device, seed=0), stream, engine, memory
+
+
+def run_task(method, ctx, stream, engine, memory, t):
+    task = stream.task(t)
+    engine.begin_task(0, t)
+    method.learn(task, ctx)
+    method.eval()
+    memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
+                  engine.order_gen)
+    return task
+
+
+def exacfs(ctx, **options):
+    return EXACFS(build(EXACFSConfig, {"cbf_epochs": 1, "proxies_per_class": 3, **options}, "test"), ctx)
+
+
+def randomize_bn(net):
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+
+
+# --- significance --------------------------------------------------------------------------------------
+
+def test_significance_equals_per_sample_gradient_loop():
+    torch.manual_seed(0)
+    net = build_backbone("resnet32_podnet", 3, 2).double().eval()
+    randomize_bn(net)
+    head = LocalSimilarityHead(net.out_dim, proxies_per_class=2, scale=1.0).double()
+    head.add_classes(3)
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 0, 2, 1])
+
+    def forward(inp):
+        return stage_outputs(net, inp)
+
+    def loss(features, labels):
+        return nca_margin_loss(head(features), labels, 0.6, reduction="none")
+
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]     # two batches: sums accumulate across them
+    got = class_gradient_significance(lambda inp: forward(inp.double()), loss, batches, n_classes=4)
+
+    expected = [torch.zeros(4, d, dtype=torch.float64) for d in stage_channels(net)]
+    counts = torch.zeros(4)
+    for i in range(len(x)):
+        maps, features = forward(x[i:i + 1])
+        grads = torch.autograd.grad(loss(features, y[i:i + 1]).sum(), maps)
+        for e, g in zip(expected, grads):
+            e[y[i]] += g[0].mean(dim=(1, 2)) ** 2
+        counts[y[i]] += 1
+    assert float(loss(forward(x)[1], y).detach().min()) > 0       # no sample sits on the hinge
+    for g, e in zip(got, expected):
+        e = e / counts.clamp_min(1)[:, None]
+        assert g.dtype == torch.float32 and g.shape == e.shape
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-12)
+        assert torch.all(g[3] == 0) and torch.all(g[:3].sum(dim=1) > 0)   # a class without samples: zeros
+
+
+def test_normalisation_and_ema_by_hand():
+    s = [torch.tensor([[1.0, 3.0], [3.0, 1.0], [4.0, 4.0]])]
+    across_classes = normalise_significance(s, "across_classes")[0]
+    torch.testing.assert_close(across_classes, torch.tensor([[1 / 8, 3 / 8], [3 / 8, 1 / 8], [4 / 8, 4 / 8]]))
+    across_channels = normalise_significance(s, "across_channels")[0]
+    torch.testing.assert_close(across_channels, torch.tensor([[0.25, 0.75], [0.75, 0.25], [0.5, 0.5]]))
+    mean_one = normalise_significance(s, "mean_one")[0]
+    torch.testing.assert_close(mean_one, torch.tensor([[0.5, 1.5], [1.5, 0.5], [1.0, 1.0]]))
+
+    previous = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])]            # S~^{t-1}: 2 old classes
+    current = [torch.tensor([[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]])]  # S^t: a third class is new at t
+    aged = ema_significance(previous, current, beta=0.4)[0]
+    torch.testing.assert_close(aged, torch.tensor([[0.4 + 0.3, 0.3], [0.12, 0.4 + 0.48], [0.9, 0.1]]))
+    assert ema_significance(None, current, 0.4)[0].equal(current[0])    # t = 0: S~^0 = S^0
+    assert torch.equal(uniform_like(s)[0], torch.full((3, 2), 16 / 6))
+    summary = significance_summary([torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])])["stages"][0]
+    assert summary["zero_classes"] == 1 and summary["max_share"] == pytest.approx(0.75)
+    assert summary["entropy"] == pytest.approx(0.5) and summary["top10pct_share"] == pytest.approx(0.75)
+
+
+def test_distillation_zero_for_equal_models_and_by_hand():
+    torch.manual_seed(0)
+    maps = [torch.randn(3, 4, 2, 2), torch.randn(3, 5, 1, 1)]
+    weights = [torch.rand(3, 4), torch.rand(3, 5)]
+    for norm in ("stage", "channel"):
+        assert torch.all(significance_distillation(maps, [m.clone() for m in maps], weights, norm) == 0)
+
+    # one sample, one stage of 2 channels of 1x2 maps
+    new = [torch.tensor([[[[3.0, 4.0]], [[0.0, 2.0]]]])]
+    old = [torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])]
+    w = [torch.tensor([[2.0, 3.0]])]
+    r29, r2 = math.sqrt(29), math.sqrt(2)
+    # stage norm: new / sqrt(29), old / sqrt(2)
+    d0 = (3 / r29 - 1 / r2) ** 2 + (4 / r29) ** 2
+    d1 = (2 / r29 - 1 / r2) ** 2
+    got = significance_distillation(new, old, w, "stage")
+    torch.testing.assert_close(got, torch.tensor([2 * d0 + 3 * d1]))
+    # channel norm: each 1x2 map by its own norm
+    c0 = (3 / 5 - 1) ** 2 + (4 / 5) ** 2
+    got = significance_distillation(new, old, w, "channel")
+    torch.testing.assert_close(got, torch.tensor([2 * c0 + 3 * 0.0]))
+
+    sig = [torch.tensor([[0.1, 0.9], [0.7, 0.3]])]
+    wts = significance_weights(sig, torch.tensor([1, 3, 0]), n_old=2, new_value=1.0)[0]
+    torch.testing.assert_close(wts, torch.tensor([[0.7, 0.3], [1.0, 1.0], [0.1, 0.9]]))
+    assert torch.all(significance_weights(sig, torch.tensor([3]), 2, new_value=0.0)[0] == 0)
+
+
+def test_adaptive_weight_is_sqrt_seen_over_new():
+    assert adaptive_weight(60, 10) == pytest.approx(math.sqrt(6))
+    assert adaptive_weight(100, 1) == pytest.approx(10.0)
+    assert adaptive_weight(52, 2) == pytest.approx(math.sqrt(26))
+
+
+# --- classifier ----------------------------------------------------------------------------------------
+
+def test_lsc_head_and_nca_loss_by_hand():
+    head = LocalSimilarityHead(2, proxies_per_class=2, scale=2.0)
+    head.add_classes(1, centres=torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    head.add_classes(1, centres=torch.tensor([[[-1.0, 0.0], [0.0, -1.0]]]))
+    # feature (1, 0): class 0 proxies at cos 1 and 0 -> sims 0 and -2; class 1 at cos -1 and 0 -> -4 and -2
+    y0 = (0 * 1 + -2 * math.exp(-2)) / (1 + math.exp(-2))
+    y1 = (-4 * math.exp(-4) + -2 * math.exp(-2)) / (math.exp(-4) + math.exp(-2))
+    torch.testing.assert_close(head(torch.tensor([[5.0, 0.0]])), torch.tensor([[2 * y0, 2 * y1]]))
+    assert head.n_classes == 2 and float(head.scale.detach()) == pytest.approx(2.0)
+
+    logits = torch.tensor([[-0.5, -1.0, -2.0], [-0.5, -1.0, -2.0], [0.0, -3.0, -3.0]])
+    labels = torch.tensor([0, 2, 0])
+    paper = nca_margin_loss(logits, labels, 0.6, form="paper", reduction="none")
+    expected = [math.log(math.exp(-1.0) + math.exp(-2.0)) - (-0.5 - 0.6),     # positive left out
+                math.log(math.exp(-0.5) + math.exp(-1.0)) - (-2.0 - 0.6),
+                0.0]                                                           # hinge: -log(...) < 0
+    torch.testing.assert_close(paper, torch.tensor(expected))
+    assert math.log(2 * math.exp(-3.0)) - (0.0 - 0.6) < 0
+    code = nca_margin_loss(logits, labels, 0.6, form="code", reduction="none")
+    # PODNet's released nca: shift by the max, positive entry zeroed (exp(0) = 1 stays in the denominator)
+    expected = [math.log(1 + math.exp(-0.5) + math.exp(-1.5)) - 0.0,
+                math.log(1 + math.exp(-0.5) + 1) - (-1.5),
+                math.log(1 + 2 * math.exp(-3.0)) - 0.0]
+    torch.testing.assert_close(code, torch.tensor(expected))
+
+
+def test_resnet32_podnet_layout_and_stage_outputs():
+    net = build_backbone("resnet32_podnet").eval()
+    assert [len(s) for s in net.stages] == [5, 5, 4, 1] and stage_channels(net) == [16, 32, 64, 64]
+    assert count_params(net) == count_params(build_backbone("resnet32"))   # 15 blocks: still a ResNet-32
+    x = torch.randn(2, 3, 32, 32)
+    maps, features = stage_outputs(net, x)
+    assert [tuple(m.shape[1:]) for m in maps] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64, 8, 8)]
+    torch.testing.assert_close(features, net(x))
+    assert bool((maps[-1] < 0).any()) and bool((maps[2] >= 0).all())    # no ReLU after the last block only
+    maps20, _ = stage_outputs(build_backbone("resnet20", 3, 4), torch.randn(1, 3, 8, 8))
+    assert len(maps20) == 3                                             # any factory backbone
+
+
+# --- method --------------------------------------------------------------------------------------------
+
+def test_previous_model_stays_bit_identical(monkeypatch):
+    ctx, stream, engine, memory = make_ctx(max_epochs=1)
+    method = exacfs(ctx)
+    run_task(method, ctx, stream, engine, memory, 0)
+    taken = []
+
+    def spy(module):
+        frozen = snapshot(module)
+        taken.append((frozen, {k: v.clone() for k, v in frozen.state_dict().items()}))
+        return frozen
+
+    monkeypatch.setattr(exacfs_module, "snapshot", spy)
+    before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    run_task(method, ctx, stream, engine, memory, 1)
+    (frozen, at_start), = taken
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    for key, value in frozen.state_dict().items():
+        assert torch.equal(value, at_start[key]) and torch.equal(value, before[key]), key
+    assert any(not torch.equal(v, before[k]) for k, v in method.backbone.state_dict().items())
+
+
+def test_options_run_and_state_round_trip():
+    ctx, stream, engine, memory = make_ctx(max_epochs=1)
+    options = {"sig_norm": "mean_one", "dl_samples": "exemplars_only", "feature_norm": "channel",
+               "significance": "uniform", "nca_form": "code", "stages": [1, 3], "freeze_old_proxies": False,
+               "sig_after_cbf": False, "backbone": "resnet32_podnet"}
+    method = exacfs(ctx, **options)
+    for t in range(2):
+        run_task(method, ctx, stream, engine, memory, t)
+    assert [s.shape for s in method.significance] == [(4, 4), (4, 8), (4, 16), (4, 16)]
+    for s in method.significance:                       # mean_one on each class (EMA of mean-one vectors)
+        torch.testing.assert_close(s.mean(dim=1), torch.ones(4))
+    assert set(method.log[-1]["significance"]["stages"][0]) == {"channels", "classes", "zero_classes", "max_share",
+                                                                "entropy", "top10pct_share"}
+    other = exacfs(ctx, **options)
+    other.load_state_dict(method.state_dict())
+    x = engine.augmenter.test(stream.test.images[:8])
+    method.eval(), other.eval()
+    torch.testing.assert_close(other.scores(x), method.scores(x))
+    footprint = method.inference_footprint()
+    assert footprint.params_backbone == count_params(method.backbone) < footprint.params
+
+
+# --- CLI -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def card_path(tmp_path):
+    path = tmp_path / "tiny_exacfs.yaml"
+    path.write_text(yaml.safe_dump(TINY_CARD))
+    return str(path)
+
+
+def metrics_of(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("train_seconds", "eval_seconds"):
+        metrics.pop(key)
+    return metrics
+
+
+def test_resume_after_a_task_equals_uninterrupted(tmp_path, run_cli, card_path):
+    extra = ("--deterministic", "--epochs", "1", "--set", "exacfs.backbone=resnet32_podnet")
+    assert run_cli("exacfs", card_path, tmp_path / "full", *extra).exit_code == 0
+    part = run_cli("exacfs", card_path, tmp_path / "part", *extra, "--stop-after", "2")
+    assert part.exit_code == 0
+    run = tmp_path / "part" / "tiny_exacfs" / "exacfs" / "seed0"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+    assert run_cli("exacfs", card_path, tmp_path / "part", *extra, "--resume").exit_code == 0
+    assert metrics_of(tmp_path / "full" / "tiny_exacfs" / "exacfs" / "seed0") == metrics_of(run)
+
+
+def test_bad_stage_option_is_one_line_error(tmp_path, run_cli, card_path, error_line):
+    result = run_cli("exacfs", card_path, tmp_path, "--set", "exacfs.stages=[4]")
+    assert result.exit_code == 2 and "exacfs.stages" in error_line(result)
+    assert not (tmp_path / "tiny_exacfs").exists()
+
+
+@pytest.mark.parametrize("card", ["digits_b4s2", "synthetic_b4s2"])
+def test_cli_beats_finetune_and_replay(tmp_path, run_cli, card):
+    results = {}
+    for method in ("exacfs", "replay", "finetune"):
+        assert run_cli(method, card, tmp_path, "--epochs", "8").exit_code == 0
+        results[method] = json.loads((tmp_path / card / method / "seed0" / "metrics.json").read_text())
+    for baseline in ("replay", "finetune"):
+        assert results["exacfs"]["avg_acc"] > results[baseline]["avg_acc"], (baseline, results)
+        assert results["exacfs"]["last_acc"] > results[baseline]["last_acc"], (baseline, results)
+
+    run = tmp_path / card / "exacfs" / "seed0"
+    config = yaml.safe_load((run / "config.yaml").read_text())["method_config"]
+    assert {"sig_norm": "across_classes", "dl_samples": "all", "feature_norm": "stage",
+            "ema_beta": 0.4, "margin": 0.6}.items() <= config.items()
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert {e["phase"] for e in events} == {"exacfs", "exacfs_balanced"}
+    for event in events:
+        if event["phase"] == "exacfs" and event["task"] > 0:
+            seen = 4 + 2 * event["task"]
+            assert event["dl_weight"] == pytest.approx(config["alpha"] * math.sqrt(seen / 2))
+            assert event["dl_old"] >= 0 and event["dl_new"] > 0
+        else:
+            assert "dl_old" not in event
+    with open(run / "steps.csv") as fh:
+        assert [int(s["extractors"]) for s in csv.DictReader(fh)] == [1, 1, 1, 1]
+
+
+def test_kmeans_imprinting_finds_the_clusters():
+    from cilbench.nets import kmeans
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 0.0], [0.0, 5.0], [-5.0, -5.0]])
+    x = torch.cat([c + 0.1 * torch.randn(20, 2, generator=g) for c in centres])
+    found = kmeans(x, 3, torch.Generator().manual_seed(1))
+    assert torch.cdist(found, centres).min(dim=0).values.max() < 0.2
+    assert kmeans(x[:2], 3, torch.Generator().manual_seed(1)).shape == (3, 2)   # fewer samples than K
