@@ -59,6 +59,7 @@ class Context:
 class Footprint:
     extractors: int
     params: int
+    params_backbone: int | None = None  # extractors only (no classifier), as the papers count #Params
 
 
 class Method:
@@ -80,6 +81,9 @@ class Method:
 
     def learn(self, task: Task, ctx: Context) -> None:
         raise NotImplementedError
+
+    def after_memory_update(self, task: Task, ctx: Context) -> None:
+        """Called after the harness selected this task's exemplars (offline memory): write their payload."""
 
     def networks(self) -> list[nn.Module]:
         """Modules put in eval mode before evaluation and herding."""

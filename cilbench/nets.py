@@ -171,3 +171,13 @@ def trainable_copy(module: nn.Module) -> nn.Module:
 
 
 __all__ += ["ProjectionHead", "trainable_copy"]
+
+
+def proxy_head(in_features: int, classes: int, tau: float = 0.09) -> CosineHead:
+    """PCR/HPCR's proxy classifier (the code's cosLinear): logits cos(z, w_c) / tau, no bias; row c of the
+    weight is class c's proxy. Allocated for every class of the protocol at once, as the code does: the PCR
+    loss never touches the proxy of a class absent from the batch, so unseen rows stay as initialised."""
+    return CosineHead(in_features, classes, scale=1.0 / tau)
+
+
+__all__ += ["proxy_head"]

@@ -251,6 +251,7 @@ def execute(request: RunRequest) -> Path:
                 method.eval()
                 memory.update(task.classes, stream.class_indices,
                               lambda idx: engine.apply(method.features, idx), engine.order_gen)
+                method.after_memory_update(task, ctx)
             train_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             top1, top5, row, row5 = evaluate(method, stream, engine, task)
@@ -260,6 +261,7 @@ def execute(request: RunRequest) -> Path:
                           "extractors": footprint.extractors, "params": footprint.params,
                           "memory_size": len(memory) if memory is not None else 0,
                           "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
+                          "memory_payload_bytes": memory.payload_nbytes() if memory is not None else 0,
                           "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3)})
             acc.append(row)
             acc5.append(row5)

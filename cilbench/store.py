@@ -18,7 +18,7 @@ import yaml
 from .errors import UserError
 
 STEP_FIELDS = ["step", "classes_seen", "top1", "top5", "extractors", "params", "memory_size",
-               "memory_bytes", "train_seconds", "eval_seconds"]
+               "memory_bytes", "memory_payload_bytes", "train_seconds", "eval_seconds"]
 
 
 def run_dir(out: str | Path, protocol: str, run_name: str, seed: int) -> Path:
