@@ -39,6 +39,7 @@ PAYLOAD = ("logits", "features")
 class PCRConfig:
     tau: float = 0.09                 # proxy-classifier temperature: logits = cos(z, w_c) / tau
     two_views: bool = True            # each sample as its raw view plus one strong augmentation (code)
+    crop_scale_min: float = 0.2       # the strong view's RandomResizedCrop area range is [crop_scale_min, 1]
     separate_forward: bool = True     # stream and replay views in two forward passes, BN per pass (code)
     replay_batch: int = 0             # 0: the card's online.replay_batch (online), train.batch_size (offline)
 
@@ -58,12 +59,12 @@ class HPCRConfig(PCRConfig):
     distill_from_task: int = 1                     # PCD and SCD from this 0-based task on (code: 1)
 
 
-def strong_augmenter(ctx: Context) -> Augmenter:
-    """The code's transforms_aug: RandomResizedCrop(side, scale 0.2-1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1)
+def strong_augmenter(ctx: Context, crop_scale_min: float) -> Augmenter:
+    """The code's transforms_aug: RandomResizedCrop(side, scale (crop_scale_min = 0.2)-1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1)
     with p 0.8, grayscale p 0.2; normalised like the card. It draws from the engine's augmentation generator,
     so the engine's per-task reseeding covers it."""
     card = ctx.protocol.augment
-    cfg = AugmentConfig(random_resized_crop=ctx.stream.image_shape[-1], rrc_scale=[0.2, 1.0], flip=True,
+    cfg = AugmentConfig(random_resized_crop=ctx.stream.image_shape[-1], rrc_scale=[crop_scale_min, 1.0], flip=True,
                         brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2,
                         mean=card.mean, std=card.std)
     aug = Augmenter(cfg, ctx.stream.image_shape[0], ctx.device, ctx.engine.channels_last)
@@ -93,7 +94,7 @@ class PCR(Method):
         self.online = ctx.protocol.regime == "online"
         self.backbone = ctx.new_backbone()
         self.head = ctx.engine.prepare(proxy_head(self.backbone.out_dim, ctx.protocol.num_classes, cfg.tau))
-        self.strong = strong_augmenter(ctx)
+        self.strong = strong_augmenter(ctx, cfg.crop_scale_min)
         self.n_seen = 0
         self.task_index = 0
         self.steps_done = 0          # optimiser steps over the whole run
@@ -104,8 +105,9 @@ class PCR(Method):
             policy = "reservoir" if wanted is ReservoirMemory else "fixed_total or per_class"
             raise UserError(f"{self.name} replays from memory, but protocol '{ctx.protocol.name}' has memory.policy "
                             f"{ctx.protocol.memory.policy}; use --set memory.policy={policy.split()[0]}")
-        if cfg.tau <= 0 or cfg.replay_batch < 0:
-            raise UserError(f"{self.name}: tau must be > 0 and replay_batch >= 0 (got {cfg.tau}, {cfg.replay_batch})")
+        if cfg.tau <= 0 or cfg.replay_batch < 0 or not 0 < cfg.crop_scale_min <= 1:
+            raise UserError(f"{self.name}: need tau > 0, replay_batch >= 0 and 0 < crop_scale_min <= 1 "
+                            f"(got {cfg.tau}, {cfg.replay_batch}, {cfg.crop_scale_min})")
 
     # --- the network ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
