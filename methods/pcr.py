@@ -60,9 +60,9 @@ class HPCRConfig(PCRConfig):
 
 
 def strong_augmenter(ctx: Context, crop_scale_min: float) -> Augmenter:
-    """The code's transforms_aug: RandomResizedCrop(side, scale (crop_scale_min = 0.2)-1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1)
-    with p 0.8, grayscale p 0.2; normalised like the card. It draws from the engine's augmentation generator,
-    so the engine's per-task reseeding covers it."""
+    """The code's transforms_aug: RandomResizedCrop(side, scale (crop_scale_min = 0.2)-1), flip,
+    ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2; normalised like the card. It draws from the
+    engine's augmentation generator, so the engine's per-task reseeding covers it."""
     card = ctx.protocol.augment
     cfg = AugmentConfig(random_resized_crop=ctx.stream.image_shape[-1], rrc_scale=[crop_scale_min, 1.0], flip=True,
                         brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2,
@@ -262,7 +262,10 @@ class HPCR(PCR):
 
     def objective(self, logits, feats, labels, mem, step: int) -> torch.Tensor:
         cfg = self.cfg
-        contrast = pcr_hc_loss(logits, feats, labels, cfg.tau) if self.hc_active(len(labels)) else pcr_loss(logits, labels)
+        if self.hc_active(len(labels)):
+            contrast = pcr_hc_loss(logits, feats, labels, cfg.tau)
+        else:
+            contrast = pcr_loss(logits, labels)
         loss = ht_multiplier(step, cfg.ht_mode, cfg.tau, cfg.ht_tau_min, cfg.ht_tau_max, cfg.ht_cycle_steps) * contrast
         if mem is not None and self.task_index >= cfg.distill_from_task:
             mem_logits, mem_feats, stored = mem
