@@ -46,7 +46,9 @@ class PCRConfig:
 
 @dataclass
 class HPCRConfig(PCRConfig):
-    hc: Literal["auto", "on", "off"] = "auto"      # anchor-to-sample pairs: auto = s(N), N anchors >= hc_n_min
+    # anchor-to-sample pairs (eq. 18): auto = s(N) of eq. 19, on when the N anchors >= hc_n_min; off = the code's
+    # default pcr_type 'proxy' (no such pairs). Online (N = 40) auto and off agree.
+    hc: Literal["auto", "on", "off"] = "off"
     hc_n_min: int = 60                             # N_min of eq. 19 (Fig. 5: pairs help from batches of ~60)
     ht_mode: Literal["code", "paper", "off"] = "code"   # code: cosine in the multiplier; paper: in tau (eq. 21)
     ht_tau_min: float = 0.05

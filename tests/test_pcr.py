@@ -110,13 +110,14 @@ def _hpcr(**cfg):
 
 def test_hc_switches_on_at_n_min():
     torch.manual_seed(0)
-    method = _hpcr(ht_mode="off", hc_n_min=60)
+    method = _hpcr(hc="auto", ht_mode="off", hc_n_min=60)
     for n, active in ((59, False), (60, True), (61, True)):
         o, z, y = torch.randn(n, 4), torch.randn(n, 8), torch.arange(n) % 4
         with_hc, without = float(pcr_hc_loss(o, z, y, TAU)), float(pcr_loss(o, y))
         assert float(method.objective(o, z, y, None, 0)) == pytest.approx(with_hc if active else without)
         assert method.hc_active(n) is active
     assert _hpcr(hc="on").hc_active(2) and not _hpcr(hc="off").hc_active(1000)
+    assert not _hpcr().hc_active(1000)              # default: the code's pcr_type "proxy"
 
 
 def test_hpcr_with_every_component_off_is_pcr():
