@@ -132,7 +132,8 @@ def train_bare(engine: Engine, batch: int, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-ONLINE_CARD = {"name": "bench_online", "dataset": "synthetic", "num_classes": 100, "base": 0, "step": 50,
+ONLINE_CARD = {"name": "bench_online", "dataset": "synthetic", "num_classes": 100, "class_order": "natural",
+               "base": 0, "step": 50,
                "tasks": 2, "regime": "online", "memory": {"policy": "reservoir", "size": 1000},
                "backbone": {"name": "resnet18_reduced"},
                "train": {"epochs": 1, "batch_size": 10, "optimizer": "sgd", "lr": 0.1, "momentum": 0.0,
@@ -142,6 +143,9 @@ ONLINE_CARD = {"name": "bench_online", "dataset": "synthetic", "num_classes": 10
 
 def _online_setup(device_name: str, steps: int):
     """A two-task CIFAR-100-shaped online stream of `steps` stream batches per task, and an HPCR on it."""
+    if steps < 5:
+        from .errors import UserError
+        raise UserError(f"--online-steps {steps}: need >= 5 so that each of the 50 classes of a task has a sample")
     from methods.pcr import HPCR, HPCRConfig
 
     from .memory import make_memory
@@ -151,7 +155,7 @@ def _online_setup(device_name: str, steps: int):
     n = 2 * 10 * steps
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    labels = torch.arange(n) % 100
+    labels = torch.cat([torch.arange(n // 2) % 50, 50 + torch.arange(n // 2) % 50])   # task t: classes of t
     stream = Stream(protocol, Dataset("bench", 100, Split(images, labels), Split(images[:100], labels[:100])), device)
     engine = Engine(stream, RuntimeOptions(device=device_name), device)
     engine.begin_task(0, 0)

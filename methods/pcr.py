@@ -159,20 +159,19 @@ class PCR(Method):
         fresh: dict[str, torch.Tensor] = {}
 
         def loss(batch):
-            n = len(batch.idx)
-            x_new, y_new = self.views(batch.idx, batch.x), batch.y.repeat(self.n_views)
+            x_new, labels = self.views(batch.idx, batch.x), batch.y.repeat(self.n_views)
             replay = draw()
             if replay is None:
                 logits, feats = self.forward(x_new)
                 mem = None
             else:
-                x_mem, y_mem = self.views(replay.idx), replay.y.repeat(self.n_views)
-                logits, feats, mem = self.forward_both(x_new, x_mem)
-                mem = (*mem, replay.stored)
-                y_new = torch.cat([y_mem, y_new])           # memory anchors first, as the code
-            new_logits, new_feats = (logits, feats) if mem is None else (logits[-len(x_new):], feats[-len(x_new):])
-            fresh.update(logits=new_logits[:n].detach().float(), features=new_feats[:n].detach().float())
-            return self.objective(logits, feats, y_new, mem, self.ht_step(batch))
+                logits, feats, (o_mem, z_mem) = self.forward_both(x_new, self.views(replay.idx))
+                labels = torch.cat([replay.y.repeat(self.n_views), labels])    # memory anchors first, as the code
+                mem = (o_mem, z_mem, replay.stored)
+            start = len(logits) - len(x_new)
+            raw = slice(start, start + len(batch.idx))                          # B's raw view: its payload
+            fresh.update(logits=logits[raw].detach().float(), features=feats[raw].detach().float())
+            return self.objective(logits, feats, labels, mem, self.ht_step(batch))
 
         def remember(batch):
             self.steps_done += 1

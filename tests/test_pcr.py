@@ -411,3 +411,10 @@ def test_exemplar_payload_is_written_once_and_truncated_with_its_exemplars():
         mem.write_payload(c, {"logits": mem.order[c][:, None].float()})
     assert torch.equal(mem.payload_tensor("logits")[:, 0], mem.indices().float())
     assert mem.payload_nbytes() == 8 * 4 and mem.nbytes(64) == 8 * 64 + 8 * 4
+
+
+def test_bench_online_row_runs_hpcr_and_its_bare_twin():
+    from cilbench.bench import _online_setup, online_bare, online_engine
+    method, ctx = _online_setup("cpu", 5)
+    assert isinstance(method, HPCR) and [len(ctx.stream.task(t).train_idx) for t in range(2)] == [50, 50]
+    assert online_engine("cpu", 5) > 0 and online_bare("cpu", 5) > 0
