@@ -80,6 +80,53 @@ def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation
     return x
 
 
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's tensor rgb -> hsv, batched (all channels in [0, 1])."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    same = maxc == minc
+    chroma = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = chroma / torch.where(same, ones, maxc)
+    div = torch.where(same, ones, chroma)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), dim=1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0, 1)
+    q = (v * (1.0 - s * f)).clamp(0, 1)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
+    sector = (i[:, None] == torch.arange(6, device=x.device).view(1, -1, 1, 1)).to(x.dtype)   # [N, 6, H, W]
+    table = torch.stack((torch.stack((v, q, p, p, t, v), 1), torch.stack((t, v, v, q, p, p), 1),
+                         torch.stack((p, p, t, v, v, q), 1)), 1)                             # [N, 3, 6, H, W]
+    return (table * sector[:, None]).sum(2)
+
+
+def adjust_hue(x: torch.Tensor, hue: float, gen: torch.Generator) -> torch.Tensor:
+    """ColorJitter(hue=h): rotate the hue of each image by a factor drawn in [-h, h] (RGB only)."""
+    if x.shape[1] != 3:
+        return x
+    shift = _uniform(x.shape[0], -hue, hue, gen, x.device)[:, None, None]
+    hsv = _rgb_to_hsv(x)
+    hsv = torch.stack((torch.remainder(hsv[:, 0] + shift, 1.0), hsv[:, 1], hsv[:, 2]), dim=1)
+    return _hsv_to_rgb(hsv)
+
+
+def random_apply(x: torch.Tensor, op, p: float, gen: torch.Generator) -> torch.Tensor:
+    """RandomApply([op], p): each image gets op(x) with probability p, else stays as it is."""
+    pick = torch.rand(x.shape[0], device=x.device, generator=gen) < p
+    return torch.where(pick[:, None, None, None], op(x), x)
+
+
 def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     pick = torch.rand(x.shape[0], device=x.device, generator=gen) < p
     return torch.where(pick[:, None, None, None], _gray(x).expand_as(x), x)
@@ -143,8 +190,11 @@ class Augmenter:
             x = random_crop(x, cfg.crop_padding, g)
         if cfg.flip:
             x = random_flip(x, g)
-        if cfg.brightness or cfg.contrast or cfg.saturation:
-            x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, g)
+        if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
+            def jitter(v):
+                v = color_jitter(v, cfg.brightness, cfg.contrast, cfg.saturation, g)
+                return adjust_hue(v, cfg.hue, g) if cfg.hue else v
+            x = jitter(x) if cfg.jitter_p >= 1 else random_apply(x, jitter, cfg.jitter_p, g)
         if cfg.grayscale_p:
             x = random_grayscale(x, cfg.grayscale_p, g)
         if cfg.autoaugment != "none":

@@ -5,6 +5,9 @@
     which is how PyCIL/DER feed CIFAR.
 (2) Full ResNet-32 training steps on 32x32 data through `Engine.fit` against a bare PyTorch loop over the
     same model and pre-made, already-augmented tensors on the device (the ceiling).
+(3) Online regime: HPCR steps (stream batch 10 + replay 10, two views each, reduced ResNet-18, CIFAR-100
+    shapes, second task so PCD and SCD are on) through the harness (reservoir draws and inserts with payload,
+    on-device strong augmentation) against a bare loop doing the same forward/backward on pre-made tensors.
 Nothing is downloaded: images are random uint8 CIFAR-shaped arrays (throughput does not depend on content).
 """
 from __future__ import annotations
@@ -129,8 +132,83 @@ def train_bare(engine: Engine, batch: int, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+ONLINE_CARD = {"name": "bench_online", "dataset": "synthetic", "num_classes": 100, "class_order": "natural",
+               "base": 0, "step": 50,
+               "tasks": 2, "regime": "online", "memory": {"policy": "reservoir", "size": 1000},
+               "backbone": {"name": "resnet18_reduced"},
+               "train": {"epochs": 1, "batch_size": 10, "optimizer": "sgd", "lr": 0.1, "momentum": 0.0,
+                         "weight_decay": 0.0, "schedule": "constant"},
+               "online": {"replay_batch": 10}, "augment": {"mean": [0.0] * 3, "std": [1.0] * 3}}
+
+
+def _online_setup(device_name: str, steps: int):
+    """A two-task CIFAR-100-shaped online stream of `steps` stream batches per task, and an HPCR on it."""
+    if steps < 5:
+        from .errors import UserError
+        raise UserError(f"--online-steps {steps}: need >= 5 so that each of the 50 classes of a task has a sample")
+    from methods.pcr import HPCR, HPCRConfig
+
+    from .memory import make_memory
+    from .method import Context
+    protocol = build(Protocol, ONLINE_CARD, "bench")
+    device = resolve_device(device_name)
+    n = 2 * 10 * steps
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.cat([torch.arange(n // 2) % 50, 50 + torch.arange(n // 2) % 50])   # task t: classes of t
+    stream = Stream(protocol, Dataset("bench", 100, Split(images, labels), Split(images[:100], labels[:100])), device)
+    engine = Engine(stream, RuntimeOptions(device=device_name), device)
+    engine.begin_task(0, 0)
+    ctx = Context(protocol, stream, engine, make_memory(protocol.memory, device), device, seed=0)
+    return HPCR(HPCRConfig(), ctx), ctx
+
+
+def online_engine(device_name: str, steps: int) -> float:
+    """HPCR steps/s through the harness on the second task (the first fills the reservoir)."""
+    method, ctx = _online_setup(device_name, steps)
+    method.learn(ctx.stream.task(0), ctx)
+    ctx.engine.begin_task(0, 1)
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    method.learn(ctx.stream.task(1), ctx)
+    _sync(ctx.device)
+    return steps / (time.perf_counter() - t0)
+
+
+def online_bare(device_name: str, steps: int) -> float:
+    """The ceiling: HPCR's two forward passes (stream views, replay views), its loss and an SGD step over
+    pre-made tensors of the same shapes, with stored payload already at hand."""
+    method, ctx = _online_setup(device_name, steps)
+    device, engine = ctx.device, ctx.engine
+    method.task_index = 1
+    fmt = torch.channels_last if engine.channels_last else torch.contiguous_format
+    xs = [torch.randn(20, 3, 32, 32, device=device).contiguous(memory_format=fmt) for _ in range(2 * steps)]
+    ys = torch.randint(0, 100, (2 * steps, 10), device=device)
+    stored = {"logits": torch.randn(10, 100, device=device), "features": torch.randn(10, 160, device=device)}
+    opt = torch.optim.SGD([*method.backbone.parameters(), method.head.weight], lr=0.1)
+    method.backbone.train()
+
+    def step(i):
+        with engine.autocast():
+            logits, feats, (o_m, z_m) = method.forward_both(xs[2 * i], xs[2 * i + 1])
+            labels = torch.cat([ys[2 * i + 1].repeat(2), ys[2 * i].repeat(2)])
+            loss = method.objective(logits, feats, labels, (o_m, z_m, stored), i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(min(3, steps)):
+        step(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    _sync(device)
+    return steps / (time.perf_counter() - t0)
+
+
 def run_bench(device_name: str = "auto", images: int = 10000, steps: int = 30, batch: int = 128,
-              compile: bool = False) -> dict:
+              compile: bool = False, online_steps: int = 200) -> dict:
     device = resolve_device(device_name)
     workers = min(4, os.cpu_count() or 1)
     stream = _bench_stream(images, device)
@@ -150,4 +228,9 @@ def run_bench(device_name: str = "auto", images: int = 10000, steps: int = 30, b
     bare = train_bare(engine, batch, steps)
     print(f"(2) ResNet-32 training: engine {eng:.1f} steps/s ({eng * batch:,.0f} img/s); bare loop over pre-made "
           f"tensors {bare:.1f} steps/s; engine at {100 * eng / bare:.0f}% of the bare loop (target >= 90%)")
-    return {"device": name, "pipeline_engine": fast, "pipeline_pil": slow, "train_engine": eng, "train_bare": bare}
+    online, online_ceiling = online_engine(device_name, online_steps), online_bare(device_name, online_steps)
+    print(f"(3) online HPCR (batch 10 + replay 10, two views, reduced ResNet-18): harness {online:.1f} steps/s; "
+          f"bare loop over pre-made tensors {online_ceiling:.1f} steps/s; harness at "
+          f"{100 * online / online_ceiling:.0f}% of the bare loop (target >= 75%)")
+    return {"device": name, "pipeline_engine": fast, "pipeline_pil": slow, "train_engine": eng, "train_bare": bare,
+            "online_engine": online, "online_bare": online_ceiling}

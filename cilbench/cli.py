@@ -214,11 +214,12 @@ def sweep(
 @app.command()
 def bench(device: str = typer.Option("auto"), images: int = typer.Option(10000, help="images per pipeline test"),
           steps: int = typer.Option(30, help="training steps per timing"),
-          compile: bool = typer.Option(False, help="torch.compile the networks (CUDA)")):
+          compile: bool = typer.Option(False, help="torch.compile the networks (CUDA)"),
+          online_steps: int = typer.Option(200, help="HPCR steps per online timing")):
     """Throughput of the engine's data pipeline and training step against reference paths."""
     from .bench import run_bench
     try:
-        run_bench(device, images, steps, compile=compile)
+        run_bench(device, images, steps, compile=compile, online_steps=online_steps)
     except UserError as exc:
         _fail(str(exc))
 

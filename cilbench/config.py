@@ -47,6 +47,8 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
                 pass
         raise fail(" or ".join(_type_name(o) for o in options if o is not type(None)))
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in get_args(tp):
+            value = "on" if value else "off"   # YAML 1.1 reads a bare on/off as a boolean
         if value not in get_args(tp):
             raise fail(f"one of {_type_name(tp)}")
         return value

@@ -129,6 +129,7 @@ class Engine:
         self.amp = options.amp and self.cuda       # bf16 autocast in training only; apply() stays float32
         self.augmenter = Augmenter(stream.protocol.augment, stream.image_shape[0], device, self.channels_last)
         self.order_gen = torch.Generator()
+        self.device_gen = torch.Generator(device=device)   # draws that stay on the device (reservoir, replay)
         self.on_epoch = on_epoch
         self.task = 0
 
@@ -140,6 +141,7 @@ class Engine:
         torch.manual_seed(task_seed)
         self.order_gen.manual_seed(task_seed)
         self.augmenter.seed(task_seed + 1)
+        self.device_gen.manual_seed(task_seed + 2)
 
     # --- modules ------------------------------------------------------------------------------------
     def prepare(self, module: nn.Module) -> nn.Module:

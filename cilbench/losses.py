@@ -1,6 +1,8 @@
 """Losses shared by the methods (written once here, reused by every method file)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -91,3 +93,82 @@ def nca_margin_loss(similarities: torch.Tensor, labels: torch.Tensor, margin: fl
         else:
             raise ValueError(f"nca form must be 'paper' or 'code', got {form!r}")
     return losses.mean() if reduction == "mean" else losses
+
+
+# --- PCR / HPCR (Lin et al., CVPR 2023 / TNNLS) ---------------------------------------------------------------
+
+def batch_class_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """k_c: how often class c occurs in `labels` (a scatter-add, so no host sync on CUDA, unlike bincount)."""
+    ones = torch.ones_like(labels, dtype=torch.float32)
+    return torch.zeros(classes, device=labels.device).scatter_add_(0, labels, ones)
+
+
+def pcr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 9: mean over anchors i of -log(exp(o_{i,y_i}) / sum_c k_c exp(o_{i,c})), k_c = count of class c in
+    the batch (views included), o = cos(z, w)/tau over all classes [N, C].
+
+    Closed form: log sum_c k_c exp(o_c) = logsumexp_c(o_c + log k_c); log 0 = -inf drops absent classes, whose
+    proxies therefore get exactly zero gradient (Theorem 1)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logits = logits.float()
+        log_k = batch_class_counts(labels, logits.shape[1]).log()
+        own = logits.gather(1, labels[:, None]).squeeze(1)
+        return (torch.logsumexp(logits + log_k, dim=1) - own).mean()
+
+
+def pcr_hc_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 18 with s(N) = 1: anchor-to-proxy plus anchor-to-sample pairs. For anchor i, P = other samples of
+    its class, J = every other sample, sim_ij = cos(z_i, z_j)/tau:
+        -1/|P| sum_{p in P} log((exp(o_y) + exp(sim_ip)) / (sum_c k_c exp(o_c) + sum_{j in J} exp(sim_ij))).
+    An anchor with empty P keeps the numerator exp(o_y) over the same denominator."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logits, z = logits.float(), F.normalize(features.float(), dim=1)
+        n = len(labels)
+        eye = torch.eye(n, dtype=torch.bool, device=z.device)
+        sim = (z @ z.T / tau).masked_fill(eye, float("-inf"))
+        log_k = batch_class_counts(labels, logits.shape[1]).log()
+        log_den = torch.logsumexp(torch.cat([logits + log_k, sim], dim=1), dim=1)
+        own = logits.gather(1, labels[:, None]).squeeze(1)
+        pos = (labels[:, None] == labels[None, :]) & ~eye
+        n_pos = pos.sum(1)
+        log_num = torch.logaddexp(own[:, None], sim).masked_fill(~pos, 0.0).sum(1)
+        log_num = torch.where(n_pos > 0, log_num / n_pos.clamp(min=1), own)
+        return (log_den - log_num).mean()
+
+
+def pcd_loss(current: torch.Tensor, stored: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 24 (sign fixed): sum_c k_c (o_c - o*_c)^2 over the memory rows, k_c counted over the whole batch's
+    `labels` (views included). Normalised as the code's F.mse_loss(o[:, labels], o*[:, labels]): a mean over
+    rows and over the len(labels) selected columns."""
+    with torch.autocast(current.device.type, enabled=False):
+        k = batch_class_counts(labels, current.shape[1])
+        return ((current.float() - stored.float()) ** 2 * k).sum(1).mean() / len(labels)
+
+
+def scd_loss(current: torch.Tensor, stored: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 25 in the code's direction: the softmax of the stored features' cosine similarities to the other
+    rows (self excluded) is the target of the current features' log-softmax:
+        mean_i -sum_{j != i} q*_ij log q_ij."""
+    with torch.autocast(current.device.type, enabled=False):
+        eye = torch.eye(len(current), dtype=torch.bool, device=current.device)
+
+        def log_relations(f):
+            f = F.normalize(f.float(), dim=1)
+            return F.log_softmax((f @ f.T / tau).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
+
+        target = log_relations(stored).exp().masked_fill(eye, 0.0)
+        return -(target * log_relations(current)).sum(1).mean()
+
+
+def ht_multiplier(step: int, mode: str = "code", tau: float = 0.09, tau_min: float = 0.05, tau_max: float = 0.16,
+                  period: int = 500) -> float:
+    """HT's loss multiplier tau / tau(s) at optimiser step s: 0.5625 at s = 0, 1.8 at s = S/2, period S.
+    `paper`: tau(s) follows the cosine of eq. 21; `code`: the multiplier itself follows the cosine
+    (agents/hpcr.py); `off`: 1."""
+    if mode == "off":
+        return 1.0
+    wave = 0.5 * (1 - math.cos(2 * math.pi * step / period))      # 0 at s = 0, 1 at s = S/2
+    if mode == "paper":
+        return tau / (tau_max - (tau_max - tau_min) * wave)
+    lo, hi = tau / tau_max, tau / tau_min
+    return (hi - lo) * wave + lo

@@ -43,6 +43,8 @@ class ExemplarMemory:
         self.cfg = cfg
         self.order: dict[int, torch.Tensor] = {}   # label -> train-split indices, selection order
         self.quota = 0
+        # key -> label -> per-exemplar payload aligned with order[label] (HPCR offline: logits, features)
+        self.payload: dict[str, dict[int, torch.Tensor]] = {}
 
     def per_class(self, n_seen: int) -> int:
         if self.cfg.policy == "fixed_total":
@@ -72,97 +74,127 @@ class ExemplarMemory:
     def __len__(self) -> int:
         return sum(min(len(v), self.quota) for v in self.order.values())
 
+    def write_payload(self, label: int, values: dict[str, torch.Tensor]) -> None:
+        """Payload of a class's exemplars in selection order, written once when the class is selected;
+        shrinking the quota truncates it together with the exemplars."""
+        for key, value in values.items():
+            self.payload.setdefault(key, {})[label] = value.detach()
+
+    def labels_without(self, key: str) -> list[int]:
+        return [c for c in sorted(self.order) if c not in self.payload.get(key, {})]
+
+    def payload_tensor(self, key: str) -> torch.Tensor:
+        """The payload `key` of every kept exemplar, aligned with `indices()`."""
+        return torch.cat([self.payload[key][c][: self.quota] for c in sorted(self.order)])
+
+    def payload_nbytes(self) -> int:
+        return sum(min(len(v), self.quota) * v.element_size() * v[0].numel()
+                   for per_label in self.payload.values() for v in per_label.values())
+
     def nbytes(self, bytes_per_sample: int) -> int:
-        return len(self) * bytes_per_sample
+        return len(self) * bytes_per_sample + self.payload_nbytes()
 
     def state_dict(self) -> dict:
         return {"quota": self.quota, "labels": sorted(self.order),
-                "order": [self.order[c].cpu() for c in sorted(self.order)]}
+                "order": [self.order[c].cpu() for c in sorted(self.order)],
+                "payload": {k: {"labels": sorted(v), "values": [v[c].cpu() for c in sorted(v)]}
+                            for k, v in self.payload.items()}}
 
     def load_state_dict(self, state: dict, device) -> None:
         self.quota = state["quota"]
         self.order = {c: idx.to(device) for c, idx in zip(state["labels"], state["order"])}
+        self.payload = {k: {c: v.to(device) for c, v in zip(p["labels"], p["values"])}
+                        for k, p in state.get("payload", {}).items()}
 
 
 class ReservoirMemory:
     """Reservoir sampling over the stream (Vitter's algorithm R): after n samples, each is kept with
     probability size/n. Entries carry an index into the train split, its label, and optional payload
-    tensors (stored logits, features, ...) registered on first use."""
+    tensors (stored logits, features, ...) registered on first use.
+
+    Everything lives in preallocated device tensors with one spare row: `add` is a few vectorised ops with no
+    host sync (the fill level is a function of the host-side count `seen`), and a draw that keeps nothing is
+    written to the spare row instead of being filtered out."""
 
     def __init__(self, size: int, device):
         self.size = size
         self.device = device
-        self.idx = torch.empty(0, dtype=torch.int64, device=device)
-        self.labels = torch.empty(0, dtype=torch.int64, device=device)
-        self.payload: dict[str, torch.Tensor] = {}
+        self._idx = torch.zeros(size + 1, dtype=torch.int64, device=device)
+        self._labels = torch.zeros(size + 1, dtype=torch.int64, device=device)
+        self._payload: dict[str, torch.Tensor] = {}
         self.seen = 0
 
     def __len__(self) -> int:
-        return len(self.idx)
+        return min(self.seen, self.size)
+
+    @property
+    def idx(self) -> torch.Tensor:
+        return self._idx[: len(self)]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._labels[: len(self)]
+
+    @property
+    def payload(self) -> dict[str, torch.Tensor]:
+        return {k: v[: len(self)] for k, v in self._payload.items()}
+
+    def slots_for(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Buffer slot of each of the next n stream samples (`size` = not kept), as the sequential algorithm
+        assigns them: sample number s (1-based) fills slot s-1 while the buffer fills, then replaces slot
+        j = floor(u * s) when j < size. Of several samples sent to one slot only the last is kept."""
+        number = torch.arange(self.seen + 1, self.seen + n + 1, device=generator.device, dtype=torch.float64)
+        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
+        draw = torch.floor(u * number).long()
+        slot = torch.where(number <= self.size, number.long() - 1, draw).clamp(max=self.size)
+        order = torch.arange(n, device=slot.device)
+        overwritten = ((slot[:, None] == slot[None, :]) & (order[None, :] > order[:, None])).any(dim=1)
+        return torch.where(overwritten, self.size, slot).to(self.device)
 
     def add(self, idx: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
             payload: dict[str, torch.Tensor] | None = None) -> None:
         payload = payload or {}
-        slots, sources = [], []
-        filled = len(self.idx)
-        draws = torch.rand(len(idx), generator=generator).tolist()
-        for i, u in enumerate(draws):
-            self.seen += 1
-            if filled < self.size:
-                slots.append(filled)
-                filled += 1
-                sources.append(i)
-            else:
-                j = int(u * self.seen)
-                if j < self.size:
-                    slots.append(j)
-                    sources.append(i)
-        if not slots:
-            return
-        grow = filled - len(self.idx)
-        if grow:
-            self.idx = torch.cat([self.idx, torch.zeros(grow, dtype=torch.int64, device=self.device)])
-            self.labels = torch.cat([self.labels, torch.zeros(grow, dtype=torch.int64, device=self.device)])
-        # every payload tensor (registered earlier or first seen now) spans the whole buffer
-        for key in [*self.payload, *(k for k in payload if k not in self.payload)]:
-            ref = payload[key] if key in payload else self.payload[key]
-            old = self.payload.get(key)
-            have = 0 if old is None else len(old)
-            if have < filled:
-                pad = torch.zeros((filled - have, *ref.shape[1:]), dtype=ref.dtype, device=self.device)
-                self.payload[key] = pad if old is None else torch.cat([old, pad])
-        # later samples overwrite earlier ones in the same slot, as the sequential algorithm does
-        last = {s: src for s, src in zip(slots, sources)}
-        slot_t = torch.tensor(list(last), dtype=torch.int64, device=self.device)
-        src_t = torch.tensor(list(last.values()), dtype=torch.int64, device=idx.device)
-        self.idx[slot_t] = idx[src_t].to(self.device)
-        self.labels[slot_t] = labels[src_t].to(self.device)
+        slot = self.slots_for(len(idx), generator)
+        self.seen += len(idx)
+        self._idx[slot] = idx.to(self.device)
+        self._labels[slot] = labels.to(self.device)
         for key, value in payload.items():
-            store = self.payload[key]
-            store[slot_t] = value[src_t].detach().to(self.device, store.dtype)
+            if key not in self._payload:   # entries stored before this key appeared hold zeros
+                self._payload[key] = torch.zeros((self.size + 1, *value.shape[1:]), dtype=value.dtype,
+                                                 device=self.device)
+            store = self._payload[key]
+            store[slot] = value.detach().to(self.device, store.dtype)
 
     def sample(self, n: int, generator: torch.Generator):
         """A random batch (without replacement) of buffer positions, or None while the buffer is empty."""
-        if not len(self.idx):
+        if not len(self):
             return None
-        pos = torch.randperm(len(self.idx), generator=generator)[:n].to(self.device)
-        return pos
+        return torch.randperm(len(self), generator=generator, device=generator.device)[:n].to(self.device)
 
     def indices(self) -> torch.Tensor:
         return self.idx
 
+    def payload_nbytes(self) -> int:
+        return len(self) * sum(v.element_size() * v[0].numel() for v in self._payload.values())
+
     def nbytes(self, bytes_per_sample: int) -> int:
-        extra = sum(v.element_size() * v[0].numel() for v in self.payload.values()) if len(self) else 0
-        return len(self) * (bytes_per_sample + 16 + extra)
+        return len(self) * (bytes_per_sample + 16) + self.payload_nbytes()
 
     def state_dict(self) -> dict:
         return {"idx": self.idx.cpu(), "labels": self.labels.cpu(), "seen": self.seen,
                 "payload": {k: v.cpu() for k, v in self.payload.items()}}
 
     def load_state_dict(self, state: dict, device) -> None:
-        self.idx, self.labels = state["idx"].to(device), state["labels"].to(device)
+        self.device = device
         self.seen = state["seen"]
-        self.payload = {k: v.to(device) for k, v in state["payload"].items()}
+        n = len(state["idx"])
+        self._idx = torch.zeros(self.size + 1, dtype=torch.int64, device=device)
+        self._labels = torch.zeros(self.size + 1, dtype=torch.int64, device=device)
+        self._idx[:n], self._labels[:n] = state["idx"].to(device), state["labels"].to(device)
+        self._payload = {}
+        for key, value in state["payload"].items():
+            self._payload[key] = torch.zeros((self.size + 1, *value.shape[1:]), dtype=value.dtype, device=device)
+            self._payload[key][:n] = value.to(device)
 
 
 def make_memory(cfg: MemoryConfig, device) -> ExemplarMemory | ReservoirMemory | None:

@@ -94,6 +94,9 @@ class Method:
     def learn(self, task: Task, ctx: Context) -> None:
         raise NotImplementedError
 
+    def after_memory_update(self, task: Task, ctx: Context) -> None:
+        """Called after the harness selected this task's exemplars (offline memory): write their payload."""
+
     def networks(self) -> list[nn.Module]:
         """Modules put in eval mode before evaluation and herding."""
         raise NotImplementedError

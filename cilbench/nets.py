@@ -282,3 +282,22 @@ class LocalSimilarityHead(nn.Module):
 
 
 __all__ += ["snapshot", "kmeans", "LocalSimilarityHead"]
+
+
+class ProxyHead(CosineHead):
+    """A cosine head computed in float32 even under bf16 autocast: its logits reach 1/tau ~ 11 and bf16 would
+    round them to steps of ~0.06."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.scale * F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+
+
+def proxy_head(in_features: int, classes: int, tau: float = 0.09) -> ProxyHead:
+    """PCR/HPCR's proxy classifier (the code's cosLinear): logits cos(z, w_c) / tau, no bias; row c of the
+    weight is class c's proxy. Allocated for every class of the protocol at once, as the code does: the PCR
+    loss never touches the proxy of a class absent from the batch, so unseen rows stay as initialised."""
+    return ProxyHead(in_features, classes, scale=1.0 / tau)
+
+
+__all__ += ["ProxyHead", "proxy_head"]

@@ -72,6 +72,8 @@ class AugmentConfig:
     brightness: float = 0.0               # ColorJitter(brightness=b): factor in [1-b, 1+b] (CIFAR: 63/255)
     contrast: float = 0.0
     saturation: float = 0.0
+    hue: float = 0.0                      # ColorJitter(hue=h): hue shift in [-h, h] of a full turn
+    jitter_p: float = 1.0                 # RandomApply([ColorJitter(...)], p) (SimCLR / PCR: 0.8)
     grayscale_p: float = 0.0
     cutout: int = 0                       # square side in pixels
     autoaugment: Literal["none", "cifar10", "imagenet", "svhn"] = "none"   # AutoAugment policy, per sample

@@ -324,6 +324,7 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
                 method.eval()
                 memory.update(task.classes, stream.class_indices,
                               lambda idx: engine.apply(method.features, idx), engine.order_gen)
+                method.after_memory_update(task, ctx)
             train_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             top1, top5, row, row5 = evaluate(method, stream, engine, task)
@@ -334,6 +335,7 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
                           "extractors": footprint.extractors, "params": footprint.params,
                           "memory_size": len(memory) if memory is not None else 0,
                           "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
+                          "memory_payload_bytes": memory.payload_nbytes() if memory is not None else 0,
                           "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3),
                           "params_backbone": footprint.params_backbone, "params_total": footprint.params})
             steps[-1].update(extras)

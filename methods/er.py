@@ -35,14 +35,14 @@ class ExperienceReplay(SingleNetwork):
 
         def loss(batch):
             x, y = batch.x, batch.y
-            pos = memory.sample(ctx.protocol.online.replay_batch, engine.order_gen)
+            pos = memory.sample(ctx.protocol.online.replay_batch, engine.device_gen)
             if pos is not None:
                 (x_mem,), y_mem = engine.train_views(memory.idx[pos])
                 x, y = torch.cat([x, x_mem]), torch.cat([y, y_mem])
             return F.cross_entropy(self.head(self.backbone(x)), y)
 
         def remember(batch):
-            memory.add(batch.idx, batch.y, engine.order_gen)
+            memory.add(batch.idx, batch.y, engine.device_gen)
 
         engine.fit(params, loss, task.train_idx, ctx.protocol.train, phase="online", modules=[self.backbone],
                    after_step=remember)
