@@ -333,6 +333,9 @@ def test_fixed_similarity_uses_exemplars_of_own_classes():
 ])
 def test_every_option_runs(name, options):
     ctx = make_ctx()
+    # option plumbing, not convergence: at one epoch per task some combinations blow up with PyCIL's head init
+    # (CE ~30-800 from task 2 on), which the divergence check would rightly stop
+    ctx.engine.options.divergence_factor = 0
     method = make_method(name, ctx, **options)
     for t in range(ctx.stream.num_tasks):
         learn_task(method, ctx, t)
