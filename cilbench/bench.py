@@ -146,7 +146,7 @@ def _online_setup(device_name: str, steps: int):
     if steps < 5:
         from .errors import UserError
         raise UserError(f"--online-steps {steps}: need >= 5 so that each of the 50 classes of a task has a sample")
-    from methods.pcr import HPCR, HPCRConfig
+    from cilbench.methods.pcr import HPCR, HPCRConfig
 
     from .memory import make_memory
     from .method import Context
