@@ -191,7 +191,8 @@ class ResNet(nn.Module):
 def stage_outputs(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The output map of every stage (stem excluded) and the pooled feature, in one forward pass."""
     maps = net.forward_stages(x)[1:]
-    return maps, torch.flatten(F.adaptive_avg_pool2d(maps[-1], 1), 1)
+    last = net.latent(maps[-1]) if getattr(net, "latent", None) is not None else maps[-1]   # as forward()
+    return maps, torch.flatten(F.adaptive_avg_pool2d(last, 1), 1)
 
 
 def stage_channels(net: nn.Module) -> list[int]:
