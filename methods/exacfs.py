@@ -60,6 +60,8 @@ class EXACFSConfig:
     margin: float = 0.6
     scale_init: float = 1.0                 # learned eta (PODNet's learned_scaling post-processor)
     nca_form: Literal["paper", "code"] = "paper"   # paper formula with hinge / PODNet's released nca
+    margin_placement: Literal["code", "paper"] = "code"  # code: eta y - delta (PODNet's learned_scaling, then nca
+    #                                         with margin 0.6); paper: eta (y - delta), the margin grows with eta
     freeze_old_proxies: bool = True         # PODNet CIFAR config (old_weights lr factor 0)
     imprint: bool = True                    # k-means imprinting of new-class proxies (t >= 1)
     kmeans_iters: int = 30
@@ -74,6 +76,8 @@ class EXACFSConfig:
     cbf_lr: float = 0.05                    # 0.05 CIFAR, 0.01 ImageNet
     cbf_per_class: Optional[int] = None     # None: the smallest class count (new classes cut to memory's)
     cbf_first_task: bool = False
+    cbf_schedule: Literal["cosine", "constant"] = "cosine"   # paper silent; the card's cosine over the CBF epochs
+    cbf_train_scale: bool = False           # PODNet fine-tunes the classifier's proxies only; eta stays fixed
 
     def validate(self, where: str) -> None:
         if self.proxies_per_class < 1:
@@ -146,7 +150,8 @@ class EXACFS(Method):
         return phase_config(base, schedule="cosine", warmup_epochs=0, milestones=[], **changes)
 
     def classification_loss(self, features: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
-        return nca_margin_loss(self.head(features), y, self.cfg.margin, form=self.cfg.nca_form, reduction=reduction)
+        margin = self.cfg.margin * (self.head.scale if self.cfg.margin_placement == "paper" else 1.0)
+        return nca_margin_loss(self.head(features), y, margin, form=self.cfg.nca_form, reduction=reduction)
 
     def train_task(self, task: Task, ctx: Context, previous) -> None:
         cfg, n_old = self.cfg, task.n_old
@@ -189,7 +194,8 @@ class EXACFS(Method):
         self.log.append({"task": task.index, "tau": adaptive_weight(task.n_seen, task.n_new)})
 
     def balanced_finetune(self, task: Task, ctx: Context) -> None:
-        """Classifier only (every proxy and the scale), extractor frozen in eval mode, CL only."""
+        """Classifier only (every proxy; the scale eta too with cbf_train_scale), extractor frozen in eval mode,
+        CL only."""
         backbone, head = self.backbone, self.head
         backbone.eval()
         head.freeze_old(False)
@@ -199,8 +205,10 @@ class EXACFS(Method):
                 features = backbone(batch.x)
             return self.classification_loss(features, batch.y)
 
-        cbf = phase_config(self.train_config(), epochs=self.cfg.cbf_epochs, lr=self.cfg.cbf_lr)
-        ctx.fit_balanced(task, list(head.parameters()), loss_fn, cbf, phase="exacfs_balanced",
+        cbf = phase_config(self.train_config(), epochs=self.cfg.cbf_epochs, lr=self.cfg.cbf_lr,
+                           schedule=self.cfg.cbf_schedule)
+        params = [p for p in head.parameters() if self.cfg.cbf_train_scale or p is not head.log_scale]
+        ctx.fit_balanced(task, params, loss_fn, cbf, phase="exacfs_balanced",
                          per_class=self.cfg.cbf_per_class)
 
     def update_significance(self, task: Task, ctx: Context) -> None:
