@@ -54,7 +54,8 @@ class HPCRConfig(PCRConfig):
     ht_tau_min: float = 0.05
     ht_tau_max: float = 0.16
     ht_cycle_steps: int = 500                      # S of eq. 21, in optimiser steps
-    ht_reset: Literal["epoch", "task", "never"] = "epoch"   # code: s is the loader's batch index
+    ht_reset: Literal["task", "epoch", "never"] = "task"    # code: s is the loader's batch index, i.e. per task
+    #                                                online (one epoch); offline the spec keeps the per-task reset
     pcd_alpha: float = 0.1                         # code: 0.1 CIFAR-100 / Mini-ImageNet, 0.01 CIFAR-10
     scd_beta: float = 0.5
     scd_tau: float = 0.09
@@ -66,7 +67,8 @@ def strong_augmenter(ctx: Context, crop_scale_min: float) -> Augmenter:
     ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2; normalised like the card. It draws from the
     engine's augmentation generator, so the engine's per-task reseeding covers it."""
     card = ctx.protocol.augment
-    cfg = AugmentConfig(random_resized_crop=ctx.stream.image_shape[-1], rrc_scale=[crop_scale_min, 1.0], flip=True,
+    side = card.random_resized_crop or ctx.stream.image_shape[-1]   # ImageNet: the card's 224 crop, not 256
+    cfg = AugmentConfig(random_resized_crop=side, rrc_scale=[crop_scale_min, 1.0], flip=True,
                         brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2,
                         mean=card.mean, std=card.std)
     aug = Augmenter(cfg, ctx.stream.image_shape[0], ctx.device, ctx.engine.channels_last)
