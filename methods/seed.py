@@ -62,7 +62,8 @@ class SEEDConfig:
     autoaugment: Literal["auto", "cifar10", "imagenet", "none"] = "auto"   # code: AutoAugment on top of the card's
     #                                         crop/flip/brightness (auto: CIFAR-10 policy up to 64 px, else ImageNet);
     #                                         paper: AugMix (not available); none = the card's augmentation
-    cutout: int = 16                        # code: Cutout(1 hole, 16 px) after AutoAugment; 0 = SEED adds none (a card's own stays)
+    cutout: int = 16                        # code: Cutout(1 hole, 16 px) after AutoAugment; 0: none added
+    #                                         (a cutout on the card itself stays)
     # --- fine-tuning the selected expert (tasks > K)
     ft_epochs: int = 100                    # paper: 200; 0 = no fine-tuning (table2.sh)
     ft_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])   # paper: [60, 120, 160]
