@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 PYTHON = sys.executable
 SWEEPS_DIR = REPO / "protocols" / "sweeps"
+# one CPU thread, as the in-process reference runs (tests/conftest.py): float reductions differ with the thread
+# count, so runs compared bit for bit must use the same one
 CI_GRID = dict(methods=["finetune", "replay"], protocols=["digits_b0s2", "digits_b4s2"], seeds=[0, 1], epochs=1,
-               deterministic=True, device="cpu")
+               deterministic=True, device="cpu", set={"runtime.threads": 1})
 
 
 def write_sweep(path: Path, **data) -> Path:
