@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import yaml
+from harness import learn_and_remember, tiny_context
 from typer.testing import CliRunner
 
 from cilbench.backbones import build_backbone, count_params
@@ -45,22 +46,10 @@ def card_path(tmp_path):
 
 
 def make_ctx(max_epochs=1):
-    protocol = build_protocol(dict(TINY_CARD), "tiny")
-    device = torch.device("cpu")
-    stream = Stream(protocol, load_dataset(protocol, None), device)
-    engine = Engine(stream, RuntimeOptions(device="cpu", max_epochs=max_epochs), device)
-    memory = make_memory(protocol.memory, device)
-    return Context(protocol, stream, engine, memory, device, seed=0), stream, engine, memory
+    return tiny_context(TINY_CARD, max_epochs)
 
 
-def run_task(method, ctx, stream, engine, memory, t):
-    task = stream.task(t)
-    engine.begin_task(0, t)
-    method.learn(task, ctx)
-    method.eval()
-    memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
-                  engine.order_gen)
-    return task
+run_task = learn_and_remember
 
 
 def der(ctx, **options):

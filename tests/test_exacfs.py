@@ -9,16 +9,12 @@ import math
 import pytest
 import torch
 import yaml
+from harness import learn_and_remember, tiny_context
 
 from cilbench.backbones import build_backbone, count_params, stage_channels, stage_outputs
 from cilbench.config import build
-from cilbench.data import load_dataset
-from cilbench.engine import Engine, RuntimeOptions
 from cilbench.losses import nca_margin_loss
-from cilbench.memory import make_memory
-from cilbench.method import Context
 from cilbench.nets import LocalSimilarityHead, snapshot
-from cilbench.protocol import build_protocol
 from cilbench.significance import (
     class_gradient_significance,
     ema_significance,
@@ -28,7 +24,6 @@ from cilbench.significance import (
     significance_weights,
     uniform_like,
 )
-from cilbench.stream import Stream
 from methods import exacfs as exacfs_module
 from methods.exacfs import EXACFS, EXACFSConfig, adaptive_weight
 
@@ -48,22 +43,10 @@ TINY_CARD = {
 
 
 def make_ctx(max_epochs=1):
-    protocol = build_protocol(dict(TINY_CARD), "tiny")
-    device = torch.device("cpu")
-    stream = Stream(protocol, load_dataset(protocol, None), device)
-    engine = Engine(stream, RuntimeOptions(device="cpu", max_epochs=max_epochs), device)
-    memory = make_memory(protocol.memory, device)
-    return Context(protocol, stream, engine, memory, device, seed=0), stream, engine, memory
+    return tiny_context(TINY_CARD, max_epochs)
 
 
-def run_task(method, ctx, stream, engine, memory, t):
-    task = stream.task(t)
-    engine.begin_task(0, t)
-    method.learn(task, ctx)
-    method.eval()
-    memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
-                  engine.order_gen)
-    return task
+run_task = learn_and_remember
 
 
 def exacfs(ctx, **options):
