@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .backbones import build_backbone
+from .backbones import build_backbone, count_params
 from .engine import Engine
 from .errors import UserError
 from .memory import ExemplarMemory, ReservoirMemory, class_balanced_subset
@@ -126,6 +126,26 @@ class Method:
         for net in self.networks():
             net.eval()
 
+
+
+class OneNetworkMethod(Method):
+    """A method that infers with one backbone and one head (`self.backbone`, `self.head`): finetune, replay,
+    joint, ER, PCR/HPCR, EXACFS. Herding uses the backbone's feature; #params counts both, the backbone alone
+    as params_backbone."""
+    backbone: nn.Module
+    head: nn.Module
+
+    def networks(self) -> list[nn.Module]:
+        return [self.backbone, self.head]
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def inference_footprint(self) -> Footprint:
+        return Footprint(1, count_params(self.backbone, self.head), count_params(self.backbone))
 
 @dataclass
 class Entry:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cilbench.backbones import build_backbone, count_params
-from cilbench.method import Context, Footprint, Method, register
+from cilbench.backbones import build_backbone
+from cilbench.method import Context, OneNetworkMethod, register
 from cilbench.nets import expand_head
 from cilbench.stream import Task
 
@@ -23,7 +23,7 @@ class SingleNetConfig:
     reinit: bool = False          # joint only: train from scratch at every task instead of continuing
 
 
-class SingleNetwork(Method):
+class SingleNetwork(OneNetworkMethod):
     """One backbone and a linear head that grows with the classes, trained with cross-entropy."""
     Config = SingleNetConfig
 
@@ -43,18 +43,6 @@ class SingleNetwork(Method):
 
     def loss(self, batch) -> torch.Tensor:
         return F.cross_entropy(self.head(self.backbone(batch.x)), batch.y)
-
-    def networks(self):
-        return [self.backbone, self.head]
-
-    def scores(self, x):
-        return self.head(self.backbone(x))
-
-    def features(self, x):
-        return self.backbone(x)
-
-    def inference_footprint(self) -> Footprint:
-        return Footprint(1, count_params(self.backbone, self.head), count_params(self.backbone))
 
     def state_dict(self) -> dict:
         return {"spec": self.backbone.spec, "backbone": self.backbone.state_dict(),

@@ -23,11 +23,11 @@ from typing import Literal, Optional
 
 import torch
 
-from cilbench.backbones import STANDARD, build_backbone, count_params, stage_channels, stage_outputs
+from cilbench.backbones import STANDARD, build_backbone, stage_channels, stage_outputs
 from cilbench.engine import phase_config
 from cilbench.errors import UserError
 from cilbench.losses import nca_margin_loss
-from cilbench.method import Context, Footprint, Method, register
+from cilbench.method import Context, OneNetworkMethod, register
 from cilbench.nets import LocalSimilarityHead, kmeans, snapshot
 from cilbench.protocol import TrainConfig
 from cilbench.significance import (
@@ -96,7 +96,7 @@ def adaptive_weight(n_seen: int, n_new: int) -> float:
 
 
 @register("exacfs")
-class EXACFS(Method):
+class EXACFS(OneNetworkMethod):
     Config = EXACFSConfig
     uses_exemplars = True
     regimes = ("offline",)
@@ -232,18 +232,7 @@ class EXACFS(Method):
 
         return class_gradient_significance(lambda x: stage_outputs(self.backbone, x), loss, batches(), task.n_seen)
 
-    # --- inference -------------------------------------------------------------------------------------
-    def networks(self):
-        return [self.backbone, self.head]
-
-    def scores(self, x):
-        return self.head(self.backbone(x))
-
-    def features(self, x):
-        return self.backbone(x)
-
-    def inference_footprint(self) -> Footprint:
-        return Footprint(1, count_params(self.backbone, self.head), params_backbone=count_params(self.backbone))
+    # --- inference: OneNetworkMethod (backbone + LSC head) -----------------------------------------------
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

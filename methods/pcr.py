@@ -27,7 +27,7 @@ from cilbench.backbones import build_backbone, count_params
 from cilbench.errors import UserError
 from cilbench.losses import ht_multiplier, pcd_loss, pcr_hc_loss, pcr_loss, scd_loss
 from cilbench.memory import ExemplarMemory, ReservoirMemory
-from cilbench.method import Context, Footprint, Method, register
+from cilbench.method import Context, Footprint, OneNetworkMethod, register
 from cilbench.nets import proxy_head
 from cilbench.protocol import AugmentConfig
 from cilbench.stream import Task
@@ -85,7 +85,7 @@ class Replay:
 
 
 @register("pcr")
-class PCR(Method):
+class PCR(OneNetworkMethod):
     Config = PCRConfig
     uses_exemplars = True
     regimes = ("online", "offline")
@@ -214,14 +214,8 @@ class PCR(Method):
             feats = ctx.engine.apply(self.backbone, idx)
             ctx.memory.write_payload(label, {"logits": self.head(feats).float(), "features": feats})
 
-    def networks(self):
-        return [self.backbone, self.head]
-
     def scores(self, x):
         return self.head(self.backbone(x))[:, : self.n_seen]
-
-    def features(self, x):
-        return self.backbone(x)
 
     def inference_footprint(self) -> Footprint:
         backbone = count_params(self.backbone)
