@@ -215,11 +215,21 @@ def sweep(
 def bench(device: str = typer.Option("auto"), images: int = typer.Option(10000, help="images per pipeline test"),
           steps: int = typer.Option(30, help="training steps per timing"),
           compile: bool = typer.Option(False, help="torch.compile the networks (CUDA)"),
-          online_steps: int = typer.Option(200, help="HPCR steps per online timing")):
-    """Throughput of the engine's data pipeline and training step against reference paths."""
-    from .bench import run_bench
+          online_steps: int = typer.Option(200, help="HPCR steps per online timing"),
+          method: list[str] = typer.Option([], "--method", "-m",
+                                           help="bench these methods' training phases against bare loops "
+                                                "(repeat the option; 'all' for every method)"),
+          per_class: int = typer.Option(32, help="--method: training images per class of the generated set"),
+          epochs: int = typer.Option(3, help="--method: epochs per phase (the first is not timed)")):
+    """Throughput of the engine's data pipeline and training step against reference paths; with --method, each
+    method's training phases against bare loops over the same networks, and a short run's time split."""
     try:
-        run_bench(device, images, steps, compile=compile, online_steps=online_steps)
+        if method:
+            from .speed import run_method_bench
+            run_method_bench(method, device, per_class, epochs)
+        else:
+            from .bench import run_bench
+            run_bench(device, images, steps, compile=compile, online_steps=online_steps)
     except UserError as exc:
         _fail(str(exc))
 

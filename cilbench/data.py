@@ -191,12 +191,26 @@ def load_imagenet100(root: Path, image_size: int = 256) -> Dataset:
 
 # --- embedded and generated sets (no download) ------------------------------------------------------------------
 
+def _digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (0..16) and labels of scikit-learn's digits, read from the file it ships (digits.csv.gz) without
+    importing scikit-learn (a second of start-up per run); sklearn.datasets.load_digits if the file moved."""
+    import gzip
+    from importlib.util import find_spec
+    spec = find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits as sk_digits
+        bunch = sk_digits()
+        return bunch.data, bunch.target.astype(np.int64)
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 def load_digits(cfg: DataConfig) -> Dataset:
     """scikit-learn's 8x8 digits (1797 images, 10 classes), stratified deterministic train/test split."""
-    from sklearn.datasets import load_digits as sk_digits
-    bunch = sk_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]   # [N, 1, 8, 8]
-    labels = bunch.target.astype(np.int64)
+    pixels, labels = _digits_table()
+    images = np.round(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[:, None]   # [N, 1, 8, 8]
     rng = np.random.RandomState(0)
     test_mask = np.zeros(len(labels), dtype=bool)
     for c in range(10):

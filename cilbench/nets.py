@@ -19,6 +19,25 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def frozen_forward(fn, x: torch.Tensor, chunk: int = 0):
+    """fn(x) under no_grad for a frozen network in eval mode, `chunk` images at a time (0: all at once). In eval
+    mode each sample's output depends on that sample alone, so chunking changes nothing but speed (and float
+    rounding): on a CPU, chunks whose activations stay in cache run faster (Engine.frozen_chunk: 64 CIFAR
+    images, where a ResNet-32 forward runs about 25% faster than at 128). Tensor outputs, and lists or tuples
+    of them (stage maps), are concatenated back."""
+    with torch.no_grad():
+        if not chunk or len(x) <= chunk:
+            return fn(x)
+        return _cat_parts([fn(part) for part in x.split(chunk)])
+
+
+def _cat_parts(parts: list):
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    return type(first)(_cat_parts([p[i] for p in parts]) for i in range(len(first)))
+
+
 class ExtractorStack(nn.Module):
     """Extractors whose features are concatenated (DER's super-feature).
 
@@ -68,15 +87,10 @@ class ExtractorStack(nn.Module):
     def out_dim(self) -> int:
         return sum(self.dims)
 
-    def features_each(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for ext, is_frozen in zip(self.extractors, self.frozen):
-            if is_frozen:
-                with torch.no_grad():
-                    feats.append(ext(x))
-            else:
-                feats.append(ext(x))
-        return feats
+    def features_each(self, x: torch.Tensor, chunk: int = 0) -> list[torch.Tensor]:
+        """Each extractor's features; frozen ones under no_grad, `chunk` images at a time (frozen_forward)."""
+        return [frozen_forward(ext, x, chunk) if is_frozen else ext(x)
+                for ext, is_frozen in zip(self.extractors, self.frozen)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.features_each(x), dim=1)
@@ -163,7 +177,8 @@ class CosineHead(nn.Module):
         return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
 
-__all__ = ["ExtractorStack", "freeze", "expand_head", "drop_columns", "linear_head", "CosineHead", "ResNet"]
+__all__ = ["ExtractorStack", "frozen_forward", "freeze", "expand_head", "drop_columns", "linear_head", "CosineHead",
+           "ResNet"]
 
 
 class ProjectionHead(nn.Module):

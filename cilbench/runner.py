@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .config import apply_override, build, parse_override, to_dict
 from .data import load_dataset
-from .engine import Engine, RuntimeOptions, resolve_device, set_deterministic
+from .engine import Engine, RuntimeOptions, resolve_device, set_deterministic, tune_malloc
 from .errors import Terminated, TrainingDiverged, UserError
 from .memory import ExemplarMemory, make_memory
 from .method import Context, Entry, Method, get_method
@@ -243,6 +243,7 @@ def execute(request: RunRequest) -> Path:
 
 def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
     protocol, runtime, cls = resolved.protocol, resolved.runtime, resolved.entry.cls
+    started = time.perf_counter()
     checkpoint = None
     device = resolve_device(runtime.device)
     if request.resume and store.exists():
@@ -261,6 +262,8 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
     else:
         store.check_free(force=request.force)
     set_deterministic(runtime.deterministic)
+    if runtime.tune_malloc and device.type == "cpu":
+        tune_malloc()
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     # data, stream and method come before any file is written: missing data or options the method rejects
@@ -288,6 +291,8 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
 
     steps, acc, acc5 = [], [], []
     start_task = 0
+    timing = dict.fromkeys(TIME_PARTS, 0.0)    # seconds over the run, resumed parts included
+    wall_before = 0.0                           # wall seconds of the processes before a resume
     if checkpoint is not None:
         try:
             method.load_state_dict(checkpoint["method"])
@@ -299,6 +304,8 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
                           f"({type(exc).__name__})") from None
         steps, acc, acc5 = checkpoint["steps"], checkpoint["acc"], checkpoint["acc5"]
         start_task = checkpoint["next_task"]
+        timing.update(checkpoint.get("timing", {}))
+        wall_before = timing["wall"]
         store.truncate_events(start_task)
     else:
         store.write_config(resolved.config)
@@ -318,8 +325,9 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
         for t in range(start_task, stream.num_tasks):
             task = stream.task(t)
             engine.begin_task(request.seed, t)
-            t0 = time.perf_counter()
+            t0, fit0 = time.perf_counter(), engine.fit_seconds
             method.learn(task, ctx)
+            learn_s, fit_s = time.perf_counter() - t0, engine.fit_seconds - fit0
             if isinstance(memory, ExemplarMemory):
                 method.eval()
                 memory.update(task.classes, stream.class_indices,
@@ -330,6 +338,7 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
             top1, top5, row, row5 = evaluate(method, stream, engine, task)
             extras = {**evaluate_task_aware(method, stream, engine, task), **method.step_record()}
             eval_s = time.perf_counter() - t1
+            parts = {"fit": fit_s, "statistics": learn_s - fit_s, "herding": train_s - learn_s, "eval": eval_s}
             footprint = method.inference_footprint()
             steps.append({"step": t, "classes_seen": task.n_seen, "top1": round(top1, 4), "top5": round(top5, 4),
                           "extractors": footprint.extractors, "params": footprint.params,
@@ -337,16 +346,22 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
                           "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
                           "memory_payload_bytes": memory.payload_nbytes() if memory is not None else 0,
                           "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3),
-                          "params_backbone": footprint.params_backbone, "params_total": footprint.params})
+                          "params_backbone": footprint.params_backbone, "params_total": footprint.params,
+                          **{f"{k}_seconds": round(v, 3) for k, v in parts.items()}})
             steps[-1].update(extras)
             acc.append(row)
             acc5.append(row5)
+            t2 = time.perf_counter()
+            for key, value in parts.items():
+                timing[key] += value
+            timing["wall"] = wall_before + t2 - started
             store.write_steps(steps)
             store.write_matrix("acc_matrix.csv", acc)
             store.write_matrix("acc_matrix_top5.csv", acc5)
             store.save_checkpoint({"next_task": t + 1, "run_name": resolved.run_name, "method": method.state_dict(),
                                    "memory": memory.state_dict() if memory is not None else None,
-                                   "steps": steps, "acc": acc, "acc5": acc5})
+                                   "steps": steps, "acc": acc, "acc5": acc5, "timing": dict(timing)})
+            timing["checkpoint"] += time.perf_counter() - t2
             manifest["tasks_done"] = t + 1
             store.write_manifest(manifest)
             reporter.task_done(f"task {t + 1}/{stream.num_tasks}: {task.n_seen} classes, top-1 {top1:.2f}, "
@@ -375,11 +390,25 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
     metrics.update(params_avg=sum(s["params"] for s in steps) / len(steps), params_last=steps[-1]["params"],
                    extractors_last=steps[-1]["extractors"], **param_counts(steps),
                    train_seconds=sum(s["train_seconds"] for s in steps),
-                   eval_seconds=sum(s["eval_seconds"] for s in steps))
+                   eval_seconds=sum(s["eval_seconds"] for s in steps),
+                   time_split=time_split(timing, wall_before + time.perf_counter() - started))
     store.write_metrics(metrics)
     manifest.update(status="complete", finished=_now())
     store.write_manifest(manifest)
     return store.path
+
+
+TIME_PARTS = ("wall", "fit", "statistics", "herding", "eval", "checkpoint")
+
+
+def time_split(timing: dict, wall: float) -> dict:
+    """Where a run's wall time went (seconds): fit (training phases), statistics (the rest of learn():
+    Gaussians, significance, prototypes, pruning), herding (exemplar selection and payload), eval,
+    checkpoint (state, steps and matrices written), other (data loading, set-up, reporting)."""
+    split = {k: round(timing[k], 3) for k in TIME_PARTS if k != "wall"}
+    split["other"] = round(max(wall - sum(timing[k] for k in split), 0.0), 3)
+    split["wall"] = round(wall, 3)
+    return split
 
 
 def param_counts(steps: list[dict]) -> dict:

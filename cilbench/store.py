@@ -22,7 +22,9 @@ from .safeio import safe_yaml_load
 # params = params_total (backbones + classifier); params_backbone counts the extractors only (DER's #Paras)
 STEP_FIELDS = ["step", "classes_seen", "top1", "top5", "extractors", "params", "memory_size",
                "memory_bytes", "memory_payload_bytes", "train_seconds", "eval_seconds", "params_backbone",
-               "params_total"]
+               "params_total", "fit_seconds", "statistics_seconds", "herding_seconds"]
+# metrics.json entries that are wall-clock times: they differ between two runs with equal results
+TIMING_METRICS = ("train_seconds", "eval_seconds", "time_split")
 
 
 def run_dir(out: str | Path, protocol: str, run_name: str, seed: int) -> Path:

@@ -193,7 +193,7 @@ class DER(Method):
                     for layer in (head, aux):
                         if layer is not None:
                             layer.reset_parameters()
-            feats = self.stack.features_each(batch.x)
+            feats = self.stack.features_each(batch.x, engine.frozen_chunk)
             loss = F.cross_entropy(head(torch.cat(feats, dim=1)), batch.y)
             if aux is not None:
                 loss = loss + cfg.aux_weight * F.cross_entropy(aux(feats[-1]), aux_labels(batch.y, n_old))
@@ -249,10 +249,10 @@ class DER(Method):
         head, stack = self.head, self.stack
         subset = self.balanced_indices(task, ctx)
         stack.eval()
+        chunk = ctx.engine.frozen_chunk
 
         def loss_fn(batch):
-            with torch.no_grad():
-                u = stack(batch.x)
+            u = torch.cat(stack.features_each(batch.x, chunk), dim=1)   # every extractor is frozen here
             return F.cross_entropy(head(u) / cfg.balanced_temperature, batch.y)
 
         ctx.engine.fit(head.parameters(), loss_fn, subset, self.stage2_config(), phase="der_classifier")

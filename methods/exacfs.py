@@ -28,7 +28,7 @@ from cilbench.engine import phase_config
 from cilbench.errors import UserError
 from cilbench.losses import nca_margin_loss
 from cilbench.method import Context, OneNetworkMethod, register
-from cilbench.nets import LocalSimilarityHead, kmeans, snapshot
+from cilbench.nets import LocalSimilarityHead, frozen_forward, kmeans, snapshot
 from cilbench.protocol import TrainConfig
 from cilbench.significance import (
     class_gradient_significance,
@@ -161,14 +161,14 @@ class EXACFS(OneNetworkMethod):
             sig = uniform_like(sig)
         new_value = cfg.new_class_weight if cfg.dl_samples == "all" else 0.0
         parts = {"old": torch.zeros((), device=ctx.device), "new": torch.zeros((), device=ctx.device), "n": 0}
+        chunk = ctx.engine.frozen_chunk
 
         def loss_fn(batch):
             maps, features = stage_outputs(self.backbone, batch.x)
             loss = self.classification_loss(features, batch.y)
             if previous is None:
                 return loss
-            with torch.no_grad():
-                old_maps, _ = stage_outputs(previous, batch.x)
+            old_maps, _ = frozen_forward(lambda x: stage_outputs(previous, x), batch.x, chunk)
             weights = significance_weights([sig[j] for j in self.stages], batch.y, n_old, new_value)
             per_sample = significance_distillation([maps[j] for j in self.stages], [old_maps[j] for j in self.stages],
                                                    weights, cfg.feature_norm)
@@ -199,10 +199,10 @@ class EXACFS(OneNetworkMethod):
         backbone, head = self.backbone, self.head
         backbone.eval()
         head.freeze_old(False)
+        chunk = ctx.engine.frozen_chunk
 
         def loss_fn(batch):
-            with torch.no_grad():
-                features = backbone(batch.x)
+            features = frozen_forward(backbone, batch.x, chunk)
             return self.classification_loss(features, batch.y)
 
         cbf = phase_config(self.train_config(), epochs=self.cfg.cbf_epochs, lr=self.cfg.cbf_lr,
@@ -224,7 +224,7 @@ class EXACFS(OneNetworkMethod):
         indices = ctx.train_indices(task)
 
         def batches():
-            for idx in engine.batches(indices, ctx.protocol.eval_batch_size, shuffle=False):
+            for idx in engine.batches(indices, engine.inference_batch_size(), shuffle=False):
                 yield engine.augmenter.test(data.images[idx]).float(), data.labels[idx].to(ctx.device)
 
         def loss(features, y):

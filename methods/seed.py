@@ -32,7 +32,7 @@ from cilbench.engine import features_with_flips, full_precision, phase_config
 from cilbench.errors import UserError
 from cilbench.gaussians import GaussianStore
 from cilbench.method import Context, Footprint, Method, register
-from cilbench.nets import freeze, linear_head
+from cilbench.nets import freeze, frozen_forward, linear_head
 from cilbench.protocol import AugmentConfig, TrainConfig
 from cilbench.stream import Task
 
@@ -274,14 +274,14 @@ class SEED(Method):
         head = ctx.engine.prepare(linear_head(expert.out_dim, task.n_new))
         teacher = freeze(copy.deepcopy(expert)) if distill else None
         offset = task.n_old
+        chunk = ctx.engine.frozen_chunk
 
         def loss_fn(batch):
             features = expert(batch.x)
             ce = F.cross_entropy(head(features).float(), batch.y - offset)
             if teacher is None:
                 return ce
-            with torch.no_grad():
-                old = teacher(batch.x)
+            old = frozen_forward(teacher, batch.x, chunk)
             return (1 - cfg.alpha) * ce + cfg.alpha * feature_distillation(features, old, cfg.kd)
 
         params = [p for p in expert.parameters() if p.requires_grad] + list(head.parameters())

@@ -32,7 +32,7 @@ from cilbench.engine import phase_config
 from cilbench.errors import UserError
 from cilbench.losses import aux_labels, kd_soft_ce, supcon_distinct
 from cilbench.method import Context, Footprint, Method, register
-from cilbench.nets import ExtractorStack, HeadInit, ProjectionHead, freeze, linear_head, trainable_copy
+from cilbench.nets import ExtractorStack, HeadInit, ProjectionHead, freeze, frozen_forward, linear_head, trainable_copy
 from cilbench.stream import Task
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,19 +235,14 @@ class TSDBase(Method):
                 head.bias[:rows].copy_(old.bias[:rows])
         return head
 
-    @staticmethod
-    def _feats(modules: list[nn.Module], x: torch.Tensor, cache: dict) -> list[torch.Tensor]:
+    def _feats(self, modules: list[nn.Module], x: torch.Tensor, cache: dict) -> list[torch.Tensor]:
         """Features of each module on x; a module seen before in `cache` (teacher and student share the
-        frozen extractors) is not run again. Frozen modules run under no_grad."""
+        frozen extractors) is not run again. Frozen modules run under no_grad (frozen_forward)."""
         out = []
         for m in modules:
             key = id(m)
             if key not in cache:
-                if _frozen(m):
-                    with torch.no_grad():
-                        cache[key] = m(x)
-                else:
-                    cache[key] = m(x)
+                cache[key] = frozen_forward(m, x, self.ctx.engine.frozen_chunk) if _frozen(m) else m(x)
             out.append(cache[key])
         return out
 

@@ -20,7 +20,7 @@ RUN_FILES = ["config.yaml", "manifest.json", "steps.csv", "acc_matrix.csv", "acc
 METRIC_KEYS = {"steps", "avg_acc", "last_acc", "bwt", "forgetting", "avg_acc_top5", "last_acc_top5", "bwt_top5",
                "forgetting_top5", "avg_acc_task_mean", "last_acc_task_mean", "params_avg", "params_last",
                "extractors_last", "train_seconds", "eval_seconds", "params_total_avg", "params_total_last",
-               "params_backbone_avg", "params_backbone_last"}
+               "params_backbone_avg", "params_backbone_last", "time_split"}
 
 
 def _digits_counts(protocol_name, split):

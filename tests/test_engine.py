@@ -15,6 +15,7 @@ from cilbench.engine import Engine, RuntimeOptions, phase_config, schedule_facto
 from cilbench.errors import TrainingDiverged
 from cilbench.nets import ExtractorStack
 from cilbench.protocol import TrainConfig, load_protocol
+from cilbench.store import TIMING_METRICS
 from cilbench.stream import Stream
 
 CPU = torch.device("cpu")
@@ -307,7 +308,7 @@ def _steps_without_times(path):
         return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in csv.DictReader(fh)]
 
 
-TIMING_KEYS = {"train_seconds", "eval_seconds"}
+TIMING_KEYS = set(TIMING_METRICS)
 
 
 def test_resume_gives_the_same_results_as_an_uninterrupted_run(tmp_path, run_cli):

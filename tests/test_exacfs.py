@@ -24,6 +24,7 @@ from cilbench.significance import (
     significance_weights,
     uniform_like,
 )
+from cilbench.store import TIMING_METRICS
 from methods import exacfs as exacfs_module
 from methods.exacfs import EXACFS, EXACFSConfig, adaptive_weight
 
@@ -250,7 +251,7 @@ def card_path(tmp_path):
 
 def metrics_of(run):
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("train_seconds", "eval_seconds"):
+    for key in TIMING_METRICS:
         metrics.pop(key)
     return metrics
 

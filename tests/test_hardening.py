@@ -23,6 +23,7 @@ from cilbench.cli import app
 from cilbench.errors import UserError
 from cilbench.protocol import PROTOCOL_DIR
 from cilbench.safeio import safe_yaml_load
+from cilbench.store import TIMING_METRICS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -231,7 +232,7 @@ def test_sigterm_leaves_a_resumable_run_equal_to_an_uninterrupted_one(tmp_path, 
     monkeypatch.setattr(Replay, "learn", original)
     assert run_cli("replay", "digits_b0s2", split_out, *common, "--resume").exit_code == 0
     full = full_out / "digits_b0s2" / "replay" / "seed0"
-    drop = {"train_seconds", "eval_seconds"}
+    drop = set(TIMING_METRICS)
     m_full, m_split = (json.loads((d / "metrics.json").read_text()) for d in (full, split))
     assert {k: v for k, v in m_full.items() if k not in drop} == {k: v for k, v in m_split.items() if k not in drop}
     assert (full / "acc_matrix.csv").read_text() == (split / "acc_matrix.csv").read_text()

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from cilbench import sweep as sweeps
 from cilbench.cli import app
 from cilbench.errors import UserError
+from cilbench.store import TIMING_METRICS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ def write_sweep(path: Path, **data) -> Path:
 
 def metrics_of(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items() if not k.endswith("seconds")}
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
 
 
 def job_folders(out: Path) -> list[Path]:
