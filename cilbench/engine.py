@@ -38,7 +38,9 @@ class RuntimeOptions:
     divergence_factor: float = 100.0
     # images per forward pass in inference (evaluation, herding, statistics); 0 = auto: the card's
     # eval_batch_size on CUDA, and on the CPU a chunk whose activations stay in cache (64 images at 32x32:
-    # a ResNet-32 forward runs 4x faster than at 1000). Scores do not depend on it beyond float rounding.
+    # a ResNet-32 forward runs 4x faster than at 1000). Features differ only by float rounding, which can
+    # still flip a discrete choice (an exemplar herding picks), so runs are comparable bit for bit only at
+    # the same setting.
     inference_batch: int = 0
     # glibc on the CPU: keep freed activation buffers in the heap instead of returning them to the OS, so a
     # training step does not page-fault its buffers back in (steps reach full speed after 1-2 instead of ~10)
@@ -63,11 +65,13 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc mallopt parameters
 
 
 def tune_malloc() -> bool:
-    """Fix glibc's mmap and trim thresholds at 1 GiB: blocks below are served from the heap and freed memory
-    stays there. By default glibc mmaps large blocks and unmaps them on free, raising the threshold only as it
-    sees them freed, so the first ~10 steps of a phase page-fault their activation buffers (a 5-extractor DER
-    step starts at 40-150 img/s and levels at ~200). Resident memory stays at its peak instead of shrinking.
-    False where the C library is not glibc (nothing changes there)."""
+    """Fix glibc's mmap and trim thresholds high: blocks below are served from the heap and freed memory stays
+    there. By default glibc mmaps large blocks and unmaps them on free, raising the threshold only as it sees
+    them freed, so the first ~10 steps of a phase page-fault their activation buffers (a 5-extractor DER step
+    starts at 40-150 img/s and levels at ~200). Resident memory stays at its peak instead of shrinking.
+    1 GiB where glibc takes it, else its documented cap of 32 MiB (a CIFAR ResNet-32 activation at batch 128 is
+    8 MiB). The trim threshold is set only after the mmap one (alone it would pin mmap at 128 KiB).
+    False where the C library is not glibc or refuses both (nothing changes there)."""
     import ctypes
     import ctypes.util
     try:
@@ -75,7 +79,10 @@ def tune_malloc() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    for threshold in (1 << 30, 32 << 20):
+        if mallopt(M_MMAP_THRESHOLD, threshold):
+            return bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold))
+    return False
 
 
 def set_deterministic(enabled: bool) -> None:

@@ -55,13 +55,10 @@ class ExemplarMemory:
                features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> None:
         """Select exemplars for the new classes `labels`, then shrink every class to the new quota."""
         self.quota = self.per_class(labels.stop)
-        per_class = [class_indices(label) for label in labels]
-        if self.cfg.selection == "herding" and per_class:
-            # one feature pass over every new class: full inference chunks instead of a ragged tail per class
-            feats = features(torch.cat(per_class)).split([len(idx) for idx in per_class])
-        for i, (label, idx) in enumerate(zip(labels, per_class)):
+        for label in labels:
+            idx = class_indices(label)
             if self.cfg.selection == "herding":
-                picks = herding(feats[i], self.quota).to(idx.device)
+                picks = herding(features(idx), self.quota).to(idx.device)
             else:
                 picks = torch.randperm(len(idx), generator=generator)[: self.quota].to(idx.device)
             self.order[label] = idx[picks]

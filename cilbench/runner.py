@@ -423,6 +423,10 @@ def param_counts(steps: list[dict]) -> dict:
     return out
 
 
+# runtime options that change only speed, never a result: a run may be resumed with other values
+SPEED_ONLY = {"runtime.device", "runtime.tune_malloc"}
+
+
 def _check_same_config(stored: dict, current: dict) -> None:
     def flat(d: Any, prefix: str = "") -> dict:
         if isinstance(d, dict):
@@ -432,9 +436,12 @@ def _check_same_config(stored: dict, current: dict) -> None:
             return out
         return {prefix[:-1]: d}
     a, b = flat(stored), flat(current)
+    defaults = flat({"runtime": to_dict(RuntimeOptions())})
     for key in sorted(set(a) | set(b)):
-        if key == "runtime.device":
+        if key in SPEED_ONLY:
             continue
+        if key not in a and key in defaults and b.get(key) == defaults[key]:
+            continue    # a runtime option added after the run started, at its default: nothing changed
         if a.get(key) != b.get(key):
             raise UserError(f"--resume: '{key}' is {b.get(key)!r} now but {a.get(key)!r} in the stored run; "
                             "resume with the same options or start over with --force")

@@ -48,7 +48,7 @@ def offline_card(per_class: int) -> dict:
         "name": "bench_offline", "description": "CIFAR-100-shaped generated set for cilbench bench --method",
         "source": "cilbench bench", "dataset": "synthetic", "num_classes": CLASSES, "class_order": "natural",
         "base": 0, "step": step, "tasks": TASKS, "regime": "offline",
-        "memory": {"policy": "fixed_total", "total": 10 * per_class, "selection": "herding"},
+        "memory": {"policy": "fixed_total", "total": max(10 * per_class, 2 * CLASSES), "selection": "herding"},
         "backbone": {"name": "resnet32"},
         "train": {"epochs": 170, "batch_size": 128, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
                   "weight_decay": 5e-4, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
@@ -82,12 +82,18 @@ class Shapes:
     n_seen: int
     n_old: int
     device: torch.device
+    specs: list[dict] | None = None    # the run's extractors as built (DER: pruned ones are smaller)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
 
 
 def _inputs(shapes: Shapes, steps: int, rows: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Pre-made normalised inputs and labels; a third of each batch is old classes (memory), as in the runs."""
     rows = rows or shapes.batch
-    xs = [torch.randn(rows, 3, 32, 32, device=shapes.device) for _ in range(steps)]
+    fmt = torch.channels_last if shapes.cuda else torch.contiguous_format   # as the harness feeds CUDA
+    xs = [torch.randn(rows, 3, 32, 32, device=shapes.device).contiguous(memory_format=fmt) for _ in range(steps)]
     n_old_rows = rows // 3 if shapes.n_old else 0
     ys = []
     for _ in range(steps):
@@ -101,8 +107,21 @@ def _sgd(params, lr=0.1, momentum=0.9, weight_decay=5e-4) -> torch.optim.Optimiz
     return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _frozen(n: int, device, name: str = "resnet32") -> list[nn.Module]:
-    return [freeze(build_backbone(name).to(device)) for _ in range(n)]
+def _on(module: nn.Module, shapes: Shapes) -> nn.Module:
+    """On the device, channels_last on CUDA (as Engine.prepare)."""
+    module = module.to(shapes.device)
+    return module.to(memory_format=torch.channels_last) if shapes.cuda else module
+
+
+def _net(shapes: Shapes, name: str = "resnet32") -> nn.Module:
+    return _on(build_backbone(name), shapes)
+
+
+def _frozen(n: int, shapes: Shapes, name: str = "resnet32") -> list[nn.Module]:
+    """n frozen extractors: the run's own architectures where known (shapes.specs), else `name`."""
+    specs = (shapes.specs or [])[:n]
+    nets = [build_backbone(spec) for spec in specs] + [build_backbone(name) for _ in range(n - len(specs))]
+    return [freeze(_on(net, shapes)) for net in nets]
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list | None = None) -> None:
@@ -115,7 +134,7 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list | None = No
 
 def bare_one_network(shapes: Shapes, steps: int, name: str = "resnet32"):
     """finetune / replay / joint: backbone + linear head, CE."""
-    net = build_backbone(name).to(shapes.device).train()
+    net = _net(shapes, name).train()
     head = nn.Linear(net.out_dim, shapes.n_seen).to(shapes.device)
     opt = _sgd([*net.parameters(), *head.parameters()])
     xs, ys = _inputs(shapes, steps)
@@ -125,9 +144,9 @@ def bare_one_network(shapes: Shapes, steps: int, name: str = "resnet32"):
 def bare_der(extractors: int, prune: bool = False):
     def build(shapes: Shapes, steps: int):
         from .pruning import ChannelMasks, anneal
-        frozen = _frozen(extractors - 1, shapes.device)
-        new = build_backbone("resnet32").to(shapes.device).train()
-        head = nn.Linear(64 * extractors, shapes.n_seen).to(shapes.device)
+        frozen = _frozen(extractors - 1, shapes)
+        new = _net(shapes).train()
+        head = nn.Linear(sum(f.out_dim for f in frozen) + new.out_dim, shapes.n_seen).to(shapes.device)
         aux = nn.Linear(64, shapes.n_seen - shapes.n_old + 1).to(shapes.device) if shapes.n_old else None
         params = [*new.parameters(), *head.parameters(), *(aux.parameters() if aux else [])]
         masks = ChannelMasks(new, init_mean=1.0, init_std=0.5).attach() if prune else None
@@ -159,8 +178,8 @@ def bare_der(extractors: int, prune: bool = False):
 
 def bare_der_classifier(extractors: int):
     def build(shapes: Shapes, steps: int):
-        frozen = _frozen(extractors, shapes.device)
-        head = nn.Linear(64 * extractors, shapes.n_seen).to(shapes.device)
+        frozen = _frozen(extractors, shapes)
+        head = nn.Linear(sum(f.out_dim for f in frozen), shapes.n_seen).to(shapes.device)
         opt = _sgd(head.parameters())
         xs, ys = _inputs(shapes, steps)
 
@@ -175,8 +194,8 @@ def bare_der_classifier(extractors: int):
 def bare_tsd_ce(frozen_count: int):
     """CE over [frozen; new] on view 1 + 0.1 SupCon on both views of the new extractor, frozen negatives."""
     def build(shapes: Shapes, steps: int):
-        frozen = _frozen(frozen_count, shapes.device)
-        new = build_backbone("resnet32").to(shapes.device).train()
+        frozen = _frozen(frozen_count, shapes)
+        new = _net(shapes).train()
         head = nn.Linear(64 * (frozen_count + 1), shapes.n_seen).to(shapes.device)
         proj = ProjectionHead(64, 128).to(shapes.device)
         opt = _sgd([*new.parameters(), *head.parameters(), *proj.parameters()])
@@ -203,9 +222,9 @@ def bare_tsd_kd(teacher_count: int):
     """Soft-CE KD at T = 2: teacher = `teacher_count` frozen extractors; the student shares all but the last
     of them minus one (the slot being consolidated, a trainable copy), so the frozen forwards run once."""
     def build(shapes: Shapes, steps: int):
-        teacher = _frozen(teacher_count, shapes.device)
+        teacher = _frozen(teacher_count, shapes)
         shared = teacher[: teacher_count - 2]
-        copy = build_backbone("resnet32").to(shapes.device).train()
+        copy = _net(shapes).train()
         t_head = freeze(nn.Linear(64 * teacher_count, shapes.n_seen).to(shapes.device))
         s_head = nn.Linear(64 * (teacher_count - 1), shapes.n_seen).to(shapes.device)
         opt = _sgd([*copy.parameters(), *s_head.parameters()], weight_decay=0.0)
@@ -221,20 +240,20 @@ def bare_tsd_kd(teacher_count: int):
     return build
 
 
-def _seed_expert(device) -> nn.Module:
+def _seed_expert(shapes: Shapes) -> nn.Module:
     spec = standard_spec("resnet32")
     spec.update(shortcut="B", last_relu=False)
-    return build_backbone(spec).to(device)
+    return _on(build_backbone(spec), shapes)
 
 
 def bare_seed(finetune: bool):
     """An expert + a head over the task's classes, CE, gradient clipping at 1; fine-tuning: BN in eval mode and
     0.01 CE + 0.99 MSE to the expert's frozen pre-task copy, no weight decay."""
     def build(shapes: Shapes, steps: int):
-        expert = _seed_expert(shapes.device).train()
+        expert = _seed_expert(shapes).train()
         n_new = shapes.n_seen - shapes.n_old
         head = nn.Linear(expert.out_dim, n_new).to(shapes.device)
-        teacher = freeze(_seed_expert(shapes.device)) if finetune else None
+        teacher = freeze(_seed_expert(shapes)) if finetune else None
         if finetune:
             for m in expert.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -261,11 +280,11 @@ def bare_exacfs(balanced: bool):
     def build(shapes: Shapes, steps: int):
         from .backbones import stage_outputs
         from .significance import significance_distillation, significance_weights
-        net = build_backbone("resnet32_podnet").to(shapes.device)
+        net = _net(shapes, "resnet32_podnet")
         head = LocalSimilarityHead(net.out_dim, 10).to(shapes.device)
         for _ in range(TASKS):
             head.add_classes(CLASSES // TASKS, None)
-        previous = freeze(build_backbone("resnet32_podnet").to(shapes.device))
+        previous = freeze(_net(shapes, "resnet32_podnet"))
         sig = [torch.rand(shapes.n_old, c, device=shapes.device) for c in (16, 32, 64, 64)]
         xs, ys = _inputs(shapes, steps)
         if balanced:
@@ -294,32 +313,40 @@ def bare_exacfs(balanced: bool):
 
 def bare_er(shapes: Shapes, steps: int):
     """Reduced ResNet-18 + linear head, CE over stream batch + replay batch in one forward."""
-    net = build_backbone("resnet18_reduced").to(shapes.device).train()
+    net = _net(shapes, "resnet18_reduced").train()
     head = nn.Linear(net.out_dim, shapes.n_seen).to(shapes.device)
     opt = _sgd([*net.parameters(), *head.parameters()], momentum=0.0, weight_decay=0.0)
     xs, ys = _inputs(shapes, steps, rows=2 * shapes.batch)
     return lambda i: _step(opt, F.cross_entropy(head(net(xs[i])), ys[i]))
 
 
+def _two_forwards(net: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """PCR's separate_forward (the default, as the code): the replay rows (two views) in one pass, the stream
+    rows in another, BN statistics per pass; memory rows first."""
+    m = 2 * batch
+    return torch.cat([net(x[:m]), net(x[m:])])
+
+
 def bare_pcr(shapes: Shapes, steps: int):
-    """PCR: two views of stream + replay batch in one forward, proxy logits (cosine / 0.09), closed-form loss."""
-    net = build_backbone("resnet18_reduced").to(shapes.device).train()
+    """PCR: two views of the replay batch, then of the stream batch (two forwards), proxy logits
+    (cosine / 0.09), closed-form loss."""
+    net = _net(shapes, "resnet18_reduced").train()
     proxies = nn.Parameter(torch.randn(CLASSES, net.out_dim, device=shapes.device))
     opt = _sgd([*net.parameters(), proxies], momentum=0.0, weight_decay=0.0)
     xs, ys = _inputs(shapes, steps, rows=4 * shapes.batch)
 
     def step(i):
-        z = net(xs[i])
+        z = _two_forwards(net, xs[i], shapes.batch)
         logits = F.linear(F.normalize(z, dim=1), F.normalize(proxies, dim=1)) / 0.09
         _step(opt, pcr_loss(logits, ys[i]))
     return step
 
 
 def bare_hpcr(shapes: Shapes, steps: int):
-    """HPCR on the second task and later: PCR's forward plus its loss scale, PCD and SCD on the replayed rows
-    against stored logits and features."""
+    """HPCR on the second task and later: PCR's two forwards plus its loss scale, PCD and SCD on the replayed
+    rows against stored logits and features."""
     from .losses import ht_multiplier, pcd_loss, scd_loss
-    net = build_backbone("resnet18_reduced").to(shapes.device).train()
+    net = _net(shapes, "resnet18_reduced").train()
     proxies = nn.Parameter(torch.randn(CLASSES, net.out_dim, device=shapes.device))
     opt = _sgd([*net.parameters(), proxies], momentum=0.0, weight_decay=0.0)
     xs, ys = _inputs(shapes, steps, rows=4 * shapes.batch)
@@ -327,7 +354,7 @@ def bare_hpcr(shapes: Shapes, steps: int):
     stored_feats = torch.randn(shapes.batch, net.out_dim, device=shapes.device)
 
     def step(i):
-        z = net(xs[i])
+        z = _two_forwards(net, xs[i], shapes.batch)
         logits = F.linear(F.normalize(z, dim=1), F.normalize(proxies, dim=1)) / 0.09
         m = 2 * shapes.batch                                   # memory anchors first: two views of B_M
         loss = ht_multiplier(i) * pcr_loss(logits, ys[i])
@@ -385,7 +412,11 @@ def _sync(device: torch.device) -> None:
 def time_bare(phase: Phase, shapes: Shapes, steps: int, repeats: int = 3, warmup: int = 5) -> float:
     """Images/s of the bare loop: `warmup` steps, then the best of `repeats` windows of `steps` steps (as
     timeit does: on a shared machine interference only ever slows a window down)."""
-    step = phase.bare(shapes, steps + warmup)
+    bare = phase.bare(shapes, steps + warmup)
+
+    def step(i):
+        with torch.autocast(shapes.device.type, dtype=torch.bfloat16, enabled=shapes.cuda):   # as the harness
+            bare(i)
     for i in range(warmup):
         step(i)
     best = 0.0
@@ -426,15 +457,23 @@ def bench_method(name: str, device: str, per_class: int, epochs: int, out: Path)
     metrics = json.loads((run / "metrics.json").read_text())
     dev = resolve_device(device)
     step = card["step"]
+    specs = run_specs(run)
     rows = []
     for phase in PHASES[name]:
         harness, images = harness_speed(events, phase)
         batch = card["train"]["batch_size"]
-        shapes = Shapes(batch, step * (phase.task + 1), step * phase.task, dev)
+        shapes = Shapes(batch, step * (phase.task + 1), step * phase.task, dev, specs)
         bare = time_bare(phase, shapes, max(images // batch, 5 if not online else 50))
         rows.append({"method": name, "phase": phase.label, "harness": harness, "bare": bare,
                      "ratio": harness / bare})
     return {"method": name, "phases": rows, "time_split": metrics.get("time_split") or _old_split(metrics, events)}
+
+
+def run_specs(run: Path) -> list[dict] | None:
+    """The extractors a DER-family run ended with (pruned ones are smaller), from its checkpoint."""
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["method"]
+    extra = state.get("stack_extra") if isinstance(state, dict) else None
+    return extra["specs"] if extra else None
 
 
 def _old_split(metrics: dict, events: list[dict]) -> dict:

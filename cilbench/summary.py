@@ -54,7 +54,8 @@ def steps_table(title: str, steps: list[dict]) -> Table:
 
 
 def print_run_summary(path: Path, console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:    # piped into a log (sweeps, CI): rich would squeeze the tables into 80 columns
+        console = Console() if Console().is_terminal else Console(width=200)
     path = Path(path)
     digits = path.name[4:]
     run = read_run(path, path.parent.parent.name, path.parent.name, int(digits) if digits.isdigit() else 0)

@@ -38,13 +38,18 @@ def test_time_split_accounts_for_the_run(tmp_path, run_cli):
     assert split["fit"] > 0 and split["herding"] > 0 and split["eval"] > 0 and split["checkpoint"] > 0
     steps = (run / "steps.csv").read_text().splitlines()
     header = steps[0].split(",")
-    for column in ("fit_seconds", "statistics_seconds", "herding_seconds"):
-        assert column in header
-    # fit + statistics + herding is the task's training time as the table reports it
-    for line in steps[1:]:
-        row = dict(zip(header, line.split(",")))
+    rows = [dict(zip(header, line.split(","))) for line in steps[1:]]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    for row in rows:
+        # fit + statistics + herding is the task's training time as the table reports it
         total = float(row["fit_seconds"]) + float(row["statistics_seconds"]) + float(row["herding_seconds"])
         assert total == pytest.approx(float(row["train_seconds"]), abs=0.005)
+        # fit covers every epoch of the task's phases (DER: stage 1 and, after the first task, stage 2)
+        epochs = sum(e["seconds"] for e in events if e["task"] == int(row["step"]))
+        assert epochs <= float(row["fit_seconds"]) + 0.002
+        assert float(row["fit_seconds"]) - epochs < 0.5 or int(row["step"]) == 0   # the first imports dynamo
+    assert split["fit"] == pytest.approx(sum(float(r["fit_seconds"]) for r in rows), abs=0.01)
+    assert split["eval"] == pytest.approx(sum(float(r["eval_seconds"]) for r in rows), abs=0.01)
 
 
 def test_time_split_of_a_resumed_run_covers_both_processes(tmp_path, run_cli):
@@ -53,8 +58,13 @@ def test_time_split_of_a_resumed_run_covers_both_processes(tmp_path, run_cli):
     first = torch.load(run / "checkpoint.pt", weights_only=False)["timing"]
     assert run_cli("replay", "digits_b0s2", tmp_path, "--resume").exit_code == 0
     split = json.loads((run / "metrics.json").read_text())["time_split"]
-    assert split["wall"] > first["wall"]
-    assert split["fit"] > first["fit"] > 0
+    header, *lines = (run / "steps.csv").read_text().splitlines()
+    rows = [dict(zip(header.split(","), line.split(","))) for line in lines]
+    assert len(rows) == 5 and first["fit"] > 0
+    # fit is every task's, the first process's included (not just the resumed three)
+    assert split["fit"] == pytest.approx(sum(float(r["fit_seconds"]) for r in rows), abs=0.01)
+    resumed = sum(float(r["train_seconds"]) + float(r["eval_seconds"]) for r in rows[2:])
+    assert split["wall"] >= first["wall"] + resumed
 
 
 # --- inference chunk ---------------------------------------------------------------------------------------
@@ -106,6 +116,7 @@ def test_digits_read_without_sklearn_equal_sklearn():
 
 
 def test_set_deterministic_only_touches_torch_when_the_mode_changes(monkeypatch):
+    torch.use_deterministic_algorithms(False)         # whatever an earlier in-process run left
     calls = []
     real = torch.use_deterministic_algorithms
     monkeypatch.setattr(engine_module.torch, "use_deterministic_algorithms",
@@ -167,13 +178,49 @@ def test_bench_method_rejects_unknown_methods_and_one_epoch(cli, error_line):
     assert res.exit_code == 2 and "--epochs" in error_line(res)
 
 
-def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(tmp_path, run_cli):
+def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(tmp_path, run_cli, monkeypatch):
     import platform
 
+    from cilbench import runner
     from cilbench.engine import tune_malloc
     if platform.libc_ver()[0] == "glibc":
         assert tune_malloc() is True
-    res = run_cli("finetune", "digits_b0s2", tmp_path, "--set", "runtime.tune_malloc=false", "--epochs", "1")
+    calls = []
+    monkeypatch.setattr(runner, "tune_malloc", lambda: calls.append(1))
+    assert run_cli("finetune", "digits_b0s2", tmp_path / "a", "--epochs", "1").exit_code == 0
+    assert calls == [1]
+    res = run_cli("finetune", "digits_b0s2", tmp_path / "b", "--set", "runtime.tune_malloc=false", "--epochs", "1")
     assert res.exit_code == 0, res.stderr
-    config = (tmp_path / "digits_b0s2" / "finetune" / "seed0" / "config.yaml").read_text()
-    assert "tune_malloc: false" in config
+    assert calls == [1]                               # not called again
+
+
+def test_a_run_from_before_a_new_runtime_option_resumes(tmp_path, run_cli):
+    """Runtime options added later (at their defaults) and speed-only ones do not block --resume."""
+    import yaml
+    assert run_cli("replay", "digits_b0s2", tmp_path, "--stop-after", "2").exit_code == 0
+    config_file = tmp_path / "digits_b0s2" / "replay" / "seed0" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    del config["runtime"]["inference_batch"], config["runtime"]["tune_malloc"]
+    config_file.write_text(yaml.safe_dump(config))
+    assert run_cli("replay", "digits_b0s2", tmp_path, "--resume", "--set", "runtime.tune_malloc=false").exit_code == 0
+    res = run_cli("replay", "digits_b0s2", tmp_path / "c", "--stop-after", "2")
+    assert res.exit_code == 0
+    res = run_cli("replay", "digits_b0s2", tmp_path / "c", "--resume", "--set", "runtime.inference_batch=16")
+    assert res.exit_code == 2                         # can change which exemplars herding picks
+
+
+@pytest.mark.parametrize("name", sorted(PHASES))
+def test_every_declared_phase_occurs_in_the_bench_run(name, tmp_path):
+    """The (phase, task) pairs PHASES names are where the method really trains (a tiny bench-card run)."""
+    import yaml
+
+    from cilbench.runner import RunRequest, execute
+    card = speed.online_card(2) if name in speed.ONLINE_METHODS else speed.offline_card(2)
+    path = tmp_path / "card.yaml"
+    path.write_text(yaml.safe_dump(card))
+    run = execute(RunRequest(method=name, protocol=str(path), epochs=1, device="cpu", out=str(tmp_path),
+                             quiet=True, overrides=["runtime.divergence_factor=0"]))
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    for phase in PHASES[name]:
+        rate, images = harness_speed(events, phase)
+        assert rate > 0 and images > 0
