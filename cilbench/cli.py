@@ -232,6 +232,8 @@ def bench(device: str = typer.Option("auto"), images: int = typer.Option(10000, 
             run_bench(device, images, steps, compile=compile, online_steps=online_steps)
     except UserError as exc:
         _fail(str(exc))
+    except TrainingDiverged as exc:   # the bench's short run (generated data) went non-finite
+        _fail(f"bench run failed: {exc}", code=1)
 
 
 def main() -> None:

@@ -466,7 +466,7 @@ def bench_method(name: str, device: str, per_class: int, epochs: int, out: Path)
         bare = time_bare(phase, shapes, max(images // batch, 5 if not online else 50))
         rows.append({"method": name, "phase": phase.label, "harness": harness, "bare": bare,
                      "ratio": harness / bare})
-    return {"method": name, "phases": rows, "time_split": metrics.get("time_split") or _old_split(metrics, events)}
+    return {"method": name, "phases": rows, "time_split": metrics["time_split"]}
 
 
 def run_specs(run: Path) -> list[dict] | None:
@@ -476,22 +476,17 @@ def run_specs(run: Path) -> list[dict] | None:
     return extra["specs"] if extra else None
 
 
-def _old_split(metrics: dict, events: list[dict]) -> dict:
-    """The split of a run made before runs recorded one (for before/after comparisons): training phases from
-    the epoch events, the rest of learn() and herding together, evaluation."""
-    fit = sum(e["seconds"] for e in events)
-    return {"fit": fit, "statistics+herding": metrics["train_seconds"] - fit, "eval": metrics["eval_seconds"],
-            "wall": metrics["train_seconds"] + metrics["eval_seconds"]}
-
-
 def run_method_bench(methods: list[str], device: str = "auto", per_class: int = 32, epochs: int = 3) -> list[dict]:
     from .method import known_methods
-    names = sorted(PHASES) if methods == ["all"] else methods
+    names = sorted(PHASES) if "all" in methods else list(dict.fromkeys(methods))
     unknown = [m for m in names if m not in known_methods()]
     if unknown:
-        raise UserError(f"bench --method {unknown[0]}: unknown method; known: {', '.join(known_methods())}")
+        raise UserError(f"bench --method {unknown[0]}: unknown method; known: {', '.join(known_methods())} "
+                        "(or all)")
     if epochs < 2:
         raise UserError(f"bench --epochs {epochs}: need >= 2 (the first epoch of a phase is not timed)")
+    if per_class < 1:
+        raise UserError(f"bench --per-class {per_class}: need >= 1 training image per class")
     results = []
     with tempfile.TemporaryDirectory(prefix="cilbench-bench-") as tmp:
         for name in names:

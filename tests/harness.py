@@ -10,6 +10,32 @@ from cilbench.method import Context
 from cilbench.protocol import build_protocol
 from cilbench.stream import Stream
 
+BASE_CARD = {
+    "name": "tiny", "dataset": "synthetic", "num_classes": 6, "class_order": "natural", "base": 0,
+    "step": 2, "tasks": 3, "regime": "offline",
+    "memory": {"policy": "fixed_total", "total": 24, "selection": "herding"},
+    "backbone": {"name": "resnet20", "width": 4},
+    "train": {"epochs": 2, "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+              "weight_decay": 0.0005, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
+    "augment": {"crop_padding": 1, "flip": True, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    "eval_batch_size": 200,
+    "data": {"synthetic": {"classes": 6, "image_size": 8, "channels": 3, "train_per_class": 24,
+                           "test_per_class": 8, "noise": 0.3, "seed": 0}},
+}
+
+
+def tiny_card(**changes) -> dict:
+    """A 6-class 8x8 synthetic card (3 tasks, resnet20 at width 4) with `changes` merged in, nested dicts
+    key by key (tiny_card(name="x", train={"epochs": 4})); `memory` is replaced whole, its keys depend on
+    the policy."""
+    def merge(base: dict, extra: dict) -> dict:
+        out = dict(base)
+        for key, value in extra.items():
+            nested = isinstance(value, dict) and isinstance(base.get(key), dict) and key != "memory"
+            out[key] = merge(base[key], value) if nested else value
+        return out
+    return merge(BASE_CARD, changes)
+
 
 def tiny_context(card: dict, max_epochs: int | None = 1):
     """(ctx, stream, engine, memory) on the CPU for `card`, every training phase capped at max_epochs."""

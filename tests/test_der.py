@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import yaml
-from harness import learn_and_remember, tiny_context
+from harness import learn_and_remember, tiny_card, tiny_context
 from typer.testing import CliRunner
 
 from cilbench.backbones import build_backbone, count_params
@@ -24,19 +24,8 @@ from cilbench.store import TIMING_METRICS
 from cilbench.stream import Stream
 from methods.der import DER, DERConfig, aux_labels
 
-TINY_CARD = {
-    "name": "tiny_der", "dataset": "synthetic", "num_classes": 6, "class_order": "natural", "base": 0,
-    "step": 2, "tasks": 3, "regime": "offline",
-    "memory": {"policy": "fixed_total", "total": 24, "selection": "herding"},
-    "backbone": {"name": "resnet20", "width": 4},
-    "train": {"epochs": 4, "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-              "weight_decay": 0.0005, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
-    "augment": {"crop_padding": 1, "flip": True, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-    "eval_batch_size": 200,
-    "data": {"synthetic": {"classes": 6, "image_size": 8, "channels": 3, "train_per_class": 24,
-                           "test_per_class": 8, "noise": 0.3, "seed": 0}},
-    "methods": {"der": {"sparsity_weight": 0.75, "balanced_temperature": 5.0}},
-}
+TINY_CARD = tiny_card(name="tiny_der", train={"epochs": 4},
+                      methods={"der": {"sparsity_weight": 0.75, "balanced_temperature": 5.0}})
 
 
 @pytest.fixture

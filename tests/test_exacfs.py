@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import yaml
-from harness import learn_and_remember, tiny_context
+from harness import learn_and_remember, tiny_card, tiny_context
 
 from cilbench.backbones import build_backbone, count_params, stage_channels, stage_outputs
 from cilbench.config import build
@@ -28,19 +28,10 @@ from cilbench.store import TIMING_METRICS
 from methods import exacfs as exacfs_module
 from methods.exacfs import EXACFS, EXACFSConfig, adaptive_weight
 
-TINY_CARD = {
-    "name": "tiny_exacfs", "dataset": "synthetic", "num_classes": 6, "class_order": "natural", "base": 2,
-    "step": 2, "tasks": 3, "regime": "offline",
-    "memory": {"policy": "per_class", "per_class": 5, "selection": "herding"},
-    "backbone": {"name": "resnet20", "width": 4},
-    "train": {"epochs": 2, "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-              "weight_decay": 0.0005, "schedule": "cosine", "milestones": [], "warmup_epochs": 0},
-    "augment": {"crop_padding": 1, "flip": True, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-    "eval_batch_size": 200,
-    "data": {"synthetic": {"classes": 6, "image_size": 8, "channels": 3, "train_per_class": 20,
-                           "test_per_class": 8, "noise": 0.3, "seed": 0}},
-    "methods": {"exacfs": {"cbf_epochs": 2, "proxies_per_class": 3}},
-}
+TINY_CARD = tiny_card(name="tiny_exacfs", base=2,
+                      memory={"policy": "per_class", "per_class": 5, "selection": "herding"},
+                      data={"synthetic": {"train_per_class": 20}},
+                      methods={"exacfs": {"cbf_epochs": 2, "proxies_per_class": 3}})
 
 
 def make_ctx(max_epochs=1):

@@ -176,6 +176,8 @@ def test_bench_method_rejects_unknown_methods_and_one_epoch(cli, error_line):
     assert res.exit_code == 2 and "nope" in error_line(res)
     res = cli("bench", "--method", "finetune", "--epochs", "1")
     assert res.exit_code == 2 and "--epochs" in error_line(res)
+    res = cli("bench", "--method", "finetune", "--per-class", "0")
+    assert res.exit_code == 2 and "--per-class" in error_line(res)
 
 
 def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(tmp_path, run_cli, monkeypatch):
@@ -224,3 +226,63 @@ def test_every_declared_phase_occurs_in_the_bench_run(name, tmp_path):
     for phase in PHASES[name]:
         rate, images = harness_speed(events, phase)
         assert rate > 0 and images > 0
+    specs = speed.run_specs(run)          # DER's bare loops rebuild the run's own (pruned) extractors
+    if name in ("der", "der_prune"):
+        assert len(specs) == speed.TASKS and all("stages" in spec for spec in specs)
+    else:
+        assert specs is None
+
+
+# --- frozen networks in chunks -----------------------------------------------------------------------------
+
+def test_frozen_forward_in_chunks_equals_one_pass_without_a_graph():
+    from cilbench.backbones import build_backbone, stage_outputs
+    from cilbench.nets import freeze, frozen_forward
+    torch.manual_seed(0)
+    net = freeze(build_backbone("resnet20", 3, 4))
+    x = torch.randn(10, 3, 8, 8)
+    whole = frozen_forward(net, x)
+    chunked = frozen_forward(net, x, chunk=3)                        # 3 + 3 + 3 + 1
+    torch.testing.assert_close(chunked, net(x), rtol=1e-4, atol=1e-5)
+    assert not whole.requires_grad and not chunked.requires_grad
+    maps, feats = frozen_forward(lambda v: stage_outputs(net, v), x, chunk=4)   # (list of maps, tensor)
+    ref_maps, ref_feats = stage_outputs(net, x)
+    assert isinstance(maps, list) and len(maps) == len(ref_maps)
+    for a, b in zip(maps, ref_maps):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats, ref_feats, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_chunk_is_the_cpu_inference_chunk_and_off_on_cuda():
+    engine = _engine("synthetic_b0s2")
+    assert engine.frozen_chunk == engine.inference_batch_size() == 256
+    engine.cuda = True
+    assert engine.frozen_chunk == 0
+
+
+@pytest.mark.parametrize("method,protocol,module", [
+    ("der", "digits_b0s2", "cilbench.nets"), ("tsd_fixed", "digits_b0s2", "cilbench.methods.tsd"),
+    ("seed", "digits_b0s2", "cilbench.methods.seed"), ("exacfs", "digits_b4s2", "cilbench.methods.exacfs")])
+def test_methods_run_their_frozen_networks_in_the_engine_chunk(method, protocol, module, run_cli, tmp_path,
+                                                               monkeypatch):
+    """Training steps hand frozen forwards the engine's chunk (forced to 5 here) and still complete."""
+    import importlib
+    target = importlib.import_module(module)
+    real, chunks = target.frozen_forward, []
+    monkeypatch.setattr(target, "frozen_forward", lambda fn, x, chunk=0: (chunks.append((chunk, len(x))),
+                                                                          real(fn, x, chunk))[1])
+    res = run_cli(method, protocol, tmp_path, "--set", "runtime.inference_batch=5", "--set", "train.lr=0.01",
+                  *(["--set", "tsd_fixed.n_extractors=2"] if method == "tsd_fixed" else []))
+    assert res.exit_code == 0, res.stderr
+    # every frozen forward over more images than the chunk (training batches; inference arrives pre-chunked)
+    # was handed the chunk, so it was split
+    big = [chunk for chunk, n in chunks if n > 5]
+    assert big and all(chunk == 5 for chunk in big)
+
+
+def test_piped_run_tables_are_not_squeezed_to_80_columns(run_cli, tmp_path):
+    res = run_cli("finetune", "digits_b0s2", tmp_path, "--epochs", "1")
+    assert res.exit_code == 0
+    lines = res.stdout.splitlines()
+    assert any(len(line) > 80 for line in lines)
+    assert not any(line.strip("│ ") == "" and "│" in line for line in lines)   # no rows of wrapped fragments
