@@ -143,8 +143,11 @@ def test_shipped_sweep_files_validate(path, tmp_path):
 
 def _sweep_process(args: list, cwd: Path = REPO) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # SIGINT back to its default in the child: a test session started in the background by a shell inherits
+    # SIGINT ignored, and the Ctrl-C this test sends would then never arrive
     return subprocess.Popen([PYTHON, "-m", "cilbench.cli", "sweep", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_half_done(out: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
