@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 demo: $(STAMP)
-	$(BIN)/python -m cilbench.demo
+	$(BIN)/python -m cilbench.bench.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check cilbench methods tests

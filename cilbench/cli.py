@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 import yaml
 
-from .errors import Terminated, TrainingDiverged, UserError
+from cilbench.errors import Terminated, TrainingDiverged, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Class-incremental learning benchmark: one protocol, one trainer, one metric path.")
@@ -37,8 +37,8 @@ def run(
     quiet: bool = typer.Option(False, help="no progress output"),
 ):
     """Run one method on one protocol; results go to <out>/<protocol>/<method>[+<tag>]/seed<k>/."""
-    from .runner import RunRequest, execute
-    from .summary import print_run_summary
+    from cilbench.report.summary import print_run_summary
+    from cilbench.run.runner import RunRequest, execute
     if epochs is not None and epochs < 1:
         _fail(f"--epochs must be >= 1, got {epochs}")
     if seed < 0:
@@ -68,8 +68,8 @@ def run(
 @app.command("list")
 def list_():
     """Methods (regimes, exemplars) and protocols (task counts)."""
-    from .method import known_methods
-    from .protocol import known_protocols, load_protocol
+    from cilbench.data.protocol import known_protocols, load_protocol
+    from cilbench.kit.contract import known_methods
     typer.echo("methods:")
     for name, entry in known_methods().items():
         cls = entry.cls
@@ -85,8 +85,8 @@ def list_():
 @app.command("show-protocol")
 def show_protocol(protocol: str = typer.Argument(..., help="card name or YAML path")):
     """Print the fully resolved protocol card."""
-    from .config import to_dict
-    from .protocol import load_protocol
+    from cilbench.config import to_dict
+    from cilbench.data.protocol import load_protocol
     try:
         p = load_protocol(protocol)
     except UserError as exc:
@@ -100,8 +100,8 @@ def show_protocol(protocol: str = typer.Argument(..., help="card name or YAML pa
 def download(dataset: str = typer.Argument(..., help="cifar10 | cifar100"),
              data_root: Optional[str] = typer.Option(None, help="target folder")):
     """Download a data set in torchvision's format (needs internet)."""
-    from .data import default_data_root
-    from .data import download as fetch
+    from cilbench.data.datasets import default_data_root
+    from cilbench.data.datasets import download as fetch
     try:
         root = fetch(dataset, Path(data_root) if data_root else default_data_root())
     except UserError as exc:
@@ -119,11 +119,11 @@ def report(runs: Optional[str] = typer.Option(None, help="root of the run direct
            metric: List[str] = typer.Option([], "--metric", help="only these metric columns (avg, last, bwt, ...)"),
            sweep: Optional[str] = typer.Option(None, "--sweep", help="only the runs of this sweep file")):
     """Paper-style tables, plots and an HTML report from every run found."""
-    from .report import build_report
+    from cilbench.report import build_report
     include = None
     try:
         if sweep is not None:
-            from . import sweep as sweeps
+            from cilbench.sweep import core as sweeps
             spec = sweeps.load_sweep(sweep, out=runs)
             include = sweeps.include_filter(sweeps.prepare(spec))
             runs, out = spec.out, out or str(sweeps.default_report_dir(spec))
@@ -168,7 +168,7 @@ def sweep(
     report_: bool = typer.Option(True, "--report/--no-report", help="local: build the sweep's report at the end"),
 ):
     """Run a grid of runs (methods x protocols x seeds x --set values) here or on Slurm, skipping complete runs."""
-    from . import sweep as sweeps
+    from cilbench.sweep import core as sweeps
     if backend not in ("local", "slurm"):
         _fail(f"--backend must be local or slurm, got {backend!r}")
     if device is not None and device not in ("auto", "cpu", "cuda"):
@@ -199,7 +199,7 @@ def sweep(
         _fail(str(exc))
     index = None
     if report_ and backend == "local" and outcome.complete and not outcome.interrupted:
-        from .report import build_report
+        from cilbench.report import build_report
         try:
             index = build_report(Path(spec.out), sweeps.default_report_dir(spec), include=sweeps.include_filter(cells))
         except UserError as exc:
@@ -225,10 +225,10 @@ def bench(device: str = typer.Option("auto"), images: int = typer.Option(10000, 
     method's training phases against bare loops over the same networks, and a short run's time split."""
     try:
         if method:
-            from .speed import run_method_bench
+            from cilbench.bench.methods import run_method_bench
             run_method_bench(method, device, per_class, epochs)
         else:
-            from .bench import run_bench
+            from cilbench.bench.pipeline import run_bench
             run_bench(device, images, steps, compile=compile, online_steps=online_steps)
     except UserError as exc:
         _fail(str(exc))

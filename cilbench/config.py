@@ -14,8 +14,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from .errors import UserError
-from .safeio import safe_yaml_load, safe_yaml_loads  # noqa: F401  (the bounded YAML readers, for callers)
+from cilbench.errors import UserError
+from cilbench.safeio import safe_yaml_load, safe_yaml_loads  # noqa: F401  (the bounded YAML readers, for callers)
 
 INT_LIMIT = 2 ** 63 - 1   # every int key must fit a 64-bit tensor / numpy seed arithmetic
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from cilbench.errors import UserError
 
 # --- pickles ------------------------------------------------------------------------------------------------
 

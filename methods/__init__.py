@@ -1,1 +1,1 @@
-"""Method plug-ins. Every module here registers its methods with `cilbench.method.register`."""
+"""Method plug-ins. Every module here registers its methods with `cilbench.kit.contract.register`."""

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cilbench.backbones import build_backbone
-from cilbench.method import Context, OneNetworkMethod, register
-from cilbench.nets import expand_head
-from cilbench.stream import Task
+from cilbench.data.stream import Task
+from cilbench.kit.backbones import build_backbone
+from cilbench.kit.contract import Context, OneNetworkMethod, register
+from cilbench.kit.nets import expand_head
 
 
 @dataclass

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.backbones import build_backbone, count_params
-from cilbench.engine import phase_config, warmup_length
-from cilbench.losses import aux_labels
-from cilbench.method import Context, Footprint, Method, register
-from cilbench.nets import ExtractorStack, HeadInit, drop_columns, expand_head, linear_head
-from cilbench.protocol import TrainConfig
-from cilbench.pruning import ChannelMasks, anneal, describe, prune, regrow
-from cilbench.stream import Task
+from cilbench.data.protocol import TrainConfig
+from cilbench.data.stream import Task
+from cilbench.kit.backbones import build_backbone, count_params
+from cilbench.kit.contract import Context, Footprint, Method, register
+from cilbench.kit.losses import aux_labels
+from cilbench.kit.nets import ExtractorStack, HeadInit, drop_columns, expand_head, linear_head
+from cilbench.kit.pruning import ChannelMasks, anneal, describe, prune, regrow
+from cilbench.train.engine import phase_config, warmup_length
 
 
 @dataclass

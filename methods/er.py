@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from cilbench.errors import UserError
-from cilbench.memory import ReservoirMemory
-from cilbench.method import Context, register
-from cilbench.nets import expand_head
+from cilbench.kit.contract import Context, register
+from cilbench.kit.nets import expand_head
+from cilbench.train.memory import ReservoirMemory
 
 from .baselines import SingleNetwork
 

@@ -23,14 +23,14 @@ from typing import Literal, Optional
 
 import torch
 
-from cilbench.backbones import STANDARD, build_backbone, stage_channels, stage_outputs
-from cilbench.engine import phase_config
+from cilbench.data.protocol import TrainConfig
+from cilbench.data.stream import Task
 from cilbench.errors import UserError
-from cilbench.losses import nca_margin_loss
-from cilbench.method import Context, OneNetworkMethod, register
-from cilbench.nets import LocalSimilarityHead, frozen_forward, kmeans, snapshot
-from cilbench.protocol import TrainConfig
-from cilbench.significance import (
+from cilbench.kit.backbones import STANDARD, build_backbone, stage_channels, stage_outputs
+from cilbench.kit.contract import Context, OneNetworkMethod, register
+from cilbench.kit.losses import nca_margin_loss
+from cilbench.kit.nets import LocalSimilarityHead, frozen_forward, kmeans, snapshot
+from cilbench.kit.significance import (
     class_gradient_significance,
     ema_significance,
     normalise_significance,
@@ -39,7 +39,7 @@ from cilbench.significance import (
     significance_weights,
     uniform_like,
 )
-from cilbench.stream import Task
+from cilbench.train.engine import phase_config
 
 
 @dataclass

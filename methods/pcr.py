@@ -22,15 +22,15 @@ from typing import Literal
 
 import torch
 
-from cilbench.augment import Augmenter
-from cilbench.backbones import build_backbone, count_params
+from cilbench.data.augment import Augmenter
+from cilbench.data.protocol import AugmentConfig
+from cilbench.data.stream import Task
 from cilbench.errors import UserError
-from cilbench.losses import ht_multiplier, pcd_loss, pcr_hc_loss, pcr_loss, scd_loss
-from cilbench.memory import ExemplarMemory, ReservoirMemory
-from cilbench.method import Context, Footprint, OneNetworkMethod, register
-from cilbench.nets import proxy_head
-from cilbench.protocol import AugmentConfig
-from cilbench.stream import Task
+from cilbench.kit.backbones import build_backbone, count_params
+from cilbench.kit.contract import Context, Footprint, OneNetworkMethod, register
+from cilbench.kit.losses import ht_multiplier, pcd_loss, pcr_hc_loss, pcr_loss, scd_loss
+from cilbench.kit.nets import proxy_head
+from cilbench.train.memory import ExemplarMemory, ReservoirMemory
 
 PAYLOAD = ("logits", "features")
 

@@ -3,7 +3,7 @@ selectively trained experts in Continual Learning", ICLR 2024). Spec: specs/der_
 
 Exemplar-free. K experts (deep networks); every expert keeps one full-covariance Gaussian per class it has seen
 (cilbench/gaussians.py), fitted on the class's training images through the test transform plus their
-horizontal flips (cilbench.engine.features_with_flips). Per task t:
+horizontal flips (cilbench.train.engine.features_with_flips). Per task t:
 
 - t <= K: create expert t (expert 1 from scratch; later ones a copy of expert 1, or fresh), train it with
   cross-entropy through a temporary linear head over the task's classes, discard the head; every existing
@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.backbones import build_backbone, standard_spec
-from cilbench.engine import features_with_flips, full_precision, phase_config
+from cilbench.data.protocol import AugmentConfig, TrainConfig
+from cilbench.data.stream import Task
 from cilbench.errors import UserError
-from cilbench.gaussians import GaussianStore
-from cilbench.method import Context, Footprint, Method, register
-from cilbench.nets import freeze, frozen_forward, linear_head
-from cilbench.protocol import AugmentConfig, TrainConfig
-from cilbench.stream import Task
+from cilbench.kit.backbones import build_backbone, standard_spec
+from cilbench.kit.contract import Context, Footprint, Method, register
+from cilbench.kit.gaussians import GaussianStore
+from cilbench.kit.nets import freeze, frozen_forward, linear_head
+from cilbench.train.engine import features_with_flips, full_precision, phase_config
 
 
 @dataclass

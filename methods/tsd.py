@@ -27,13 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.backbones import count_params
-from cilbench.engine import phase_config
+from cilbench.data.stream import Task
 from cilbench.errors import UserError
-from cilbench.losses import aux_labels, kd_soft_ce, supcon_distinct
-from cilbench.method import Context, Footprint, Method, register
-from cilbench.nets import ExtractorStack, HeadInit, ProjectionHead, freeze, frozen_forward, linear_head, trainable_copy
-from cilbench.stream import Task
+from cilbench.kit.backbones import count_params
+from cilbench.kit.contract import Context, Footprint, Method, register
+from cilbench.kit.losses import aux_labels, kd_soft_ce, supcon_distinct
+from cilbench.kit.nets import (
+    ExtractorStack,
+    HeadInit,
+    ProjectionHead,
+    freeze,
+    frozen_forward,
+    linear_head,
+    trainable_copy,
+)
+from cilbench.train.engine import phase_config
 
 # ---------------------------------------------------------------------------------------------------------
 # Options
@@ -375,7 +383,7 @@ class TSDBase(Method):
         return {"specs": [m.spec for m in modules], "weights": [m.state_dict() for m in modules]}
 
     def _unpack_stack(self, packed: dict) -> list[nn.Module]:
-        from cilbench.backbones import build_backbone
+        from cilbench.kit.backbones import build_backbone
         out = []
         for spec, weights in zip(packed["specs"], packed["weights"]):
             m = self.ctx.engine.prepare(build_backbone(spec))

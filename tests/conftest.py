@@ -4,11 +4,7 @@ Everything runs on CPU; training-heavy tests use the reduced digits cards with `
 """
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -94,22 +90,3 @@ def error_line():
 def nothing_complete():
     """`nothing_complete(root)`: no run under root has metrics.json or a manifest with status complete."""
     return _nothing_complete
-
-
-class _MethodsAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """`from methods.der import DER` in a test gives the very module object `cilbench.methods.der` (the
-    plug-ins' one import name), so a monkeypatch through either name reaches the registered class."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname == "methods" or fullname.startswith("methods."):
-            return importlib.util.spec_from_loader(fullname, self, is_package=fullname == "methods")
-        return None
-
-    def create_module(self, spec):
-        return importlib.import_module(f"cilbench.{spec.name}")
-
-    def exec_module(self, module):
-        pass
-
-
-sys.meta_path.insert(0, _MethodsAlias())

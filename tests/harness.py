@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from cilbench.data import load_dataset
-from cilbench.engine import Engine, RuntimeOptions
-from cilbench.memory import make_memory
-from cilbench.method import Context
-from cilbench.protocol import build_protocol
-from cilbench.stream import Stream
+from cilbench.data.datasets import load_dataset
+from cilbench.data.protocol import build_protocol
+from cilbench.data.stream import Stream
+from cilbench.kit.contract import Context
+from cilbench.train.engine import Engine, RuntimeOptions
+from cilbench.train.memory import make_memory
 
 BASE_CARD = {
     "name": "tiny", "dataset": "synthetic", "num_classes": 6, "class_order": "natural", "base": 0,

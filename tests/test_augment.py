@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cilbench.augment import (
+from cilbench.data.augment import (
     Augmenter,
     color_jitter,
     cutout,
@@ -14,7 +14,7 @@ from cilbench.augment import (
     random_grayscale,
     random_resized_crop,
 )
-from cilbench.protocol import AugmentConfig
+from cilbench.data.protocol import AugmentConfig
 
 CPU = torch.device("cpu")
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from cilbench.memory import ExemplarMemory, ReservoirMemory
-from cilbench.method import get_method
-from cilbench.metrics import bwt, forgetting, task_mean
-from cilbench.protocol import PROTOCOL_DIR, known_protocols, load_protocol
-from cilbench.store import STEP_FIELDS, read_matrix
+from cilbench.data.protocol import PROTOCOL_DIR, known_protocols, load_protocol
+from cilbench.kit.contract import get_method
+from cilbench.run.metrics import bwt, forgetting, task_mean
+from cilbench.run.rundir import STEP_FIELDS, read_matrix
+from cilbench.train.memory import ExemplarMemory, ReservoirMemory
 
 RUN_FILES = ["config.yaml", "manifest.json", "steps.csv", "acc_matrix.csv", "acc_matrix_top5.csv",
              "metrics.json", "events.jsonl", "checkpoint.pt"]
@@ -25,8 +25,8 @@ METRIC_KEYS = {"steps", "avg_acc", "last_acc", "bwt", "forgetting", "avg_acc_top
 
 def _digits_counts(protocol_name, split):
     """Samples per task of a digits card in `split`, from the data itself."""
-    from cilbench.data import load_digits
-    from cilbench.stream import Stream
+    from cilbench.data.datasets import load_digits
+    from cilbench.data.stream import Stream
     p = load_protocol(protocol_name)
     stream = Stream(p, load_digits(p.data), torch.device("cpu"))
     labels = getattr(stream, split).labels
@@ -356,7 +356,7 @@ def test_existing_run_directory(tmp_path, run_cli, error_line):
 
 def test_run_interrupted_in_its_first_task_resumes(tmp_path, run_cli, monkeypatch):
     """Ctrl-C before any task finished leaves config + manifest but no checkpoint; --resume starts over."""
-    from methods.baselines import Replay
+    from cilbench.methods.baselines import Replay
 
     original = Replay.learn
 
@@ -376,7 +376,7 @@ def test_run_interrupted_in_its_first_task_resumes(tmp_path, run_cli, monkeypatc
 
 
 def test_unexpected_error_marks_the_run_failed(tmp_path, run_cli, monkeypatch, nothing_complete):
-    from methods.baselines import Replay
+    from cilbench.methods.baselines import Replay
 
     def broken(self, task, ctx):
         raise RuntimeError("CUDA out of memory (simulated)")

@@ -10,10 +10,18 @@ import pytest
 import torch
 import yaml
 
-from cilbench.data import CIFAR_LAYOUT, load_cifar, load_dataset, load_digits, load_imagenet100, make_synthetic, md5sum
+from cilbench.data.datasets import (
+    CIFAR_LAYOUT,
+    load_cifar,
+    load_dataset,
+    load_digits,
+    load_imagenet100,
+    make_synthetic,
+    md5sum,
+)
+from cilbench.data.protocol import DataConfig, SyntheticConfig, build_protocol
+from cilbench.data.stream import Stream
 from cilbench.errors import UserError
-from cilbench.protocol import DataConfig, SyntheticConfig, build_protocol
-from cilbench.stream import Stream
 
 SEED1993_HEAD = [68, 56, 78, 8]
 

@@ -8,21 +8,21 @@ import math
 import pytest
 import torch
 import yaml
+from cilbench.methods.der import DER, DERConfig, aux_labels
 from harness import learn_and_remember, tiny_card, tiny_context
 from typer.testing import CliRunner
 
-from cilbench.backbones import build_backbone, count_params
 from cilbench.cli import app
 from cilbench.config import build
-from cilbench.data import load_dataset
-from cilbench.engine import Engine, RuntimeOptions
-from cilbench.memory import make_memory
-from cilbench.method import Context, get_method
-from cilbench.protocol import build_protocol
-from cilbench.pruning import ChannelMasks, anneal, describe, prune
-from cilbench.store import TIMING_METRICS
-from cilbench.stream import Stream
-from methods.der import DER, DERConfig, aux_labels
+from cilbench.data.datasets import load_dataset
+from cilbench.data.protocol import build_protocol
+from cilbench.data.stream import Stream
+from cilbench.kit.backbones import build_backbone, count_params
+from cilbench.kit.contract import Context, get_method
+from cilbench.kit.pruning import ChannelMasks, anneal, describe, prune
+from cilbench.run.rundir import TIMING_METRICS
+from cilbench.train.engine import Engine, RuntimeOptions
+from cilbench.train.memory import make_memory
 
 TINY_CARD = tiny_card(name="tiny_der", train={"epochs": 4},
                       methods={"der": {"sparsity_weight": 0.75, "balanced_temperature": 5.0}})
@@ -359,7 +359,7 @@ def test_weight_aligning_on_the_first_task_keeps_the_head_finite():
 
 
 def test_head_init_options():
-    from cilbench.nets import linear_head
+    from cilbench.kit.nets import linear_head
     fan_in, n = 256, 400
     torch.manual_seed(0)
     heads = {init: linear_head(fan_in, n, init=init) for init in ("torch", "pycil", "der")}

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from cilbench.backbones import build_backbone
-from cilbench.data import load_digits
-from cilbench.engine import Engine, RuntimeOptions, phase_config, schedule_factor
+from cilbench.data.datasets import load_digits
+from cilbench.data.protocol import TrainConfig, load_protocol
+from cilbench.data.stream import Stream
 from cilbench.errors import TrainingDiverged
-from cilbench.nets import ExtractorStack
-from cilbench.protocol import TrainConfig, load_protocol
-from cilbench.store import TIMING_METRICS
-from cilbench.stream import Stream
+from cilbench.kit.backbones import build_backbone
+from cilbench.kit.nets import ExtractorStack
+from cilbench.run.rundir import TIMING_METRICS
+from cilbench.train.engine import Engine, RuntimeOptions, phase_config, schedule_factor
 
 CPU = torch.device("cpu")
 
@@ -238,7 +238,7 @@ def test_nan_guard_names_task_and_epoch(make_engine, bad):
 
 
 def test_diverged_run_is_marked_failed(tmp_path, run_cli, monkeypatch, nothing_complete):
-    from methods.baselines import Replay
+    from cilbench.methods.baselines import Replay
 
     original = Replay.loss
 

@@ -9,13 +9,15 @@ import math
 import pytest
 import torch
 import yaml
+from cilbench.methods import exacfs as exacfs_module
+from cilbench.methods.exacfs import EXACFS, EXACFSConfig, adaptive_weight
 from harness import learn_and_remember, tiny_card, tiny_context
 
-from cilbench.backbones import build_backbone, count_params, stage_channels, stage_outputs
 from cilbench.config import build
-from cilbench.losses import nca_margin_loss
-from cilbench.nets import LocalSimilarityHead, snapshot
-from cilbench.significance import (
+from cilbench.kit.backbones import build_backbone, count_params, stage_channels, stage_outputs
+from cilbench.kit.losses import nca_margin_loss
+from cilbench.kit.nets import LocalSimilarityHead, snapshot
+from cilbench.kit.significance import (
     class_gradient_significance,
     ema_significance,
     normalise_significance,
@@ -24,9 +26,7 @@ from cilbench.significance import (
     significance_weights,
     uniform_like,
 )
-from cilbench.store import TIMING_METRICS
-from methods import exacfs as exacfs_module
-from methods.exacfs import EXACFS, EXACFSConfig, adaptive_weight
+from cilbench.run.rundir import TIMING_METRICS
 
 TINY_CARD = tiny_card(name="tiny_exacfs", base=2,
                       memory={"policy": "per_class", "per_class": 5, "selection": "herding"},
@@ -292,7 +292,7 @@ def test_cli_beats_finetune_and_replay(tmp_path, run_cli, card):
 
 
 def test_kmeans_imprinting_finds_the_clusters():
-    from cilbench.nets import kmeans
+    from cilbench.kit.nets import kmeans
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[5.0, 0.0], [0.0, 5.0], [-5.0, -5.0]])
     x = torch.cat([c + 0.1 * torch.randn(20, 2, generator=g) for c in centres])

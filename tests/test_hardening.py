@@ -20,10 +20,10 @@ import yaml
 from typer.testing import CliRunner
 
 from cilbench.cli import app
+from cilbench.data.protocol import PROTOCOL_DIR
 from cilbench.errors import UserError
-from cilbench.protocol import PROTOCOL_DIR
+from cilbench.run.rundir import TIMING_METRICS
 from cilbench.safeio import safe_yaml_load
-from cilbench.store import TIMING_METRICS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,7 +113,7 @@ def test_second_process_on_a_locked_run_is_refused(tmp_path, run_cli, error_line
     out = tmp_path / "runs"
     run = out / "digits_b0s2" / "replay" / "seed0"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from cilbench.runlock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from cilbench.run.lock import RunLock; "
          "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)", str(run)],
         cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -175,7 +175,7 @@ def test_alias_bombs_are_refused_quickly(tmp_path, run_cli, error_line):
 # --- 6. a finite but exploding loss ----------------------------------------------------------------------
 
 def test_exploding_loss_fails_the_run(tmp_path, run_cli, monkeypatch, nothing_complete):
-    from methods.baselines import Replay
+    from cilbench.methods.baselines import Replay
 
     original = Replay.loss
 
@@ -205,7 +205,7 @@ def test_exploding_loss_fails_the_run(tmp_path, run_cli, monkeypatch, nothing_co
 # --- 7. SIGTERM ---------------------------------------------------------------------------------------------
 
 def test_sigterm_leaves_a_resumable_run_equal_to_an_uninterrupted_one(tmp_path, run_cli, monkeypatch):
-    from methods.baselines import Replay
+    from cilbench.methods.baselines import Replay
 
     common = ("--deterministic", "--epochs", "1")
     full_out, split_out = tmp_path / "full", tmp_path / "split"
@@ -356,7 +356,7 @@ def test_out_of_range_values_are_refused_before_training(tmp_path, run_cli, prot
 # --- 11. the plug-ins are cilbench.methods, never a top-level `methods` ----------------------------------------
 
 def test_plugins_are_namespaced_and_a_foreign_methods_package_is_never_imported(tmp_path):
-    from cilbench.method import get_method
+    from cilbench.kit.contract import get_method
     assert get_method("replay").cls.__module__ == "cilbench.methods.baselines"
     foreign = tmp_path / "methods"
     foreign.mkdir()

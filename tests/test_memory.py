@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cilbench.memory import ExemplarMemory, ReservoirMemory, class_balanced_subset, herding, make_memory
-from cilbench.protocol import MemoryConfig
+from cilbench.data.protocol import MemoryConfig
+from cilbench.train.memory import ExemplarMemory, ReservoirMemory, class_balanced_subset, herding, make_memory
 
 
 def _gen(seed=0):

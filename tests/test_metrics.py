@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cilbench.metrics import average_incremental, bwt, forgetting, summarize, task_mean
+from cilbench.run.metrics import average_incremental, bwt, forgetting, summarize, task_mean
 
 # a[i][j]: accuracy on task j's classes after learning task i (j <= i)
 A3 = [[90.0],

@@ -9,19 +9,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cilbench.methods.pcr import HPCR, PCR, HPCRConfig, PCRConfig
 from scipy.stats import binom
 
-from cilbench.augment import Augmenter, adjust_hue, random_apply
-from cilbench.data import load_dataset
-from cilbench.engine import Engine, RuntimeOptions
-from cilbench.losses import ht_multiplier, pcd_loss, pcr_hc_loss, pcr_loss, scd_loss
-from cilbench.memory import ReservoirMemory, make_memory
-from cilbench.method import Context
-from cilbench.nets import proxy_head
-from cilbench.protocol import AugmentConfig, build_protocol, load_card
-from cilbench.store import TIMING_METRICS
-from cilbench.stream import Stream
-from methods.pcr import HPCR, PCR, HPCRConfig, PCRConfig
+from cilbench.data.augment import Augmenter, adjust_hue, random_apply
+from cilbench.data.datasets import load_dataset
+from cilbench.data.protocol import AugmentConfig, build_protocol, load_card
+from cilbench.data.stream import Stream
+from cilbench.kit.contract import Context
+from cilbench.kit.losses import ht_multiplier, pcd_loss, pcr_hc_loss, pcr_loss, scd_loss
+from cilbench.kit.nets import proxy_head
+from cilbench.run.rundir import TIMING_METRICS
+from cilbench.train.engine import Engine, RuntimeOptions
+from cilbench.train.memory import ReservoirMemory, make_memory
 
 TAU = 0.09
 
@@ -398,8 +398,8 @@ def test_offline_hpcr_on_exemplar_memory(tmp_path, run_cli):
 
 
 def test_exemplar_payload_is_written_once_and_truncated_with_its_exemplars():
-    from cilbench.memory import ExemplarMemory
-    from cilbench.protocol import MemoryConfig
+    from cilbench.data.protocol import MemoryConfig
+    from cilbench.train.memory import ExemplarMemory
     mem = ExemplarMemory(MemoryConfig(policy="fixed_total", total=8, selection="random"))
     by_label = {c: torch.arange(10 * c, 10 * c + 10) for c in range(4)}
     mem.update(range(0, 2), by_label.__getitem__, None, _gen())             # 4 per class
@@ -415,7 +415,7 @@ def test_exemplar_payload_is_written_once_and_truncated_with_its_exemplars():
 
 
 def test_bench_online_row_runs_hpcr_and_its_bare_twin():
-    from cilbench.bench import _online_setup, online_bare, online_engine
+    from cilbench.bench.pipeline import _online_setup, online_bare, online_engine
     method, ctx = _online_setup("cpu", 5)
     assert isinstance(method, HPCR) and [len(ctx.stream.task(t).train_idx) for t in range(2)] == [50, 50]
     assert online_engine("cpu", 5) > 0 and online_bare("cpu", 5) > 0

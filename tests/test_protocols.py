@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from cilbench.config import apply_override, build, parse_override
-from cilbench.data import make_synthetic
-from cilbench.errors import UserError
-from cilbench.protocol import (
+from cilbench.data.datasets import make_synthetic
+from cilbench.data.protocol import (
     PROTOCOL_DIR,
     build_protocol,
     known_protocols,
@@ -19,7 +18,8 @@ from cilbench.protocol import (
     load_protocol,
     resolve_class_order,
 )
-from cilbench.stream import Stream
+from cilbench.data.stream import Stream
+from cilbench.errors import UserError
 
 ALL_CARDS = known_protocols()
 NAME_RULE = re.compile(r"^(?P<dataset>[a-z0-9]+?)(?P<online>_online)?_b(?P<base>\d+)s(?P<step>\d+)$")
@@ -304,7 +304,7 @@ def test_stream_with_a_base_task():
 # --- class orders per seed, augmentation lineage (issue 11 item 4, issue 9) ---------------------------------
 
 def resolved(method: str, protocol: str, seed: int, *sets: str):
-    from cilbench.runner import RunRequest, resolve
+    from cilbench.run.runner import RunRequest, resolve
     return resolve(RunRequest(method=method, protocol=protocol, seed=seed, overrides=list(sets)))
 
 

@@ -14,22 +14,22 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-from cilbench import plots
 from cilbench.cli import app
 from cilbench.config import to_dict
+from cilbench.data.protocol import PROTOCOL_DIR, known_protocols, load_protocol
 from cilbench.errors import UserError
-from cilbench.protocol import PROTOCOL_DIR, known_protocols, load_protocol
 from cilbench.report import (
     REFERENCE_DIR,
     build_report,
     group_runs,
     load_reference,
+    plots,
     resolve_metrics,
     scan_runs,
     strip_n_tag,
 )
-from cilbench.store import RunStore, run_dir
-from cilbench.summary import print_run_summary
+from cilbench.report.summary import print_run_summary
+from cilbench.run.rundir import RunStore, run_dir
 
 # --------------------------------------------------------------------------------------------------------
 # Building run directories with known numbers
@@ -41,7 +41,7 @@ def make_run(root: Path, protocol: str, run_name: str, seed: int, *, status: str
              memory_size: int = 20, max_epochs: int | None = None, write_metrics: bool | None = None,
              params_backbone: list[int] | None = None, protocol_changes: dict | None = None,
              task_mean: tuple[float, float] | None = None, protocol_dir: str | None = None) -> Path:
-    """A run directory as cilbench.runner writes it, with the numbers given (metrics.json is not recomputed
+    """A run directory as cilbench.run.runner writes it, with the numbers given (metrics.json is not recomputed
     from the steps on purpose: the report must take the summary numbers as written). `params_backbone` adds
     that steps.csv column (runs record it from issue 11 on); `protocol_changes` edits the resolved card (e.g.
     class_order / class_orders); `protocol_dir` files the run under another protocol folder name."""

@@ -7,24 +7,24 @@ import csv
 import json
 import math
 
+import cilbench.methods.seed as seed_mod
 import pytest
 import torch
+from cilbench.methods.seed import SEED, SEEDConfig, feature_distillation, select_expert, unique_params
 from scipy.stats import multivariate_normal
 from typer.testing import CliRunner
 
-import cilbench.engine as engine_mod
-import methods.seed as seed_mod
-from cilbench.backbones import build_backbone, standard_spec
+import cilbench.train.engine as engine_mod
 from cilbench.cli import app
 from cilbench.config import build
-from cilbench.data import load_dataset
-from cilbench.engine import Engine, RuntimeOptions, features_with_flips
+from cilbench.data.datasets import load_dataset
+from cilbench.data.protocol import build_protocol, load_card
+from cilbench.data.stream import Stream
 from cilbench.errors import UserError
-from cilbench.gaussians import GaussianStore, fit_gaussian, kl_divergence, pairwise_kl, symmetric_kl
-from cilbench.method import Context
-from cilbench.protocol import build_protocol, load_card
-from cilbench.stream import Stream
-from methods.seed import SEED, SEEDConfig, feature_distillation, select_expert, unique_params
+from cilbench.kit.backbones import build_backbone, standard_spec
+from cilbench.kit.contract import Context
+from cilbench.kit.gaussians import GaussianStore, fit_gaussian, kl_divergence, pairwise_kl, symmetric_kl
+from cilbench.train.engine import Engine, RuntimeOptions, features_with_flips
 
 CARD = "digits_b0s2"
 
@@ -449,7 +449,7 @@ def test_report_shows_seed_beside_its_published_average_with_task_mean(tmp_path)
 
 
 def test_autoaugment_magnitudes_and_ops():
-    from cilbench.autoaugment import apply_op, magnitude
+    from cilbench.data.autoaugment import apply_op, magnitude
     assert [magnitude("Posterize", b, 32, 32) for b in (0, 9)] == [8.0, 4.0]
     assert magnitude("Solarize", 0, 32, 32) == 255.0 and magnitude("Solarize", 9, 32, 32) == 0.0
     assert magnitude("Rotate", 9, 32, 32) == 30.0 and magnitude("TranslateX", 9, 32, 331) == pytest.approx(150.0)
@@ -461,7 +461,7 @@ def test_autoaugment_magnitudes_and_ops():
 def test_autoaugment_batched_equals_per_sample_reference():
     from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
-    from cilbench.autoaugment import SIGNED, apply_op, auto_augment, magnitude
+    from cilbench.data.autoaugment import SIGNED, apply_op, auto_augment, magnitude
     x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     out = auto_augment(x, "cifar10", torch.Generator().manual_seed(7))
     assert out.shape == x.shape and out.dtype == torch.float32 and 0 <= float(out.min()) <= float(out.max()) <= 1

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from cilbench import engine as engine_module
-from cilbench import speed
-from cilbench.data import _digits_table
-from cilbench.engine import Engine, RuntimeOptions, set_deterministic
-from cilbench.method import known_methods
-from cilbench.protocol import load_protocol
-from cilbench.speed import PHASES, Phase, Shapes, harness_speed
-from cilbench.stream import Stream
+from cilbench.bench import methods as speed
+from cilbench.bench.methods import PHASES, Phase, Shapes, harness_speed
+from cilbench.data.datasets import _digits_table
+from cilbench.data.protocol import load_protocol
+from cilbench.data.stream import Stream
+from cilbench.kit.contract import known_methods
+from cilbench.train import engine as engine_module
+from cilbench.train.engine import Engine, RuntimeOptions, set_deterministic
 
 SPLIT_KEYS = {"fit", "statistics", "herding", "eval", "checkpoint", "other", "wall"}
 
@@ -70,7 +70,7 @@ def test_time_split_of_a_resumed_run_covers_both_processes(tmp_path, run_cli):
 # --- inference chunk ---------------------------------------------------------------------------------------
 
 def _engine(protocol: str, **options) -> Engine:
-    from cilbench.data import load_dataset
+    from cilbench.data.datasets import load_dataset
     p = load_protocol(protocol)
     stream = Stream(p, load_dataset(p, None), torch.device("cpu"))
     return Engine(stream, RuntimeOptions(device="cpu", **options), torch.device("cpu"))
@@ -88,7 +88,7 @@ def test_cpu_inference_chunk_follows_image_size_and_options():
 
 
 def test_scores_do_not_depend_on_the_inference_chunk():
-    from cilbench.backbones import build_backbone
+    from cilbench.kit.backbones import build_backbone
     engine = _engine("synthetic_b0s2")
     torch.manual_seed(0)
     net = build_backbone("resnet20", 3, 8).eval()
@@ -183,8 +183,8 @@ def test_bench_method_rejects_unknown_methods_and_one_epoch(cli, error_line):
 def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(tmp_path, run_cli, monkeypatch):
     import platform
 
-    from cilbench import runner
-    from cilbench.engine import tune_malloc
+    from cilbench.run import runner
+    from cilbench.train.engine import tune_malloc
     if platform.libc_ver()[0] == "glibc":
         assert tune_malloc() is True
     calls = []
@@ -216,7 +216,7 @@ def test_every_declared_phase_occurs_in_the_bench_run(name, tmp_path):
     """The (phase, task) pairs PHASES names are where the method really trains (a tiny bench-card run)."""
     import yaml
 
-    from cilbench.runner import RunRequest, execute
+    from cilbench.run.runner import RunRequest, execute
     card = speed.online_card(2) if name in speed.ONLINE_METHODS else speed.offline_card(2)
     path = tmp_path / "card.yaml"
     path.write_text(yaml.safe_dump(card))
@@ -236,8 +236,8 @@ def test_every_declared_phase_occurs_in_the_bench_run(name, tmp_path):
 # --- frozen networks in chunks -----------------------------------------------------------------------------
 
 def test_frozen_forward_in_chunks_equals_one_pass_without_a_graph():
-    from cilbench.backbones import build_backbone, stage_outputs
-    from cilbench.nets import freeze, frozen_forward
+    from cilbench.kit.backbones import build_backbone, stage_outputs
+    from cilbench.kit.nets import freeze, frozen_forward
     torch.manual_seed(0)
     net = freeze(build_backbone("resnet20", 3, 4))
     x = torch.randn(10, 3, 8, 8)
@@ -261,7 +261,7 @@ def test_frozen_chunk_is_the_cpu_inference_chunk_and_off_on_cuda():
 
 
 @pytest.mark.parametrize("method,protocol,module", [
-    ("der", "digits_b0s2", "cilbench.nets"), ("tsd_fixed", "digits_b0s2", "cilbench.methods.tsd"),
+    ("der", "digits_b0s2", "cilbench.kit.nets"), ("tsd_fixed", "digits_b0s2", "cilbench.methods.tsd"),
     ("seed", "digits_b0s2", "cilbench.methods.seed"), ("exacfs", "digits_b4s2", "cilbench.methods.exacfs")])
 def test_methods_run_their_frozen_networks_in_the_engine_chunk(method, protocol, module, run_cli, tmp_path,
                                                                monkeypatch):

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cilbench import sweep as sweeps
 from cilbench.cli import app
 from cilbench.errors import UserError
-from cilbench.store import TIMING_METRICS
+from cilbench.run.rundir import TIMING_METRICS
+from cilbench.sweep import core as sweeps
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cilbench.methods.tsd import TSDGRC, GRCConfig, group_schedule, select_target
 from typer.testing import CliRunner
 
 from cilbench.cli import app
 from cilbench.config import build
-from cilbench.data import load_dataset
-from cilbench.engine import Engine, RuntimeOptions
+from cilbench.data.datasets import load_dataset
+from cilbench.data.protocol import build_protocol, load_card
+from cilbench.data.stream import Stream
 from cilbench.errors import UserError
-from cilbench.losses import kd_soft_ce, supcon_distinct
-from cilbench.memory import make_memory
-from cilbench.method import Context, get_method
-from cilbench.nets import ProjectionHead, freeze
-from cilbench.protocol import build_protocol, load_card
-from cilbench.stream import Stream
-from methods.tsd import TSDGRC, GRCConfig, group_schedule, select_target
+from cilbench.kit.contract import Context, get_method
+from cilbench.kit.losses import kd_soft_ce, supcon_distinct
+from cilbench.kit.nets import ProjectionHead, freeze
+from cilbench.train.engine import Engine, RuntimeOptions
+from cilbench.train.memory import make_memory
 
 CPU = torch.device("cpu")
 CARD = "digits_b0s2"          # 5 tasks of 2 classes
@@ -357,7 +357,7 @@ def test_contrastive_loss_is_used_only_in_ce_phases():
     ctx = make_ctx()
     method = make_method("tsd_grc", ctx, n_extractors=1)
     calls = []
-    import methods.tsd as tsd
+    import cilbench.methods.tsd as tsd
     original = tsd.supcon_distinct
 
     def spy(*args, **kwargs):
@@ -459,7 +459,7 @@ def test_one_frozen_negative_per_old_sample_and_frozen_extractor():
     """Spec section 4: negatives (ii) are one embedding per (old-class sample in the batch, frozen extractor)."""
     ctx = make_ctx()
     method = make_method("tsd_fixed", ctx, n_extractors=3)
-    import methods.tsd as tsd
+    import cilbench.methods.tsd as tsd
     original = tsd.supcon_distinct
     seen = []
 
@@ -481,9 +481,10 @@ def test_one_frozen_negative_per_old_sample_and_frozen_extractor():
 
 def test_aux_head_honours_head_bias_and_uses_ders_aux_labels(monkeypatch):
     """The optional DER auxiliary head (aux_loss) follows head_bias like every other head, and its targets
-    come from the one shared mapping (cilbench.losses.aux_labels)."""
-    import methods.tsd as tsd_module
-    from cilbench.losses import aux_labels
+    come from the one shared mapping (cilbench.kit.losses.aux_labels)."""
+    import cilbench.methods.tsd as tsd_module
+
+    from cilbench.kit.losses import aux_labels
 
     calls = []
 

@@ -7,7 +7,7 @@ The package, one idea per module:
     aggregate.py  metrics, mean ± std / 95% CI over seeds, readable names, row order, RunGroup
     reference.py  published numbers (results/reference/*.csv) and how they line up with ours (Δ, class orders)
     tables.py     the table model, the report's tables and their formats (Markdown, LaTeX, CSV, HTML, rich)
-    figures.py    the plots of one protocol and the training curves (drawing: cilbench.plots)
+    figures.py    the plots of one protocol and the training curves (drawing: cilbench.report.plots)
     page.py       index.html
     build.py      build_report: everything above into one output folder, with a manifest of its files
 
@@ -22,7 +22,7 @@ Output (under `out`):
     reference/*.csv                          copy of the published numbers used
     .cilbench-report.json                    the files above (the next report removes only these)
 """
-from .aggregate import (
+from cilbench.report.aggregate import (
     METRICS,
     Metric,
     RunGroup,
@@ -34,10 +34,10 @@ from .aggregate import (
     resolve_metrics,
     strip_n_tag,
 )
-from .build import MANIFEST, build_report
-from .reference import REFERENCE_DIR, RefCurve, RefRow, load_reference
-from .runs import SeedRun, load_yaml_bounded, read_run, scan_runs
-from .tables import Column, Row, Stat, Table, protocol_table, status_text, to_rich
+from cilbench.report.build import MANIFEST, build_report
+from cilbench.report.reference import REFERENCE_DIR, RefCurve, RefRow, load_reference
+from cilbench.report.runs import SeedRun, load_yaml_bounded, read_run, scan_runs
+from cilbench.report.tables import Column, Row, Stat, Table, protocol_table, status_text, to_rich
 
 __all__ = ["METRICS", "MANIFEST", "REFERENCE_DIR", "Column", "Metric", "RefCurve", "RefRow", "Row", "RunGroup",
            "SeedRun", "Stat", "Table", "build_report", "default_metrics", "display_name", "group_runs",

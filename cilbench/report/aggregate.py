@@ -9,8 +9,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UserError
-from .runs import SeedRun
+from cilbench.errors import UserError
+from cilbench.report.runs import SeedRun
 
 # --------------------------------------------------------------------------------------------------------
 # Metrics a table can show
@@ -179,7 +179,7 @@ def order_name(order: Any, num_classes: int | None = None) -> str:
     if isinstance(order, str):
         return _ALIASES.get(order, order)
     if isinstance(order, list):
-        from ..protocol import NAMED_ORDERS, seed_permutation
+        from cilbench.data.protocol import NAMED_ORDERS, seed_permutation
         n = len(order)
         candidates = {name: full for name, full in NAMED_ORDERS.items() if not name.startswith("der_trial")}
         if isinstance(num_classes, int) and 0 < num_classes <= 100:

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
-from ..errors import UserError
-from .aggregate import (
+from cilbench import __version__
+from cilbench.errors import UserError
+from cilbench.report.aggregate import (
     METRICS,
     SUMMARY_DEFAULT,
     TASK_MEAN_DEFAULT,
@@ -24,11 +24,11 @@ from .aggregate import (
     order_name,
     resolve_metrics,
 )
-from .figures import protocol_plots, training_plot
-from .page import Section, write_html
-from .reference import REFERENCE_DIR, filter_refs_by_methods, load_reference
-from .runs import read_text, scan_runs
-from .tables import (
+from cilbench.report.figures import protocol_plots, training_plot
+from cilbench.report.page import Section, write_html
+from cilbench.report.reference import REFERENCE_DIR, filter_refs_by_methods, load_reference
+from cilbench.report.runs import read_text, scan_runs
+from cilbench.report.tables import (
     protocol_table,
     runs_csv,
     steps_table,

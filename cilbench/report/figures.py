@@ -1,13 +1,13 @@
-"""The plots of one protocol, and one run's training curves, from run groups (drawing is in cilbench.plots)."""
+"""The plots of one protocol, and one run's training curves, from run groups (drawing is in cilbench.report.plots)."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
-from .aggregate import RunGroup, family
-from .reference import RefCurve, RefRow
-from .runs import MAX_FILE_BYTES, SeedRun, read_text
+from cilbench.report.aggregate import RunGroup, family
+from cilbench.report.reference import RefCurve, RefRow
+from cilbench.report.runs import MAX_FILE_BYTES, SeedRun, read_text
 
 PUBLISHED_GREYS = ["#444444", "#999999", "#8c564b", "#bcbd22", "#17becf", "#7f7f7f"]
 
@@ -15,7 +15,7 @@ PUBLISHED_GREYS = ["#444444", "#999999", "#8c564b", "#bcbd22", "#17becf", "#7f7f
 def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[RefRow], curves: list[RefCurve],
                    plot_dir: Path, top5: bool) -> list[tuple[str, Path]]:
     """(caption, png path) of every plot of one protocol; a PDF is written beside each PNG."""
-    from .. import plots
+    from cilbench.report import plots
 
     done = [g for g in groups if g.n]
     if not done:
@@ -75,7 +75,7 @@ def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[
 
 
 def _extractor_groups(done: list[RunGroup], colours: dict, markers: dict) -> list:
-    from .. import plots
+    from cilbench.report import plots
     by_base: dict[str, list[RunGroup]] = {}
     for g in done:
         by_base.setdefault(g.base_name, []).append(g)
@@ -100,7 +100,7 @@ def _extractor_groups(done: list[RunGroup], colours: dict, markers: dict) -> lis
 def _param_points(protocol: str, done: list[RunGroup], refs: list[RefRow], colours: dict,
                   markers: dict) -> tuple[list, bool]:
     """Our runs at their backbone #params when every run records it (as the papers count), else the total."""
-    from .. import plots
+    from cilbench.report import plots
     points = []
     key = "params_bb_avg" if all(g.footprint()["params_bb_avg"][0] is not None for g in done) else "params_avg"
     for g in done:
@@ -142,7 +142,7 @@ def read_events(path: Path) -> list[dict]:
 
 
 def training_plot(run: SeedRun, name: str, path: Path) -> Path | None:
-    from .. import plots
+    from cilbench.report import plots
     events = read_events(run.path / "events.jsonl")
     if not events:
         return None

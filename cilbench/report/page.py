@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runs import SeedRun
-from .tables import run_info, status_text
+from cilbench.report.runs import SeedRun
+from cilbench.report.tables import run_info, status_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1500px;

@@ -8,8 +8,8 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from .aggregate import METRICS, RunGroup, order_name
+from cilbench.errors import UserError
+from cilbench.report.aggregate import METRICS, RunGroup, order_name
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent.parent / "results" / "reference"
 

@@ -1,4 +1,4 @@
-"""Reading run directories: <runs>/<protocol>/<run_name>/seed<k>/ as cilbench.runner writes them.
+"""Reading run directories: <runs>/<protocol>/<run_name>/seed<k>/ as cilbench.run.runner writes them.
 
 Nothing here raises on a bad directory. Every file is checked (finite numbers, the right shapes, bounded YAML)
 and a run that fails a check keeps the reason and is listed, never averaged.
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
-from ..safeio import safe_yaml_loads
+from cilbench.errors import UserError
+from cilbench.safeio import safe_yaml_loads
 
 MAX_FILE_BYTES = 4_000_000         # a run's config/metrics/steps files are a few KB; refuse anything huge
 
@@ -154,7 +154,7 @@ def _int_or_none(value: Any) -> int | None:
 
 def read_run(path: Path, protocol: str, run_name: str, seed: int, metric_fields: list[str] | None = None) -> SeedRun:
     """Read one run directory. Never raises: a broken directory gets a status and the reason."""
-    from .aggregate import METRICS
+    from cilbench.report.aggregate import METRICS
     fields = metric_fields if metric_fields is not None else [m.field for m in METRICS.values()]
     run = SeedRun(path=path, protocol=protocol, run_name=run_name, seed=seed, status="unreadable",
                   method=run_name.split("+")[0])

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .aggregate import METRICS, RunGroup, mean_std, memory_label
-from .reference import MARKS, RefCurve, RefRow
-from .runs import SeedRun
+from cilbench.report.aggregate import METRICS, RunGroup, mean_std, memory_label
+from cilbench.report.reference import MARKS, RefCurve, RefRow
+from cilbench.report.runs import SeedRun
 
 # --------------------------------------------------------------------------------------------------------
 # The model
@@ -536,7 +536,7 @@ def summary_table(protocols: list[str], groups: dict[str, list[RunGroup]], refs:
                   metrics: list[str]) -> Table:
     """Protocols as column groups (like the TSD paper's main tables); rows: run names, then the published
     rows that have a comparable run of ours somewhere in the table."""
-    from .aggregate import sort_key
+    from cilbench.report.aggregate import sort_key
     cols = [Column("name", "Method", "text")]
     for p in protocols:
         cols += [Column(f"{p}:{k}", METRICS[k].label, latex=METRICS[k].latex, group=p,
@@ -586,7 +586,7 @@ RUNS_CSV_FIELDS = ["protocol", "run_name", "name", "method", "seed", "status", "
 
 def run_info(r: SeedRun) -> dict[str, Any]:
     """One seed run as the runs table shows it."""
-    from .aggregate import display_name, order_name
+    from cilbench.report.aggregate import display_name, order_name
     m = r.manifest
     train = sum(s["train_seconds"] for s in r.steps) if r.steps else None
     evals = sum(s["eval_seconds"] for s in r.steps) if r.steps else None

@@ -32,8 +32,8 @@ from typing import Any, Callable
 import submitit
 import yaml
 
-from .config import build, load_yaml, parse_override
-from .errors import UserError
+from cilbench.config import build, load_yaml, parse_override
+from cilbench.errors import UserError
 
 STATES = ("complete", "running", "interrupted", "failed", "pending")
 
@@ -123,14 +123,14 @@ def _yaml_value(value: Any) -> str:
 
 
 def _family(method: str) -> str:
-    from .method import REGISTRY, load_plugins
+    from cilbench.kit.contract import REGISTRY, load_plugins
     load_plugins()
     entry = REGISTRY.get(method)
     return entry.cls.family if entry is not None else method
 
 
 def _known_method_heads() -> set[str]:
-    from .method import REGISTRY, load_plugins
+    from cilbench.kit.contract import REGISTRY, load_plugins
     load_plugins()
     return set(REGISTRY) | {entry.cls.family for entry in REGISTRY.values()}
 
@@ -182,15 +182,15 @@ def _expand_part(name: str, methods: list[str], protocols: list[str], seeds: lis
 # Validation: every cell resolved as `cilbench run` would, before anything is submitted
 
 def _request(spec: SweepSpec, cell: Cell, **extra):
-    from .runner import RunRequest
+    from cilbench.run.runner import RunRequest
     return RunRequest(method=cell.method, protocol=cell.protocol, seed=cell.seed, overrides=list(cell.overrides),
                       epochs=spec.epochs, device=spec.device, data_root=spec.data_root, out=spec.out,
                       tag=cell.tag, deterministic=spec.deterministic, **extra)
 
 
 def _locate(spec: SweepSpec, cell: Cell) -> Cell:
-    from .runner import resolve
-    from .store import run_dir
+    from cilbench.run.rundir import run_dir
+    from cilbench.run.runner import resolve
     try:
         resolved = resolve(_request(spec, cell))
     except UserError as exc:
@@ -372,7 +372,7 @@ class RunCell(submitit.helpers.Checkpointable):
 
     def __call__(self, command: list[str], cuda_visible_devices: str | None = None) -> int:
         env = dict(os.environ)
-        package_parent = str(Path(__file__).resolve().parent.parent)
+        package_parent = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         if cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .protocol import AugmentConfig
+from cilbench.data.protocol import AugmentConfig
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.Tensor:
@@ -198,7 +198,7 @@ class Augmenter:
         if cfg.grayscale_p:
             x = random_grayscale(x, cfg.grayscale_p, g)
         if cfg.autoaugment != "none":
-            from .autoaugment import auto_augment
+            from cilbench.data.autoaugment import auto_augment
             x = auto_augment(x, cfg.autoaugment, g)
         x = (x - self.mean) / self.std
         if cfg.cutout:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from cilbench.errors import UserError
 
 STANDARD = {
     # name: (blocks per stage, default base width, stage width multipliers, stem kind, shortcut kind)

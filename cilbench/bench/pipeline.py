@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import build_backbone
-from .config import build
-from .data import Dataset, Split
-from .engine import Engine, RuntimeOptions, resolve_device
-from .protocol import Protocol
-from .stream import Stream
+from cilbench.config import build
+from cilbench.data.datasets import Dataset, Split
+from cilbench.data.protocol import Protocol
+from cilbench.data.stream import Stream
+from cilbench.kit.backbones import build_backbone
+from cilbench.train.engine import Engine, RuntimeOptions, resolve_device
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
@@ -85,7 +85,7 @@ def pipeline_pil(images: np.ndarray, labels: np.ndarray, batch: int, workers: in
 
 
 def train_engine(stream: Stream, engine: Engine, batch: int, steps: int) -> float:
-    from .protocol import TrainConfig
+    from cilbench.data.protocol import TrainConfig
     net = engine.prepare(build_backbone("resnet32"))
     head = engine.prepare(torch.nn.Linear(net.out_dim, 100))
     idx = torch.arange(batch * steps, device=stream.train.labels.device)
@@ -144,12 +144,11 @@ ONLINE_CARD = {"name": "bench_online", "dataset": "synthetic", "num_classes": 10
 def _online_setup(device_name: str, steps: int):
     """A two-task CIFAR-100-shaped online stream of `steps` stream batches per task, and an HPCR on it."""
     if steps < 5:
-        from .errors import UserError
+        from cilbench.errors import UserError
         raise UserError(f"--online-steps {steps}: need >= 5 so that each of the 50 classes of a task has a sample")
+    from cilbench.kit.contract import Context
     from cilbench.methods.pcr import HPCR, HPCRConfig
-
-    from .memory import make_memory
-    from .method import Context
+    from cilbench.train.memory import make_memory
     protocol = build(Protocol, ONLINE_CARD, "bench")
     device = resolve_device(device_name)
     n = 2 * 10 * steps

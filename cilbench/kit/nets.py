@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ResNet, build_backbone, count_params
+from cilbench.kit.backbones import ResNet, build_backbone, count_params
 
 
 def freeze(module: nn.Module) -> nn.Module:

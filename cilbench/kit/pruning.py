@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .backbones import BasicBlock, IndexShortcut, ResNet, ShortcutA
+from cilbench.kit.backbones import BasicBlock, IndexShortcut, ResNet, ShortcutA
 
 Scope = Literal["shared", "internal"]
 

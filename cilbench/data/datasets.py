@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
-from .protocol import DataConfig, Protocol
-from .safeio import load_data_pickle
+from cilbench.errors import UserError
+from cilbench.data.protocol import DataConfig, Protocol
+from cilbench.safeio import load_data_pickle
 
 
 @dataclass

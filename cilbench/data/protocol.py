@@ -13,14 +13,14 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from .config import build, load_yaml
-from .config import to_dict as config_dict
-from .errors import UserError
-from .safeio import check_component
+from cilbench.config import build, load_yaml
+from cilbench.config import to_dict as config_dict
+from cilbench.errors import UserError
+from cilbench.safeio import check_component
 
 SEED_MAX = 2 ** 32 - 1    # numpy's RandomState takes seeds below 2**32
 
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parents[1]      # the cilbench package
 # the cards: cilbench/protocols/ in an installed wheel, the repository's protocols/ folder in the source tree
 PROTOCOL_DIR = _HERE / "protocols" if (_HERE / "protocols").is_dir() else _HERE.parent / "protocols"
 DATASETS = ("cifar10", "cifar100", "imagenet100", "digits", "synthetic")
@@ -325,7 +325,7 @@ def resolve_class_order(order: str | list[int], num_classes: int, dataset_classe
 
 
 def resolved_dict(protocol: Protocol) -> dict:
-    from .config import to_dict
+    from cilbench.config import to_dict
     return to_dict(protocol)
 
 

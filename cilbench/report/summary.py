@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .errors import UserError
-from .report import (
+from cilbench.errors import UserError
+from cilbench.report import (
     Column,
     Row,
     RunGroup,

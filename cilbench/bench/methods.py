@@ -31,10 +31,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .backbones import build_backbone, standard_spec
-from .errors import UserError
-from .losses import aux_labels, kd_soft_ce, nca_margin_loss, pcr_loss, supcon_distinct
-from .nets import LocalSimilarityHead, ProjectionHead, freeze
+from cilbench.errors import UserError
+from cilbench.kit.backbones import build_backbone, standard_spec
+from cilbench.kit.losses import aux_labels, kd_soft_ce, nca_margin_loss, pcr_loss, supcon_distinct
+from cilbench.kit.nets import LocalSimilarityHead, ProjectionHead, freeze
 
 CIFAR_MEAN, CIFAR_STD = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]
 CLASSES, TASKS = 100, 5
@@ -143,7 +143,7 @@ def bare_one_network(shapes: Shapes, steps: int, name: str = "resnet32"):
 
 def bare_der(extractors: int, prune: bool = False):
     def build(shapes: Shapes, steps: int):
-        from .pruning import ChannelMasks, anneal
+        from cilbench.kit.pruning import ChannelMasks, anneal
         frozen = _frozen(extractors - 1, shapes)
         new = _net(shapes).train()
         head = nn.Linear(sum(f.out_dim for f in frozen) + new.out_dim, shapes.n_seen).to(shapes.device)
@@ -278,8 +278,8 @@ def bare_exacfs(balanced: bool):
     """PODNet ResNet-32 + LSC head (10 proxies per class), NCA loss; main phase: + class-weighted distillation
     of the four stage maps against the frozen previous model."""
     def build(shapes: Shapes, steps: int):
-        from .backbones import stage_outputs
-        from .significance import significance_distillation, significance_weights
+        from cilbench.kit.backbones import stage_outputs
+        from cilbench.kit.significance import significance_distillation, significance_weights
         net = _net(shapes, "resnet32_podnet")
         head = LocalSimilarityHead(net.out_dim, 10).to(shapes.device)
         for _ in range(TASKS):
@@ -345,7 +345,7 @@ def bare_pcr(shapes: Shapes, steps: int):
 def bare_hpcr(shapes: Shapes, steps: int):
     """HPCR on the second task and later: PCR's two forwards plus its loss scale, PCD and SCD on the replayed
     rows against stored logits and features."""
-    from .losses import ht_multiplier, pcd_loss, scd_loss
+    from cilbench.kit.losses import ht_multiplier, pcd_loss, scd_loss
     net = _net(shapes, "resnet18_reduced").train()
     proxies = nn.Parameter(torch.randn(CLASSES, net.out_dim, device=shapes.device))
     opt = _sgd([*net.parameters(), proxies], momentum=0.0, weight_decay=0.0)
@@ -441,12 +441,12 @@ def harness_speed(events: list[dict], phase: Phase) -> tuple[float, int]:
 
 
 def bench_method(name: str, device: str, per_class: int, epochs: int, out: Path) -> dict:
-    from .engine import resolve_device
-    from .method import get_method
-    from .runner import RunRequest, execute
+    from cilbench.kit.contract import get_method
+    from cilbench.run.runner import RunRequest, execute
+    from cilbench.train.engine import resolve_device
     get_method(name)
     if name not in PHASES:
-        raise UserError(f"bench: no phases declared for method '{name}'; add them to cilbench/speed.py PHASES")
+        raise UserError(f"bench: no phases declared for method '{name}'; add them to cilbench/bench/methods.py PHASES")
     online = name in ONLINE_METHODS
     card = online_card(per_class) if online else offline_card(per_class)
     card_file = out / f"{card['name']}.yaml"
@@ -477,7 +477,7 @@ def run_specs(run: Path) -> list[dict] | None:
 
 
 def run_method_bench(methods: list[str], device: str = "auto", per_class: int = 32, epochs: int = 3) -> list[dict]:
-    from .method import known_methods
+    from cilbench.kit.contract import known_methods
     names = sorted(PHASES) if "all" in methods else list(dict.fromkeys(methods))
     unknown = [m for m in names if m not in known_methods()]
     if unknown:

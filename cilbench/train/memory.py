@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .protocol import MemoryConfig
+from cilbench.data.protocol import MemoryConfig
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:

@@ -18,19 +18,19 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .config import apply_override, build, parse_override, to_dict
-from .data import load_dataset
-from .engine import Engine, RuntimeOptions, resolve_device, set_deterministic, tune_malloc
-from .errors import Terminated, TrainingDiverged, UserError
-from .memory import ExemplarMemory, make_memory
-from .method import Context, Entry, Method, get_method
-from .metrics import summarize
-from .protocol import Protocol, build_protocol, card_path, load_card, order_for_seed, with_method_augment
-from .runlock import RunLock
-from .safeio import check_component
-from .store import RunStore, check_out_root, damaged, run_dir
-from .stream import Stream, Task
+from cilbench import __version__
+from cilbench.config import apply_override, build, parse_override, to_dict
+from cilbench.data.datasets import load_dataset
+from cilbench.data.protocol import Protocol, build_protocol, card_path, load_card, order_for_seed, with_method_augment
+from cilbench.data.stream import Stream, Task
+from cilbench.errors import Terminated, TrainingDiverged, UserError
+from cilbench.kit.contract import Context, Entry, Method, get_method
+from cilbench.run.lock import RunLock
+from cilbench.run.metrics import summarize
+from cilbench.run.rundir import RunStore, check_out_root, damaged, run_dir
+from cilbench.safeio import check_component
+from cilbench.train.engine import Engine, RuntimeOptions, resolve_device, set_deterministic, tune_malloc
+from cilbench.train.memory import ExemplarMemory, make_memory
 
 
 @dataclass

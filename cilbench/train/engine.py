@@ -17,10 +17,10 @@ from typing import Callable, ClassVar, Iterable, Literal
 import torch
 from torch import nn
 
-from .augment import Augmenter
-from .errors import TrainingDiverged
-from .protocol import TrainConfig
-from .stream import Stream
+from cilbench.data.augment import Augmenter
+from cilbench.data.protocol import TrainConfig
+from cilbench.data.stream import Stream
+from cilbench.errors import TrainingDiverged
 
 
 @dataclass
@@ -56,7 +56,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
+        from cilbench.errors import UserError
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu or auto")
     return torch.device(name)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserError
+from cilbench.errors import UserError
 
 try:
     import fcntl

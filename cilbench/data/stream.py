@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Dataset, Split
-from .protocol import Protocol, resolve_class_order
+from cilbench.data.datasets import Dataset, Split
+from cilbench.data.protocol import Protocol, resolve_class_order
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Stream:
                                                      torch.tensor(self.task_sizes))
         empty = [c for c in range(protocol.num_classes) if not bool((self.train.labels == c).any())]
         if empty:
-            from .errors import UserError
+            from cilbench.errors import UserError
             raise UserError(f"{protocol.name}: class ids {[self.order[c] for c in empty]} of the class order "
                             f"have no training samples in {dataset.name}")
 

@@ -15,12 +15,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .backbones import build_backbone, count_params
-from .engine import Engine
-from .errors import UserError
-from .memory import ExemplarMemory, ReservoirMemory, class_balanced_subset
-from .protocol import Protocol
-from .stream import Stream, Task
+from cilbench.data.protocol import Protocol
+from cilbench.data.stream import Stream, Task
+from cilbench.errors import UserError
+from cilbench.kit.backbones import build_backbone, count_params
+from cilbench.train.engine import Engine
+from cilbench.train.memory import ExemplarMemory, ReservoirMemory, class_balanced_subset
 
 
 @dataclass

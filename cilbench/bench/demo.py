@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import UserError
-from .runner import RunRequest, execute
-from .store import run_dir
+from cilbench.errors import UserError
+from cilbench.run.rundir import run_dir
+from cilbench.run.runner import RunRequest, execute
 
 RUNS = Path(os.environ.get("DEMO_RUNS", "results/runs"))
 REPORT = Path(os.environ.get("DEMO_REPORT", "results/report"))
@@ -98,7 +98,7 @@ def main() -> int:
     if rows is None:
         return 2
     console.print(_summary(rows))
-    from .report import build_report
+    from cilbench.report import build_report
     try:
         index = build_report(RUNS, REPORT, protocols=protocols)
     except UserError as exc:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import UserError
-from .runlock import LOCK_NAME
-from .safeio import safe_yaml_load
+from cilbench.errors import UserError
+from cilbench.run.lock import LOCK_NAME
+from cilbench.safeio import safe_yaml_load
 
 # params = params_total (backbones + classifier); params_backbone counts the extractors only (DER's #Paras)
 STEP_FIELDS = ["step", "classes_seen", "top1", "top5", "extractors", "params", "memory_size",

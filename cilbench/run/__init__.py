@@ -1,0 +1,1 @@
+"""One run: resolve, the task loop, evaluation, metrics, the run directory, the lock."""

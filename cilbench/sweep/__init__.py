@@ -1,0 +1,1 @@
+"""Many runs: grids, state read from the run directories, submitit backends."""

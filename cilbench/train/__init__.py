@@ -1,0 +1,1 @@
+"""Training: the one fit loop (engine) and the exemplar/reservoir memories."""
