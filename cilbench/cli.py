@@ -19,6 +19,25 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+PLUGIN_HELP = "a method of your own: a .py file or package folder (repeatable; also $CILBENCH_PLUGINS)"
+
+
+def _load_plugins(paths: list[str]) -> None:
+    """Load --plugin paths (and $CILBENCH_PLUGINS); every process a run or sweep starts inherits them."""
+    from cilbench.kit.registry import load_plugins
+    try:
+        load_plugins(paths)
+    except UserError as exc:
+        _fail(str(exc))
+
+
+@app.callback()
+def _main(plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP)):
+    """Class-incremental learning benchmark: one protocol, one trainer, one metric path."""
+    if plugin:
+        _load_plugins(plugin)
+
+
 @app.command()
 def run(
     method: str = typer.Option(..., "--method", "-m", help="method name (see `cilbench list`)"),
@@ -35,10 +54,12 @@ def run(
     deterministic: bool = typer.Option(False, help="deterministic algorithms (slower; exact replays)"),
     stop_after: Optional[int] = typer.Option(None, help="stop after N tasks, leaving a resumable run"),
     quiet: bool = typer.Option(False, help="no progress output"),
+    plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ):
     """Run one method on one protocol; results go to <out>/<protocol>/<method>[+<tag>]/seed<k>/."""
     from cilbench.report.summary import print_run_summary
     from cilbench.run.runner import RunRequest, execute
+    _load_plugins(plugin)
     if epochs is not None and epochs < 1:
         _fail(f"--epochs must be >= 1, got {epochs}")
     if seed < 0:
@@ -69,17 +90,59 @@ def run(
 def list_():
     """Methods (regimes, exemplars) and protocols (task counts)."""
     from cilbench.data.protocol import known_protocols, load_protocol
-    from cilbench.kit.contract import known_methods
+    from cilbench.kit.registry import known_methods
+    _load_plugins([])
     typer.echo("methods:")
     for name, entry in known_methods().items():
         cls = entry.cls
         memory = "exemplars" if cls.uses_exemplars else "no exemplars"
         alias = f" (= {cls.family} with {entry.defaults})" if entry.defaults else ""
-        typer.echo(f"  {name:<14} {'/'.join(cls.regimes):<15} {memory:<13} {cls.summary}{alias}")
+        origin = "" if entry.source.get("kind") == "builtin" else f"  [plug-in: {_origin(entry.source)}]"
+        typer.echo(f"  {name:<14} {'/'.join(cls.regimes):<15} {memory:<13} {cls.summary}{alias}{origin}")
     typer.echo("protocols:")
     for name in known_protocols():
         p = load_protocol(name)
         typer.echo(f"  {name:<26} {p.dataset:<11} {p.regime:<8} {p.tasks:>3} tasks  {p.description}")
+
+
+def _origin(source: dict) -> str:
+    if source.get("package"):
+        return f"{source['package']} {source.get('version') or ''}".strip()
+    return source.get("file") or source.get("module") or "?"
+
+
+@app.command("show-method")
+def show_method(method: str = typer.Argument(..., help="method name (see `cilbench list`)")):
+    """A method's summary, where it comes from, and every option with its default, unit, bounds and help."""
+    from cilbench.kit import describe_options
+    from cilbench.kit.registry import get_method
+    _load_plugins([])
+    try:
+        entry = get_method(method)
+    except UserError as exc:
+        _fail(str(exc))
+    cls = entry.cls
+    typer.echo(f"{method}: {cls.summary}")
+    if cls.paper:
+        typer.echo(f"paper: {cls.paper}")
+    typer.echo(f"regimes: {'/'.join(cls.regimes)}; exemplars: {'yes' if cls.uses_exemplars else 'never'}; "
+               f"options section: {cls.family} (--set {cls.family}.<option>=...)")
+    if entry.source.get("kind") != "builtin":
+        typer.echo(f"plug-in: {_origin(entry.source)}")
+    if entry.defaults:
+        typer.echo(f"alias of {cls.family} with {entry.defaults}")
+    rows = describe_options(cls.Config)
+    if not rows:
+        typer.echo("no options")
+    for row in rows:
+        default = entry.defaults.get(row["name"], row["default"])
+        extra = [f"unit: {row['unit']}"] if row["unit"] else []
+        if row["bounds"]:
+            low, high = row["bounds"]
+            extra.append(f"range: [{'-inf' if low is None else low}, {'inf' if high is None else high}]")
+        typer.echo(f"  {row['name']} = {default!r}  ({row['type']}{'; ' + '; '.join(extra) if extra else ''})")
+        if row["help"]:
+            typer.echo(f"      {row['help']}")
 
 
 @app.command("show-protocol")
@@ -166,9 +229,11 @@ def sweep(
     status: bool = typer.Option(False, "--status", help="print each run's state (read from the run directories)"),
     retry_failed: bool = typer.Option(False, help="also rerun (resume) failed runs"),
     report_: bool = typer.Option(True, "--report/--no-report", help="local: build the sweep's report at the end"),
+    plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ):
     """Run a grid of runs (methods x protocols x seeds x --set values) here or on Slurm, skipping complete runs."""
     from cilbench.sweep import core as sweeps
+    _load_plugins(plugin)
     if backend not in ("local", "slurm"):
         _fail(f"--backend must be local or slurm, got {backend!r}")
     if device is not None and device not in ("auto", "cpu", "cuda"):

@@ -11,16 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cilbench.data.stream import Task
-from cilbench.kit.backbones import build_backbone
-from cilbench.kit.contract import Context, OneNetworkMethod, register
-from cilbench.kit.nets import expand_head
+from cilbench.kit import Context, OneNetworkMethod, Task, expand_head, option, pack_module, register
 
 
 @dataclass
 class SingleNetConfig:
-    inherit_head: bool = True     # keep the old classes' head weights when the head grows
-    reinit: bool = False          # joint only: train from scratch at every task instead of continuing
+    inherit_head: bool = option(True, help="keep the old classes' head weights when the head grows")
+    reinit: bool = option(False, help="joint only: train from scratch at every task instead of continuing")
 
 
 class SingleNetwork(OneNetworkMethod):
@@ -45,15 +42,11 @@ class SingleNetwork(OneNetworkMethod):
         return F.cross_entropy(self.head(self.backbone(batch.x)), batch.y)
 
     def state_dict(self) -> dict:
-        return {"spec": self.backbone.spec, "backbone": self.backbone.state_dict(),
-                "head": self.head.state_dict()}
+        return {"backbone": pack_module(self.backbone), "head": pack_module(self.head)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.backbone = self.ctx.engine.prepare(build_backbone(state["spec"]))
-        self.backbone.load_state_dict(state["backbone"])
-        out_f, in_f = state["head"]["weight"].shape
-        self.head = expand_head(None, in_f, out_f).to(self.ctx.device)
-        self.head.load_state_dict(state["head"])
+        self.backbone = self.ctx.restore(state["backbone"])
+        self.head = self.ctx.restore(state["head"], prepare=False)
 
 
 @register("finetune")

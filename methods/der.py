@@ -26,14 +26,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.data.protocol import TrainConfig
-from cilbench.data.stream import Task
-from cilbench.kit.backbones import build_backbone, count_params
-from cilbench.kit.contract import Context, Footprint, Method, register
-from cilbench.kit.losses import aux_labels
-from cilbench.kit.nets import ExtractorStack, HeadInit, drop_columns, expand_head, linear_head
-from cilbench.kit.pruning import ChannelMasks, anneal, describe, prune, regrow
-from cilbench.train.engine import phase_config, warmup_length
+from cilbench.kit import (
+    ChannelMasks,
+    ConcatExtractorMethod,
+    Context,
+    ExtractorStack,
+    HeadInit,
+    Task,
+    TrainConfig,
+    anneal,
+    aux_labels,
+    build_backbone,
+    count_params,
+    describe,
+    drop_columns,
+    expand_head,
+    linear_head,
+    pack_module,
+    phase_config,
+    prune,
+    register,
+    regrow,
+    warmup_length,
+)
 
 
 @dataclass
@@ -91,7 +106,7 @@ def _scaled(epochs: float, f: float) -> int:
 
 
 @register("der")
-class DER(Method):
+class DER(ConcatExtractorMethod):
     Config = DERConfig
     uses_exemplars = True
     regimes = ("offline",)
@@ -225,9 +240,8 @@ class DER(Method):
             self.log.append({"task": task.index, "params_before": count_params(new),
                              "params_after": count_params(pruned), "out_dim": pruned.out_dim,
                              "kept": {g: len(k) for g, k in keep.items()}, **masks.stats()})
-            if ctx.log:
-                ctx.log(f"der: task {task.index} extractor pruned {count_params(new)} -> {count_params(pruned)} "
-                        f"params, feature dim {new.out_dim} -> {pruned.out_dim}")
+            ctx.log(f"der: task {task.index + 1} extractor pruned {count_params(new)} -> {count_params(pruned)} "
+                    f"params, feature dim {new.out_dim} -> {pruned.out_dim}")
         self.stack.freeze(slot)
         self.head = head
         if cfg.inherit_from == "stage1":
@@ -268,25 +282,9 @@ class DER(Method):
         gamma = w[:n_old].norm(dim=1).mean() / w[n_old:].norm(dim=1).mean()
         w[n_old:] *= gamma
 
-    # --- inference -------------------------------------------------------------------------------------
-    def networks(self):
-        return [self.stack, self.head]
-
-    def scores(self, x):
-        return self.head(self.stack(x))
-
-    def features(self, x):
-        return self.stack(x)
-
-    def inference_footprint(self) -> Footprint:
-        return Footprint(len(self.stack), count_params(self.stack, self.head), count_params(self.stack))
-
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"stack_extra": self.stack.extra_state(), "stack": self.stack.state_dict(),
-                 "head": self.head.state_dict(), "log": copy.deepcopy(self.log)}
-        if self.stage1_head is not None:
-            state["stage1_head"] = self.stage1_head.state_dict()
+        state = {**self.pack_inference(), "stage1_head": pack_module(self.stage1_head), "log": copy.deepcopy(self.log)}
         if self.prev_full is not None:
             state["prev_full"] = {"spec": copy.deepcopy(self.prev_full["spec"]),
                                   "weights": {k: v.cpu() for k, v in self.prev_full["weights"].items()}}
@@ -295,15 +293,8 @@ class DER(Method):
 
     def load_state_dict(self, state: dict) -> None:
         device = self.ctx.device
-        self.stack = self.ctx.engine.prepare(ExtractorStack.rebuild(state["stack_extra"], state["stack"], device))
-        out_f, in_f = state["head"]["weight"].shape
-        self.head = self.ctx.engine.prepare(linear_head(in_f, out_f, bias="bias" in state["head"]))
-        self.head.load_state_dict(state["head"])
-        self.stage1_head = None
-        if "stage1_head" in state:
-            out_f, in_f = state["stage1_head"]["weight"].shape
-            self.stage1_head = self.ctx.engine.prepare(linear_head(in_f, out_f, bias="bias" in state["stage1_head"]))
-            self.stage1_head.load_state_dict(state["stage1_head"])
+        self.restore_inference(state)
+        self.stage1_head = self.ctx.restore(state["stage1_head"])
         self.log = copy.deepcopy(state.get("log", []))
         if "prev_full" in state:
             self.prev_full = {"spec": copy.deepcopy(state["prev_full"]["spec"]),

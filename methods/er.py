@@ -8,10 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cilbench.errors import UserError
-from cilbench.kit.contract import Context, register
-from cilbench.kit.nets import expand_head
-from cilbench.train.memory import ReservoirMemory
+from cilbench.kit import Context, ReservoirMemory, UserError, expand_head, register
 
 from .baselines import SingleNetwork
 
@@ -31,18 +28,17 @@ class ExperienceReplay(SingleNetwork):
     def learn(self, task, ctx: Context) -> None:
         self.head = expand_head(self.head, self.backbone.out_dim, task.n_seen, self.cfg.inherit_head).to(ctx.device)
         params = [*self.backbone.parameters(), *self.head.parameters()]
-        memory, engine = ctx.memory, ctx.engine
 
         def loss(batch):
             x, y = batch.x, batch.y
-            pos = memory.sample(ctx.protocol.online.replay_batch, engine.device_gen)
-            if pos is not None:
-                (x_mem,), y_mem = engine.train_views(memory.idx[pos])
+            replay = ctx.replay_batch(ctx.protocol.online.replay_batch, payload=())
+            if replay is not None:
+                (x_mem,), y_mem = ctx.engine.train_views(replay.idx)
                 x, y = torch.cat([x, x_mem]), torch.cat([y, y_mem])
             return F.cross_entropy(self.head(self.backbone(x)), y)
 
         def remember(batch):
-            memory.add(batch.idx, batch.y, engine.device_gen)
+            ctx.remember(batch.idx, batch.y)
 
-        engine.fit(params, loss, task.train_idx, ctx.protocol.train, phase="online", modules=[self.backbone],
-                   after_step=remember)
+        ctx.engine.fit(params, loss, task.train_idx, ctx.protocol.train, phase="online", modules=[self.backbone],
+                       after_step=remember)

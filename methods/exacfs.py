@@ -23,23 +23,31 @@ from typing import Literal, Optional
 
 import torch
 
-from cilbench.data.protocol import TrainConfig
-from cilbench.data.stream import Task
-from cilbench.errors import UserError
-from cilbench.kit.backbones import STANDARD, build_backbone, stage_channels, stage_outputs
-from cilbench.kit.contract import Context, OneNetworkMethod, register
-from cilbench.kit.losses import nca_margin_loss
-from cilbench.kit.nets import LocalSimilarityHead, frozen_forward, kmeans, snapshot
-from cilbench.kit.significance import (
+from cilbench.kit import (
+    STANDARD,
+    Context,
+    LocalSimilarityHead,
+    OneNetworkMethod,
+    Task,
+    TrainConfig,
+    UserError,
     class_gradient_significance,
     ema_significance,
+    frozen_forward,
+    kmeans,
+    nca_margin_loss,
     normalise_significance,
+    pack_module,
+    phase_config,
+    register,
     significance_distillation,
     significance_summary,
     significance_weights,
+    snapshot,
+    stage_channels,
+    stage_outputs,
     uniform_like,
 )
-from cilbench.train.engine import phase_config
 
 
 @dataclass
@@ -225,7 +233,7 @@ class EXACFS(OneNetworkMethod):
 
         def batches():
             for idx in engine.batches(indices, engine.inference_batch_size(), shuffle=False):
-                yield engine.augmenter.test(data.images[idx]).float(), data.labels[idx].to(ctx.device)
+                yield engine.test_transform(data.images[idx]).float(), data.labels[idx].to(ctx.device)
 
         def loss(features, y):
             return self.classification_loss(features, y, reduction="none")
@@ -236,13 +244,12 @@ class EXACFS(OneNetworkMethod):
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"spec": self.backbone.spec, "backbone": self.backbone.state_dict(), "head": self.head.state_dict(),
+        return {"backbone": pack_module(self.backbone), "head": self.head.state_dict(),
                 "significance": [s.cpu() for s in self.significance] if self.significance is not None else None,
                 "log": self.log}
 
     def load_state_dict(self, state: dict) -> None:
-        self.backbone = self.ctx.engine.prepare(build_backbone(state["spec"]))
-        self.backbone.load_state_dict(state["backbone"])
+        self.backbone = self.ctx.restore(state["backbone"])
         self.head = LocalSimilarityHead.from_state(state["head"], self.cfg.proxies_per_class).to(self.ctx.device)
         self.head.freeze_old(self.cfg.freeze_old_proxies)
         sig = state["significance"]

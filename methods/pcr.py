@@ -22,15 +22,26 @@ from typing import Literal
 
 import torch
 
-from cilbench.data.augment import Augmenter
-from cilbench.data.protocol import AugmentConfig
-from cilbench.data.stream import Task
-from cilbench.errors import UserError
-from cilbench.kit.backbones import build_backbone, count_params
-from cilbench.kit.contract import Context, Footprint, OneNetworkMethod, register
-from cilbench.kit.losses import ht_multiplier, pcd_loss, pcr_hc_loss, pcr_loss, scd_loss
-from cilbench.kit.nets import proxy_head
-from cilbench.train.memory import ExemplarMemory, ReservoirMemory
+from cilbench.kit import (
+    AugmentConfig,
+    Augmenter,
+    Context,
+    ExemplarMemory,
+    Footprint,
+    OneNetworkMethod,
+    ReservoirMemory,
+    Task,
+    UserError,
+    count_params,
+    ht_multiplier,
+    pack_module,
+    pcd_loss,
+    pcr_hc_loss,
+    pcr_loss,
+    proxy_head,
+    register,
+    scd_loss,
+)
 
 PAYLOAD = ("logits", "features")
 
@@ -71,17 +82,7 @@ def strong_augmenter(ctx: Context, crop_scale_min: float) -> Augmenter:
     cfg = AugmentConfig(random_resized_crop=side, rrc_scale=[crop_scale_min, 1.0], flip=True,
                         brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2,
                         mean=card.mean, std=card.std)
-    aug = Augmenter(cfg, ctx.stream.image_shape[0], ctx.device, ctx.engine.channels_last)
-    aug.gen = ctx.engine.augmenter.gen
-    return aug
-
-
-@dataclass
-class Replay:
-    """A replay batch: train-split indices, labels and stored payload of the drawn memory entries."""
-    idx: torch.Tensor
-    y: torch.Tensor
-    stored: dict[str, torch.Tensor]
+    return ctx.augmenter(cfg)
 
 
 @register("pcr")
@@ -122,8 +123,8 @@ class PCR(OneNetworkMethod):
     def views(self, idx: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """The views of train samples `idx`, stacked view by view: the card's train transform, then the strong
         augmentation. `first` is the first view when the engine already made it."""
-        images = self.ctx.stream.train.images[idx]
-        first = self.ctx.engine.augmenter.train(images) if first is None else first
+        images = self.ctx.train_images(idx)
+        first = self.ctx.engine.train_transform(images) if first is None else first
         return torch.cat([first, self.strong.train(images)]) if self.cfg.two_views else first
 
     # --- replay --------------------------------------------------------------------------------------
@@ -133,30 +134,17 @@ class PCR(OneNetworkMethod):
         return ctx.protocol.online.replay_batch if self.online else ctx.protocol.train.batch_size
 
     def replay_source(self, ctx: Context):
-        """A function drawing one replay batch (None while memory is empty), uniformly without replacement."""
-        n, gen, memory = self.replay_size(ctx), ctx.engine.device_gen, ctx.memory
+        """A function drawing one replay batch (None while memory is empty), uniformly without replacement:
+        from the reservoir with every entry's payload (online), from the exemplars (offline)."""
+        n = self.replay_size(ctx)
         if self.online:
-            def draw():
-                pos = memory.sample(n, gen)
-                if pos is None:
-                    return None
-                return Replay(memory.idx[pos], memory.labels[pos], {k: v[pos] for k, v in memory.payload.items()})
-            return draw
-        if not len(memory):
-            return lambda: None
-        idx = memory.indices()
-        labels = ctx.stream.train.labels[idx]
-        stored = {k: memory.payload_tensor(k) for k in PAYLOAD if self.stores_payload}
-
-        def draw_exemplars():
-            pos = torch.randperm(len(idx), generator=gen, device=gen.device)[:n].to(idx.device)
-            return Replay(idx[pos], labels[pos], {k: v[pos.to(v.device)] for k, v in stored.items()})
-        return draw_exemplars
+            return lambda: ctx.replay_batch(n)
+        keys = PAYLOAD if self.stores_payload else ()
+        return lambda: ctx.replay_batch(n, payload=keys)
 
     # --- training ------------------------------------------------------------------------------------
     def learn(self, task: Task, ctx: Context) -> None:
         self.n_seen, self.task_index = task.n_seen, task.index
-        engine, memory = ctx.engine, ctx.memory
         draw = self.replay_source(ctx)
         fresh: dict[str, torch.Tensor] = {}
 
@@ -168,8 +156,8 @@ class PCR(OneNetworkMethod):
                 mem = None
             else:
                 logits, feats, (o_mem, z_mem) = self.forward_both(x_new, self.views(replay.idx))
-                labels = torch.cat([replay.y.repeat(self.n_views), labels])    # memory anchors first, as the code
-                mem = (o_mem, z_mem, replay.stored)
+                labels = torch.cat([replay.labels.repeat(self.n_views), labels])   # memory anchors first (code)
+                mem = (o_mem, z_mem, replay.payload)
             start = len(logits) - len(x_new)
             raw = slice(start, start + len(batch.idx))                          # B's raw view: its payload
             fresh.update(logits=logits[raw].detach().float(), features=feats[raw].detach().float())
@@ -178,11 +166,11 @@ class PCR(OneNetworkMethod):
         def remember(batch):
             self.steps_done += 1
             if self.online:
-                memory.add(batch.idx, batch.y, engine.device_gen, payload=dict(fresh) if self.stores_payload else None)
+                ctx.remember(batch.idx, batch.y, payload=dict(fresh) if self.stores_payload else None)
 
         params = [*self.backbone.parameters(), self.head.weight]
-        engine.fit(params, loss, task.train_idx, ctx.protocol.train, phase=self.name, modules=[self.backbone],
-                   after_step=remember)
+        ctx.engine.fit(params, loss, task.train_idx, ctx.protocol.train, phase=self.name, modules=[self.backbone],
+                       after_step=remember)
 
     @property
     def n_views(self) -> int:
@@ -209,10 +197,9 @@ class PCR(OneNetworkMethod):
     def after_memory_update(self, task: Task, ctx: Context) -> None:
         if not self.stores_payload or not isinstance(ctx.memory, ExemplarMemory):
             return
-        for label in ctx.memory.labels_without(PAYLOAD[0]):
-            idx = ctx.memory.order[label]
-            feats = ctx.engine.apply(self.backbone, idx)
-            ctx.memory.write_payload(label, {"logits": self.head(feats).float(), "features": feats})
+        for label in ctx.classes_without_payload(PAYLOAD[0]):
+            feats = ctx.engine.apply(self.backbone, ctx.class_exemplars(label))
+            ctx.write_payload(label, {"logits": self.head(feats).float(), "features": feats})
 
     def scores(self, x):
         return self.head(self.backbone(x))[:, : self.n_seen]
@@ -222,12 +209,11 @@ class PCR(OneNetworkMethod):
         return Footprint(1, backbone + self.n_seen * self.backbone.out_dim, params_backbone=backbone)
 
     def state_dict(self) -> dict:
-        return {"spec": self.backbone.spec, "backbone": self.backbone.state_dict(), "head": self.head.state_dict(),
+        return {"backbone": pack_module(self.backbone), "head": self.head.state_dict(),
                 "n_seen": self.n_seen, "task_index": self.task_index, "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict) -> None:
-        self.backbone = self.ctx.engine.prepare(build_backbone(state["spec"]))
-        self.backbone.load_state_dict(state["backbone"])
+        self.backbone = self.ctx.restore(state["backbone"])
         self.head.load_state_dict(state["head"])
         self.n_seen, self.task_index, self.steps_done = state["n_seen"], state["task_index"], state["steps_done"]
 

@@ -27,14 +27,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.data.protocol import AugmentConfig, TrainConfig
-from cilbench.data.stream import Task
-from cilbench.errors import UserError
-from cilbench.kit.backbones import build_backbone, standard_spec
-from cilbench.kit.contract import Context, Footprint, Method, register
-from cilbench.kit.gaussians import GaussianStore
-from cilbench.kit.nets import freeze, frozen_forward, linear_head
-from cilbench.train.engine import features_with_flips, full_precision, phase_config
+from cilbench.kit import (
+    AugmentConfig,
+    Context,
+    Footprint,
+    GaussianStore,
+    Method,
+    Task,
+    TrainConfig,
+    UserError,
+    build_backbone,
+    features_with_flips,
+    freeze,
+    frozen_forward,
+    full_precision,
+    linear_head,
+    phase_config,
+    register,
+    standard_spec,
+    tie_parameters,
+)
 
 
 @dataclass
@@ -127,11 +139,7 @@ def shared_modules(net: nn.Module, shared: int) -> list[nn.Module]:
 def alias_shared(dst: nn.Module, src: nn.Module, shared: int) -> None:
     """Make dst's shared layers use src's parameter tensors (BN running buffers stay dst's own) and freeze them."""
     for d_part, s_part in zip(shared_modules(dst, shared), shared_modules(src, shared)):
-        for d_mod, s_mod in zip(d_part.modules(), s_part.modules()):
-            for name, p in s_mod._parameters.items():
-                if p is not None:
-                    p.requires_grad_(False)
-                    d_mod._parameters[name] = p
+        tie_parameters(d_part, s_part)
 
 
 def unique_params(modules) -> int:
@@ -168,7 +176,6 @@ class SEED(Method):
         n_stages = len(self.spec["stages"])
         if cfg.shared > n_stages:
             raise UserError(f"seed.shared: the backbone has {n_stages} stages, got shared={cfg.shared}")
-        ctx.engine.augmenter.cfg = self.augmentation(ctx)
         self.experts: list[nn.Module] = []
         self.gaussians: list[GaussianStore] = []
         self.n_seen = 0
@@ -193,10 +200,10 @@ class SEED(Method):
             spec["latent"] = s
         return spec
 
-    def augmentation(self, ctx: Context) -> AugmentConfig:
+    @classmethod
+    def augmentation(cls, cfg: SEEDConfig, card: AugmentConfig, image_side: int) -> AugmentConfig:
         """The card's augmentation plus SEED's own (code: AutoAugment, then Cutout after normalisation)."""
-        cfg, card = self.cfg, ctx.engine.augmenter.cfg
-        policy = {"none": card.autoaugment, "auto": "cifar10" if max(ctx.stream.image_shape[1:]) <= 64
+        policy = {"none": card.autoaugment, "auto": "cifar10" if image_side <= 64
                   else "imagenet"}.get(cfg.autoaugment, cfg.autoaugment)
         return replace(card, autoaugment=policy, cutout=cfg.cutout or card.cutout)
 
@@ -235,7 +242,7 @@ class SEED(Method):
             self.train_expert(k, task, ctx, distill=False)
             if k == 0:                                        # f is frozen after the first task
                 for m in shared_modules(self.experts[0], cfg.shared):
-                    freeze_params(m)
+                    freeze(m)
             fitted = {j: self.class_gaussians(j, task, ctx) for j in range(len(self.experts))}
             record["mode"] = "new"
         else:                                                 # tasks > K: select, fine-tune, refit
@@ -253,9 +260,8 @@ class SEED(Method):
         record.update(expert=k, eps_max=max(max(eps) for _, eps in fitted.values()))
         self.n_seen = task.n_seen
         self.log.append(record)
-        if ctx.log:
-            ctx.log(f"seed: task {task.index + 1} {record['mode']} expert {k + 1}"
-                    + (f", overlaps {record['overlaps']}" if record["overlaps"] else ""))
+        ctx.log(f"seed: task {task.index + 1} {record['mode']} expert {k + 1}"
+                + (f", overlaps {record['overlaps']}" if record["overlaps"] else ""))
 
     def select(self, overlaps: list[float], task: Task) -> int:
         cfg = self.cfg
@@ -371,12 +377,8 @@ class SEED(Method):
                 alias_shared(net, self.experts[0], cfg.shared)
             self.experts.append(net.eval())
         for m in shared_modules(self.experts[0], cfg.shared) if self.experts else []:
-            freeze_params(m)
+            freeze(m)
         self.gaussians = [GaussianStore.from_state(g, ctx.device) for g in state["gaussians"]]
         self.n_seen = int(state["n_seen"])
         self.log = copy.deepcopy(state["log"])
 
-
-def freeze_params(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad_(False)

@@ -27,21 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.data.stream import Task
-from cilbench.errors import UserError
-from cilbench.kit.backbones import count_params
-from cilbench.kit.contract import Context, Footprint, Method, register
-from cilbench.kit.losses import aux_labels, kd_soft_ce, supcon_distinct
-from cilbench.kit.nets import (
+from cilbench.kit import (
+    ConcatExtractorMethod,
+    Context,
     ExtractorStack,
     HeadInit,
     ProjectionHead,
+    Task,
+    UserError,
+    aux_labels,
     freeze,
     frozen_forward,
+    kd_soft_ce,
     linear_head,
+    pack_module,
+    phase_config,
+    register,
+    supcon_distinct,
     trainable_copy,
 )
-from cilbench.train.engine import phase_config
 
 # ---------------------------------------------------------------------------------------------------------
 # Options
@@ -179,14 +183,14 @@ def _offsets(dims: list[int]) -> list[int]:
 # Shared machinery
 
 
-class TSDBase(Method):
+class TSDBase(ConcatExtractorMethod):
     """What both variants share: the inference pool + head, the CE(+L_con) phase, the KD phase, state."""
     uses_exemplars = True
     regimes = ("offline",)
 
     def __init__(self, cfg: TSDConfig, ctx: Context):
         super().__init__(cfg, ctx)
-        self.pool = ExtractorStack()          # inference extractors (all frozen between tasks)
+        self.stack = ExtractorStack()         # the inference pool (all frozen between tasks)
         self.head: nn.Linear | None = None    # inference head over the pool's concatenated features
         self.tasks_done = 0
         self.proj: ProjectionHead | None = None   # only kept across tasks with reuse_projection
@@ -195,19 +199,6 @@ class TSDBase(Method):
     @classmethod
     def run_tag(cls, cfg: TSDConfig) -> str:
         return f"N{cfg.n_extractors}"
-
-    # --- inference ------------------------------------------------------------------------------------
-    def networks(self):
-        return [self.pool, self.head]
-
-    def scores(self, x):
-        return self.head(self.pool(x))
-
-    def features(self, x):
-        return self.pool(x)
-
-    def inference_footprint(self) -> Footprint:
-        return Footprint(len(self.pool), count_params(self.pool, self.head), count_params(self.pool))
 
     # --- building blocks ------------------------------------------------------------------------------
     def _new_extractor(self, source: nn.Module | None) -> nn.Module:
@@ -367,59 +358,26 @@ class TSDBase(Method):
     def _ce_step(self, task: Task, frozen: list[nn.Module], source: nn.Module | None):
         """New extractor (copy of `source` or random) + head over [frozen; new], trained, then frozen."""
         new = self._new_extractor(source)
-        head = self._derive_head(self.head, list(self.pool.extractors), [*frozen, new], task.n_seen,
+        head = self._derive_head(self.head, list(self.stack.extractors), [*frozen, new], task.n_seen,
                                  warm=self.cfg.ce_head_init == "inherit")
         info = self._train_new(task, frozen, new, head)
         freeze(new)
         freeze(head)
         return new, head, info
 
-    def _log(self, message: str) -> None:
-        if self.ctx.log is not None:
-            self.ctx.log(message)
-
     # --- state ----------------------------------------------------------------------------------------
-    def _pack_stack(self, modules: list[nn.Module]) -> dict:
-        return {"specs": [m.spec for m in modules], "weights": [m.state_dict() for m in modules]}
-
-    def _unpack_stack(self, packed: dict) -> list[nn.Module]:
-        from cilbench.kit.backbones import build_backbone
-        out = []
-        for spec, weights in zip(packed["specs"], packed["weights"]):
-            m = self.ctx.engine.prepare(build_backbone(spec))
-            m.load_state_dict(weights)
-            out.append(freeze(m))
-        return out
-
-    def _head_from_state(self, state: dict) -> nn.Linear:
-        out_f, in_f = state["weight"].shape
-        head = linear_head(in_f, out_f, bias="bias" in state).to(self.ctx.device)
-        head.load_state_dict(state)
-        return freeze(head)
-
     def state_dict(self) -> dict:
-        state = {"variant": self.name, "tasks_done": self.tasks_done,
-                 "pool": {"extra": self.pool.extra_state(), "weights": self.pool.state_dict()},
-                 "head": self.head.state_dict() if self.head is not None else {},
-                 "records": self.records}
-        if self.proj is not None:
-            state["proj"] = {"in": self.proj.net[0].in_features, "state": self.proj.state_dict()}
-        return state
+        return {"variant": self.name, "tasks_done": self.tasks_done, **self.pack_inference(),
+                "proj": pack_module(self.proj), "records": self.records}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("variant") != self.name:
             raise UserError(f"{self.name}: checkpoint was written by {state.get('variant')!r}")
         self.tasks_done = int(state["tasks_done"])
-        self.pool = ExtractorStack.rebuild(state["pool"]["extra"], state["pool"]["weights"], self.ctx.device)
-        for ext in self.pool.extractors:
-            self.ctx.engine.prepare(ext)
-        self.head = self._head_from_state(state["head"]) if state["head"] else None
+        self.stack = self.ctx.restore(state["stack"])
+        self.head = self.ctx.restore(state["head"], prepare=False)
         self.records = list(state.get("records", []))
-        self.proj = None
-        if "proj" in state:
-            self.proj = self.ctx.engine.prepare(ProjectionHead(state["proj"]["in"], self.cfg.con_dim,
-                                                               self.cfg.con_hidden or None))
-            self.proj.load_state_dict(state["proj"]["state"])
+        self.proj = self.ctx.restore(state["proj"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -464,11 +422,11 @@ class TSDGRC(TSDBase):
     def learn(self, task: Task, ctx: Context) -> None:
         k, pos, size = self.position(task.index)
         record = {"task": task.index, "group": k, "position": pos, "group_size": size}
-        earlier = list(self.pool.extractors)
+        earlier = list(self.stack.extractors)
         if pos == 0:                                       # first task of a group (spec §2.2 a)
             frozen, source = earlier, (earlier[-1] if earlier else None)
             new, head, info = self._ce_step(task, frozen, source)
-            self.pool.add(new, frozen=True)
+            self.stack.add(new, frozen=True)
             self.head = head
             self.group_members = [new] if self.cfg.grc_teacher == "all_group" else []
             record.update(info, consolidated=0)
@@ -478,22 +436,22 @@ class TSDGRC(TSDBase):
             frozen = [*groups, *members]
             new, head, info = self._ce_step(task, frozen, rolling)
             student, g, kd = self._consolidate(task, [*frozen, new], head, earlier, len(earlier) - 1)
-            self.pool.replace(len(earlier) - 1, student, frozen=True)
+            self.stack.replace(len(earlier) - 1, student, frozen=True)
             self.head = g
             if self.cfg.grc_teacher == "all_group":
                 self.group_members.append(new)
             record.update(info, **kd, consolidated=1)
         if pos == size - 1:                                # end of the group: the rolling extractor is frozen
             self.group_members = []
-        record["inference_extractors"] = len(self.pool)
+        record["inference_extractors"] = len(self.stack)
         self.records.append(record)
         self.tasks_done = task.index + 1
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        rolling = self.pool.extractors[-1] if len(self.pool) else None
+        rolling = self.stack.extractors[-1] if len(self.stack) else None
         state["schedule"] = list(self.schedule)
-        state["group_members"] = self._pack_stack(self.group_members)
+        state["group_members"] = [pack_module(m) for m in self.group_members]
         state["member_is_rolling"] = [int(m is rolling) for m in self.group_members]
         return state
 
@@ -501,9 +459,9 @@ class TSDGRC(TSDBase):
         super().load_state_dict(state)
         if list(state["schedule"]) != self.schedule:
             raise UserError(f"tsd_grc: checkpoint group schedule {state['schedule']} differs from {self.schedule}")
-        members = self._unpack_stack(state["group_members"])
+        members = [self.ctx.restore(m) for m in state["group_members"]]
         # keep identity with the rolling extractor where it was the same network (the CE head inherits it)
-        self.group_members = [self.pool.extractors[-1] if flag else m
+        self.group_members = [self.stack.extractors[-1] if flag else m
                               for m, flag in zip(members, state["member_is_rolling"])]
 
 
@@ -524,15 +482,15 @@ class TSDFixed(TSDBase):
 
     def learn(self, task: Task, ctx: Context) -> None:
         n = self.cfg.n_extractors
-        pool = list(self.pool.extractors)
+        pool = list(self.stack.extractors)
         source = pool[self.last_updated] if pool else None
         record = {"task": task.index}
         if len(pool) < n:                                  # t <= N: a new pool extractor
             new, head, info = self._ce_step(task, pool, source)
-            self.pool.add(new, frozen=True)
+            self.stack.add(new, frozen=True)
             self.head = head
             self.owner.append([task.index])
-            self.last_updated = len(self.pool) - 1
+            self.last_updated = len(self.stack) - 1
             record.update(info, consolidated=0, slot=self.last_updated)
         else:                                              # t > N: temporary extractor, select, consolidate
             temp, head, info = self._ce_step(task, pool, source)
@@ -540,14 +498,14 @@ class TSDFixed(TSDBase):
             target, candidates = select_target(scores, self.prev_target, n, self.cfg.balanced,
                                                self.cfg.selection, ctx.engine.order_gen)
             student, g, kd = self._consolidate(task, [*pool, temp], head, pool, target)
-            self.pool.replace(target, student, frozen=True)
+            self.stack.replace(target, student, frozen=True)
             self.head = g
             self.owner[target].append(task.index)
             self.prev_target = self.last_updated = target
             record.update(info, **kd, consolidated=1, slot=target, candidates=candidates,
                           scores=[float(s) for s in scores] if scores is not None else [])
-            self._log(f"tsd_fixed: task {task.index} merged into extractor {target} (scores {scores})")
-        record["inference_extractors"] = len(self.pool)
+            self.ctx.log(f"tsd_fixed: task {task.index + 1} merged into extractor {target} (scores {scores})")
+        record["inference_extractors"] = len(self.stack)
         self.records.append(record)
         self.tasks_done = task.index + 1
 
@@ -561,13 +519,13 @@ class TSDFixed(TSDBase):
         """S_j = sum_{c in Y_t} reduce_{c' own by j} cos(p_{j,c}, q_{j,c'}) (spec §3 steps 2-3): p from the
         task's training data, q from the exemplars of j's own classes, both on extractor j (test transform)."""
         ctx, cfg = self.ctx, self.cfg
-        memory = ctx.memory
-        if memory is None or not len(memory):
+        kept = {c for c in ctx.exemplar_classes() if len(ctx.class_exemplars(c))}
+        if not kept:
             raise UserError("tsd_fixed: selection=similarity needs exemplars (memory.policy is none or the "
                             "memory is empty); use selection=round_robin or random")
         engine, stream = ctx.engine, ctx.stream
         scores = []
-        for j, ext in enumerate(self.pool.extractors):
+        for j, ext in enumerate(self.stack.extractors):
             ext.eval()
 
             def embed(x, ext=ext):
@@ -575,8 +533,7 @@ class TSDFixed(TSDBase):
                 return F.normalize(f, dim=1) if cfg.proto_normalize else f
 
             p = torch.stack([engine.apply(embed, stream.class_indices(c)).mean(0) for c in task.classes])
-            qs = [engine.apply(embed, memory.class_exemplars(c)).mean(0) for c in self.own_classes(j)
-                  if c in memory.order and len(memory.class_exemplars(c))]
+            qs = [engine.apply(embed, ctx.class_exemplars(c)).mean(0) for c in self.own_classes(j) if c in kept]
             if not qs:
                 scores.append(float("-inf"))
                 continue

@@ -6,7 +6,7 @@ import torch
 from cilbench.data.datasets import load_dataset
 from cilbench.data.protocol import build_protocol
 from cilbench.data.stream import Stream
-from cilbench.kit.contract import Context
+from cilbench.kit import Context
 from cilbench.train.engine import Engine, RuntimeOptions
 from cilbench.train.memory import make_memory
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from cilbench.data.protocol import PROTOCOL_DIR, known_protocols, load_protocol
-from cilbench.kit.contract import get_method
+from cilbench.kit.registry import get_method
 from cilbench.run.metrics import bwt, forgetting, task_mean
 from cilbench.run.rundir import STEP_FIELDS, read_matrix
 from cilbench.train.memory import ExemplarMemory, ReservoirMemory

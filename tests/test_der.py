@@ -17,10 +17,10 @@ from cilbench.config import build
 from cilbench.data.datasets import load_dataset
 from cilbench.data.protocol import build_protocol
 from cilbench.data.stream import Stream
+from cilbench.kit import Context
 from cilbench.kit.backbones import build_backbone, count_params
-from cilbench.kit.contract import Context, get_method
 from cilbench.kit.pruning import ChannelMasks, anneal, describe, prune
-from cilbench.run.rundir import TIMING_METRICS
+from cilbench.kit.registry import get_method
 from cilbench.train.engine import Engine, RuntimeOptions
 from cilbench.train.memory import make_memory
 
@@ -315,23 +315,10 @@ def test_cli_der_and_der_prune(tmp_path, card_path):
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == 3 and metrics["extractors_last"] == 3
         assert metrics["params_backbone_last"] == backbone[-1] and metrics["params_total_last"] == params[-1]
-        phases = {json.loads(line)["phase"] for line in (run / "events.jsonl").read_text().splitlines()}
+        phases = {e["phase"] for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if "epoch" in e}
         assert phases == {"der", "der_classifier"}
         runs[method] = params
     assert all(p < q for p, q in zip(runs["der_prune"], runs["der"]))
-
-
-def test_cli_der_prune_resume_equals_full(tmp_path, card_path):
-    full = cli_run(tmp_path / "full", card_path, "der_prune", "--deterministic")
-    part = cli_run(tmp_path / "part", card_path, "der_prune", "--deterministic", "--stop-after", "2")
-    assert json.loads((part / "manifest.json").read_text())["status"] == "interrupted"
-    cli_run(tmp_path / "part", card_path, "der_prune", "--deterministic", "--resume")
-    a = json.loads((full / "metrics.json").read_text())
-    b = json.loads((part / "metrics.json").read_text())
-    for key in TIMING_METRICS:
-        a.pop(key), b.pop(key)
-    assert a == b
-    assert [s["params"] for s in read_steps(full)] == [s["params"] for s in read_steps(part)]
 
 
 def test_imagenet_cards_run_the_papers_imagenet_recipe_exactly():

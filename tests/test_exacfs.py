@@ -247,17 +247,6 @@ def metrics_of(run):
     return metrics
 
 
-def test_resume_after_a_task_equals_uninterrupted(tmp_path, run_cli, card_path):
-    extra = ("--deterministic", "--epochs", "1", "--set", "exacfs.backbone=resnet32_podnet")
-    assert run_cli("exacfs", card_path, tmp_path / "full", *extra).exit_code == 0
-    part = run_cli("exacfs", card_path, tmp_path / "part", *extra, "--stop-after", "2")
-    assert part.exit_code == 0
-    run = tmp_path / "part" / "tiny_exacfs" / "exacfs" / "seed0"
-    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
-    assert run_cli("exacfs", card_path, tmp_path / "part", *extra, "--resume").exit_code == 0
-    assert metrics_of(tmp_path / "full" / "tiny_exacfs" / "exacfs" / "seed0") == metrics_of(run)
-
-
 def test_bad_stage_option_is_one_line_error(tmp_path, run_cli, card_path, error_line):
     result = run_cli("exacfs", card_path, tmp_path, "--set", "exacfs.stages=[4]")
     assert result.exit_code == 2 and "exacfs.stages" in error_line(result)

@@ -356,7 +356,7 @@ def test_out_of_range_values_are_refused_before_training(tmp_path, run_cli, prot
 # --- 11. the plug-ins are cilbench.methods, never a top-level `methods` ----------------------------------------
 
 def test_plugins_are_namespaced_and_a_foreign_methods_package_is_never_imported(tmp_path):
-    from cilbench.kit.contract import get_method
+    from cilbench.kit.registry import get_method
     assert get_method("replay").cls.__module__ == "cilbench.methods.baselines"
     foreign = tmp_path / "methods"
     foreign.mkdir()

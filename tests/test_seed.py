@@ -21,8 +21,8 @@ from cilbench.data.datasets import load_dataset
 from cilbench.data.protocol import build_protocol, load_card
 from cilbench.data.stream import Stream
 from cilbench.errors import UserError
+from cilbench.kit import Context
 from cilbench.kit.backbones import build_backbone, standard_spec
-from cilbench.kit.contract import Context
 from cilbench.kit.gaussians import GaussianStore, fit_gaussian, kl_divergence, pairwise_kl, symmetric_kl
 from cilbench.train.engine import Engine, RuntimeOptions, features_with_flips
 
@@ -402,17 +402,6 @@ def test_no_exemplar_ever_reaches_the_method(tmp_path, monkeypatch):
     assert all(int(s["memory_size"]) == 0 for s in steps)
 
 
-def test_resume_after_any_task_equals_uninterrupted(tmp_path):
-    args = ("--epochs", "1", "--deterministic", "--set", "seed.experts=2")
-    full = read_steps(cli_run(tmp_path / "full", "seed", CARD, *args))
-    keys = ("top1", "top5", "top1_task_aware", "params", "expert", "overlaps")
-    for stop in (2, 3):                      # after the last new expert; after a fine-tuned task
-        part = cli_run(tmp_path / f"part{stop}", "seed", CARD, *args, "--stop-after", str(stop))
-        assert json.loads((part / "manifest.json").read_text())["status"] == "interrupted"
-        cli_run(tmp_path / f"part{stop}", "seed", CARD, *args, "--resume")
-        assert [[r[k] for k in keys] for r in read_steps(part)] == [[r[k] for k in keys] for r in full]
-
-
 @pytest.mark.parametrize("card", ["digits_b0s2", "synthetic_b0s2"])
 def test_cli_beats_finetune_on_reduced_cards(tmp_path, card):
     runs = {m: cli_run(tmp_path, m, card, "--epochs", "3") for m in ("seed", "finetune")}
@@ -424,7 +413,8 @@ def test_cli_beats_finetune_on_reduced_cards(tmp_path, card):
     assert [int(s["extractors"]) for s in steps] == [1, 2, 3, 3, 3]
     assert all(int(s["params"]) == int(s["params_networks"]) + int(s["params_gaussians"]) for s in steps)
     assert all(float(s["top1_task_aware"]) >= float(s["top1"]) for s in steps)
-    phases = {json.loads(line)["phase"] for line in (runs["seed"] / "events.jsonl").read_text().splitlines()}
+    phases = {e["phase"] for e in map(json.loads, (runs["seed"] / "events.jsonl").read_text().splitlines())
+              if "epoch" in e}
     assert phases == {"seed_expert", "seed_finetune"}
 
 

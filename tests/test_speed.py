@@ -13,7 +13,7 @@ from cilbench.bench.methods import PHASES, Phase, Shapes, harness_speed
 from cilbench.data.datasets import _digits_table
 from cilbench.data.protocol import load_protocol
 from cilbench.data.stream import Stream
-from cilbench.kit.contract import known_methods
+from cilbench.kit.registry import known_methods
 from cilbench.train import engine as engine_module
 from cilbench.train.engine import Engine, RuntimeOptions, set_deterministic
 

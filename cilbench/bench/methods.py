@@ -433,7 +433,7 @@ def time_bare(phase: Phase, shapes: Shapes, steps: int, repeats: int = 3, warmup
 def harness_speed(events: list[dict], phase: Phase) -> tuple[float, int]:
     """Images/s of a phase in its task, the best epoch after the first (the first pays one-off costs; the only
     epoch when there is one), and the images of that epoch (the bare loop runs as many)."""
-    rows = [e for e in events if e["task"] == phase.task and e["phase"] == phase.phase]
+    rows = [e for e in events if e.get("task") == phase.task and e.get("phase") == phase.phase]
     if not rows:
         raise RuntimeError(f"bench: no '{phase.phase}' epochs in task {phase.task + 1}")
     best = max(rows[1:] or rows, key=lambda e: e["images_per_s"])
@@ -441,7 +441,7 @@ def harness_speed(events: list[dict], phase: Phase) -> tuple[float, int]:
 
 
 def bench_method(name: str, device: str, per_class: int, epochs: int, out: Path) -> dict:
-    from cilbench.kit.contract import get_method
+    from cilbench.kit.registry import get_method
     from cilbench.run.runner import RunRequest, execute
     from cilbench.train.engine import resolve_device
     get_method(name)
@@ -477,7 +477,7 @@ def run_specs(run: Path) -> list[dict] | None:
 
 
 def run_method_bench(methods: list[str], device: str = "auto", per_class: int = 32, epochs: int = 3) -> list[dict]:
-    from cilbench.kit.contract import known_methods
+    from cilbench.kit.registry import known_methods
     names = sorted(PHASES) if "all" in methods else list(dict.fromkeys(methods))
     unknown = [m for m in names if m not in known_methods()]
     if unknown:

@@ -149,7 +149,7 @@ class Augmenter:
     """Turns uint8 batches into normalised float batches: `train` with the card's ops, `test` without."""
 
     def __init__(self, cfg: AugmentConfig, channels: int, device: torch.device,
-                 channels_last: bool = False):
+                 channels_last: bool = False, generator: torch.Generator | None = None):
         self.cfg = cfg
         mean = cfg.mean if len(cfg.mean) == channels else [sum(cfg.mean) / len(cfg.mean)] * channels
         std = cfg.std if len(cfg.std) == channels else [sum(cfg.std) / len(cfg.std)] * channels
@@ -157,7 +157,7 @@ class Augmenter:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.device = device
         self.channels_last = channels_last
-        self.gen = torch.Generator(device=device)
+        self.gen = generator if generator is not None else torch.Generator(device=device)
 
     def seed(self, seed: int) -> None:
         self.gen.manual_seed(seed)

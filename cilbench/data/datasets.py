@@ -58,6 +58,15 @@ def load_dataset(protocol: Protocol, root: str | Path | None) -> Dataset:
     raise UserError(f"unknown dataset {protocol.dataset!r}")
 
 
+def image_side(protocol: Protocol) -> int:
+    """The stored image side of the card's data set, known before it is loaded (digits 8, CIFAR 32,
+    ImageNet-100 the stored side, synthetic its card value)."""
+    cfg = protocol.data
+    sides = {"digits": 8, "cifar10": 32, "cifar100": 32, "imagenet100": cfg.image_size or 256,
+             "synthetic": cfg.synthetic.image_size}
+    return sides[protocol.dataset]
+
+
 # --- CIFAR, in torchvision's on-disk format -----------------------------------------------------------------
 # Folder, files and md5 sums exactly as torchvision.datasets.CIFAR10/CIFAR100 lay them out and check them.
 CIFAR_LAYOUT = {

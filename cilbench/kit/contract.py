@@ -1,26 +1,54 @@
-"""The method plug-in contract and registry.
+"""The method contract: what a method implements (Method) and what it gets from the harness (Context).
 
-A method is a class in methods/<name>.py decorated with `@register("name")`. It declares a typed config
-(dataclass with the paper's defaults), whether it uses exemplars and which regimes it supports, and
-implements `learn`, `scores`, `inference_footprint`, `state_dict` / `load_state_dict`. The harness does
-evaluation, memory updates, checkpoints and metrics; a method never evaluates itself.
+A method is a class decorated with `@register("name")` (cilbench.kit.registry). It declares a typed config
+(a dataclass whose fields are `option(...)`s with the paper's defaults), whether it uses exemplars and which
+regimes it supports, and implements `learn`, `scores`, `features`, `networks`, `inference_footprint`,
+`state_dict` / `load_state_dict`. The harness does evaluation, memory updates, checkpoints and metrics; a
+method never evaluates itself, and it reaches the run only through its Context.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from cilbench.data.protocol import Protocol
+from cilbench.data.augment import Augmenter
+from cilbench.data.protocol import AugmentConfig, Protocol
 from cilbench.data.stream import Stream, Task
-from cilbench.errors import UserError
 from cilbench.kit.backbones import build_backbone, count_params
+from cilbench.kit.nets import ExtractorStack, pack_module, unpack_module
 from cilbench.train.engine import Engine
-from cilbench.train.memory import ExemplarMemory, ReservoirMemory, class_balanced_subset
+from cilbench.train.memory import ExemplarMemory, ReplayBatch, ReservoirMemory, class_balanced_subset
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, unit: str | None = None,
+           bounds: tuple[float | None, float | None] | None = None, default_factory: Any = dataclasses.MISSING):
+    """A method option: a dataclass field that carries its help text, unit and inclusive bounds (None =
+    unbounded), so validation, `cilbench show-method` and the docs' option tables come from one place."""
+    meta = {"help": help, "unit": unit, "bounds": bounds}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def describe_options(config_cls: type) -> list[dict]:
+    """Name, type, default, help, unit and bounds of every option of a method's config class."""
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        bounds = f.metadata.get("bounds") or getattr(config_cls, "BOUNDS", {}).get(f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        rows.append({"name": f.name, "type": kind,
+                     "default": default, "help": f.metadata.get("help", ""), "unit": f.metadata.get("unit"),
+                     "bounds": tuple(bounds) if bounds else None})
+    return rows
 
 
 @dataclass
@@ -30,21 +58,28 @@ class NoOptions:
 
 @dataclass
 class Context:
-    """What a method gets from the harness."""
+    """What a method gets from the harness: the protocol, the task stream, the engine (fit loops, inference,
+    augmentation), the memory the protocol allows (None for exemplar-free methods), the device and seed."""
     protocol: Protocol
     stream: Stream
     engine: Engine
     memory: ExemplarMemory | ReservoirMemory | None
     device: torch.device
     seed: int
-    log: Any = None           # callable(str) for progress messages
+    log_sink: Callable[[str], None] | None = None   # set by the harness: progress output and events.jsonl
     extra: dict = field(default_factory=dict)
+
+    def log(self, message: str) -> None:
+        """A progress message: printed with the run's progress and recorded in events.jsonl."""
+        if self.log_sink is not None:
+            self.log_sink(message)
 
     def new_backbone(self, name: str | None = None) -> nn.Module:
         """The card's backbone, or the factory architecture `name` at the card's width."""
         spec = self.protocol.backbone
         return self.engine.prepare(build_backbone(name or spec.name, self.stream.image_shape[0], spec.width))
 
+    # --- data ---------------------------------------------------------------------------------------
     def train_indices(self, task: Task) -> torch.Tensor:
         """New-class samples plus the exemplars this protocol and method are allowed."""
         if self.memory is None or not len(self.memory):
@@ -66,6 +101,59 @@ class Context:
         """Every training sample of every class seen so far (the joint upper bound only)."""
         return torch.nonzero(self.stream.train.labels < task.n_seen).flatten()
 
+    def train_images(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 training images at `idx` (for a method's own augmentation)."""
+        return self.stream.train.images[idx]
+
+    def augmenter(self, cfg: AugmentConfig) -> Augmenter:
+        """An augmentation of the method's own (e.g. PCR's strong view), drawn from the run's generator."""
+        return self.engine.augmenter_for(cfg)
+
+    # --- memory -------------------------------------------------------------------------------------
+    def replay_batch(self, n: int, payload: tuple[str, ...] | None = None) -> ReplayBatch | None:
+        """n memory entries drawn uniformly without replacement from the run's device generator, with their
+        stored payload (all keys, or those named); None while the memory is empty."""
+        if self.memory is None:
+            return None
+        if isinstance(self.memory, ExemplarMemory):
+            return self.memory.draw(n, self.engine.device_gen, payload or ())
+        return self.memory.draw(n, self.engine.device_gen, payload)
+
+    def remember(self, idx: torch.Tensor, labels: torch.Tensor, payload: dict[str, torch.Tensor] | None = None):
+        """Online regime: offer stream samples (and their payload) to the reservoir buffer."""
+        if not isinstance(self.memory, ReservoirMemory):
+            raise TypeError("remember() needs the online regime's reservoir memory")
+        self.memory.add(idx, labels, self.engine.device_gen, payload=payload)
+
+    def exemplar_classes(self) -> list[int]:
+        """Labels that have exemplars in the offline memory (none without one)."""
+        return self.memory.classes() if isinstance(self.memory, ExemplarMemory) else []
+
+    def class_exemplars(self, label: int) -> torch.Tensor:
+        """Train-split indices of a class's kept exemplars, in herding order."""
+        return self.memory.class_exemplars(label)
+
+    def classes_without_payload(self, key: str) -> list[int]:
+        """Offline memory: classes whose exemplars have no payload `key` yet (just selected)."""
+        return self.memory.labels_without(key) if isinstance(self.memory, ExemplarMemory) else []
+
+    def write_payload(self, label: int, values: dict[str, torch.Tensor]) -> None:
+        """Offline memory: per-exemplar payload of a class (aligned with class_exemplars), kept with it."""
+        self.memory.write_payload(label, values)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def restore(self, packed: dict | None, prepare: bool = True) -> nn.Module | None:
+        """A module from its `pack_module` form, on the run's device and (`prepare`) made ready for it as
+        engine.prepare does (channels_last on CUDA, compile if asked); frozen modules come back frozen."""
+        module = unpack_module(packed, self.device)
+        if module is None or not prepare:
+            return module
+        if isinstance(module, ExtractorStack):
+            for ext in module.extractors:
+                self.engine.prepare(ext)
+            return module
+        return self.engine.prepare(module)
+
 
 @dataclass
 class Footprint:
@@ -75,12 +163,15 @@ class Footprint:
 
 
 class Method:
-    name: ClassVar[str] = ""
+    """Base of every method. Class attributes declare what the harness must know before the first task."""
+    name: ClassVar[str] = ""                   # set by @register
     family: ClassVar[str] = ""                 # config section shared by aliases (der_prune -> der)
+    display_name: ClassVar[str] = ""           # the name in report tables (default: the registered name)
     Config: ClassVar[type] = NoOptions
-    uses_exemplars: ClassVar[bool] = True
+    uses_exemplars: ClassVar[bool] = True      # False: the harness never gives this method a memory
     regimes: ClassVar[tuple[str, ...]] = ("offline",)
     summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""                  # citation shown by `cilbench show-method`
 
     def __init__(self, cfg: Any, ctx: Context):
         self.cfg = cfg
@@ -90,6 +181,12 @@ class Method:
     def run_tag(cls, cfg: Any) -> str | None:
         """A tag that belongs in the run name (e.g. the pool size of TSD: 'N3')."""
         return None
+
+    @classmethod
+    def augmentation(cls, cfg: Any, card: AugmentConfig, image_side: int) -> AugmentConfig:
+        """The training augmentation this method trains with, given the card's (SEED adds AutoAugment and
+        Cutout). Resolved with the config, so config.yaml records it."""
+        return card
 
     def learn(self, task: Task, ctx: Context) -> None:
         raise NotImplementedError
@@ -127,7 +224,6 @@ class Method:
             net.eval()
 
 
-
 class OneNetworkMethod(Method):
     """A method that infers with one backbone and one head (`self.backbone`, `self.head`): finetune, replay,
     joint, ER, PCR/HPCR, EXACFS. Herding uses the backbone's feature; #params counts both, the backbone alone
@@ -147,41 +243,28 @@ class OneNetworkMethod(Method):
     def inference_footprint(self) -> Footprint:
         return Footprint(1, count_params(self.backbone, self.head), count_params(self.backbone))
 
-@dataclass
-class Entry:
-    cls: type[Method]
-    defaults: dict
 
+class ConcatExtractorMethod(Method):
+    """A method that infers with extractors whose features are concatenated (`self.stack`, an ExtractorStack)
+    and one linear head over them (`self.head`): DER and TSD. Herding uses the concatenated feature; #params
+    counts stack and head, the stack alone as params_backbone; #extractors is the stack's length."""
+    stack: ExtractorStack
+    head: nn.Module
 
-REGISTRY: dict[str, Entry] = {}
+    def networks(self) -> list[nn.Module]:
+        return [self.stack, self.head]
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stack(x))
 
-def register(name: str, **defaults):
-    """Class decorator: `@register("der")`; `register("der_prune", prune=True)(DER)` adds an alias."""
-    def wrap(cls: type[Method]) -> type[Method]:
-        if not cls.name:
-            cls.name = name
-        if not cls.family:
-            cls.family = cls.name
-        REGISTRY[name] = Entry(cls, defaults)
-        return cls
-    return wrap
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack(x)
 
+    def inference_footprint(self) -> Footprint:
+        return Footprint(len(self.stack), count_params(self.stack, self.head), count_params(self.stack))
 
-def load_plugins() -> None:
-    """Import every module of the plug-in package `cilbench.methods` (the repository's methods/ folder)."""
-    import cilbench.methods as plugins
-    for info in pkgutil.iter_modules(plugins.__path__):
-        importlib.import_module(f"{plugins.__name__}.{info.name}")
+    def pack_inference(self) -> dict:
+        return {"stack": pack_module(self.stack), "head": pack_module(self.head)}
 
-
-def get_method(name: str) -> Entry:
-    load_plugins()
-    if name not in REGISTRY:
-        raise UserError(f"unknown method '{name}'; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
-
-
-def known_methods() -> dict[str, Entry]:
-    load_plugins()
-    return dict(sorted(REGISTRY.items()))
+    def restore_inference(self, state: dict) -> None:
+        self.stack, self.head = self.ctx.restore(state["stack"]), self.ctx.restore(state["head"])

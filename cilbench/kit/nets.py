@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.kit.backbones import ResNet, build_backbone, count_params
+from cilbench.kit.backbones import build_backbone, count_params
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -177,8 +177,6 @@ class CosineHead(nn.Module):
         return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
 
-__all__ = ["ExtractorStack", "frozen_forward", "freeze", "expand_head", "drop_columns", "linear_head", "CosineHead",
-           "ResNet"]
 
 
 class ProjectionHead(nn.Module):
@@ -205,7 +203,6 @@ def trainable_copy(module: nn.Module) -> nn.Module:
     return new.train()
 
 
-__all__ += ["ProjectionHead", "trainable_copy"]
 
 
 def snapshot(module: nn.Module) -> nn.Module:
@@ -296,7 +293,6 @@ class LocalSimilarityHead(nn.Module):
         return head
 
 
-__all__ += ["snapshot", "kmeans", "LocalSimilarityHead"]
 
 
 class ProxyHead(CosineHead):
@@ -315,4 +311,64 @@ def proxy_head(in_features: int, classes: int, tau: float = 0.09) -> ProxyHead:
     return ProxyHead(in_features, classes, scale=1.0 / tau)
 
 
-__all__ += ["ProxyHead", "proxy_head"]
+
+
+def tie_parameters(dst: nn.Module, src: nn.Module) -> None:
+    """Make every parameter of `dst` the very tensor of `src`'s (same architecture), frozen: layers shared
+    between networks (SEED's shared stages) are stored and trained once. Buffers (BN running statistics) stay
+    `dst`'s own."""
+    for d_mod, s_mod in zip(dst.modules(), src.modules()):
+        for name, p in s_mod.named_parameters(recurse=False):
+            p.requires_grad_(False)
+            setattr(d_mod, name, p)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints of modules that grow across tasks: one format for backbones, linear heads, projection heads and
+# extractor stacks, so a method's state_dict lists its modules instead of hand-writing how each is rebuilt.
+
+def _is_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def pack_module(module: nn.Module | None) -> dict | None:
+    """A module as plain data: what to build, its weights (on the CPU) and whether it is frozen."""
+    if module is None:
+        return None
+    module = getattr(module, "_orig_mod", module)        # a torch.compile wrapper: pack the module it wraps
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    if isinstance(module, ExtractorStack):
+        return {"kind": "stack", **module.extra_state(), "state": state}
+    if isinstance(module, ProjectionHead):
+        first, last = module.net[0], module.net[-1]
+        args = [first.in_features, last.out_features, first.out_features]
+        return {"kind": "projection", "args": args, "state": state, "frozen": _is_frozen(module)}
+    if isinstance(module, nn.Linear):
+        args = [module.in_features, module.out_features, module.bias is not None]
+        return {"kind": "linear", "args": args, "state": state, "frozen": _is_frozen(module)}
+    if hasattr(module, "spec"):
+        return {"kind": "backbone", "spec": module.spec, "state": state, "frozen": _is_frozen(module)}
+    raise TypeError(f"pack_module: no packed form for {type(module).__name__}")
+
+
+def unpack_module(packed: dict | None, device) -> nn.Module | None:
+    """The module `pack_module` described, on `device`, frozen again where it was (eval mode pinned)."""
+    if packed is None:
+        return None
+    kind = packed["kind"]
+    if kind == "stack":
+        return ExtractorStack.rebuild(packed, packed["state"], device)
+    if kind == "projection":
+        in_f, out_f, hidden = packed["args"]
+        module = ProjectionHead(in_f, out_f, hidden)
+    elif kind == "linear":
+        in_f, out_f, bias = packed["args"]
+        module = nn.Linear(in_f, out_f, bias=bias)
+    elif kind == "backbone":
+        module = build_backbone(packed["spec"])
+    else:
+        raise TypeError(f"unpack_module: unknown kind {kind!r}")
+    module.load_state_dict(packed["state"])
+    module = module.to(device)
+    return freeze(module) if packed.get("frozen") else module

@@ -132,11 +132,13 @@ UPPER_BOUNDS = {"joint"}
 _ORDER = ["finetune", "replay", "er", "der", "der_prune", "seed", "pcr", "hpcr", "exacfs", "tsd_grc", "tsd_fixed"]
 
 
-def display_name(run_name: str, method: str | None = None) -> str:
-    """'tsd_grc+N2' -> 'TSD-GRC (N=2)'; unknown methods keep their own name; other tags in brackets."""
+def display_name(run_name: str, method: str | None = None, declared: str | None = None) -> str:
+    """'tsd_grc+N2' -> 'TSD-GRC (N=2)'; a plug-in's own display name (`declared`, from config.yaml), else its
+    registered name; other tags in brackets."""
     base, *tags = run_name.split("+")
     method = method or base
-    name = NAMES.get(method, NAMES.get(base, base))
+    own = declared if isinstance(declared, str) and declared.strip() else None
+    name = NAMES.get(method) or own or NAMES.get(base, base)
     ns = [t[1:] for t in tags if re.fullmatch(r"N\d+", t)]
     rest = [t for t in tags if not re.fullmatch(r"N\d+", t)]
     if ns:
@@ -242,7 +244,7 @@ class RunGroup:
 
     @property
     def name(self) -> str:
-        return display_name(self.run_name, self.method)
+        return display_name(self.run_name, self.method, self._first().config.get("method_display"))
 
     @property
     def base_name(self) -> str:

@@ -102,7 +102,7 @@ def _section(s: Section, out_dir: Path) -> list[str]:
 def _runs_table(runs: list[SeedRun], training: dict[Path, Path], out_dir: Path) -> list[str]:
     esc = html.escape
     head = ["Protocol", "Method", "Run", "Seed", "Status", "Tasks", "Averaged", "Class order", "cilbench",
-            "torch", "Device", "Finished", "Train s", "Eval s", "Files"]
+            "Method code", "torch", "Device", "Finished", "Train s", "Eval s", "Files"]
     parts = ['<table class="results"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
              + "</tr></thead><tbody>"]
     for r in runs:
@@ -116,7 +116,8 @@ def _runs_table(runs: list[SeedRun], training: dict[Path, Path], out_dir: Path) 
             files.append(f'<a href="{esc(rel(training[r.path], out_dir))}">training curves</a>')
         version = " ".join(x for x in (info["cilbench_version"], info["cilbench_commit"]) if x)
         cells = [r.protocol, info["name"], r.run_name, str(r.seed), status_text(r), tasks,
-                 "yes" if r.ok else "no", info["class_order"], version, info["torch"], info["device"],
+                 "yes" if r.ok else "no", info["class_order"], version, info["method_source"], info["torch"],
+                 info["device"],
                  str(info["finished"] or info["started"]), info["train_seconds"], info["eval_seconds"]]
         cls = "ours" if r.ok else "incomplete"
         parts.append(f'<tr class="{cls}">' + "".join(f"<td>{esc(str(c))}</td>" for c in cells)

@@ -581,7 +581,19 @@ def summary_table(protocols: list[str], groups: dict[str, list[RunGroup]], refs:
 
 RUNS_CSV_FIELDS = ["protocol", "run_name", "name", "method", "seed", "status", "tasks_done", "tasks_total",
                    "averaged", "reason", "class_order", "cilbench_version", "cilbench_commit", "torch", "device",
-                   "started", "finished", "train_seconds", "eval_seconds", "path"]
+                   "started", "finished", "train_seconds", "eval_seconds", "method_source", "path"]
+
+
+def method_source(config: dict) -> str:
+    """Where a run's method came from: 'built-in', a plug-in package and version, or a plug-in file (with its
+    git commit or content hash), as config.yaml records it."""
+    src = config.get("method_source")
+    if not isinstance(src, dict) or src.get("kind") in (None, "builtin"):
+        return "built-in"
+    if src.get("package"):
+        return f"plug-in {src['package']} {src.get('version') or ''}".strip()
+    stamp = src.get("git_commit") or src.get("sha256") or ""
+    return f"plug-in {src.get('file') or src.get('module')}" + (f" @ {stamp}" if stamp else "")
 
 
 def run_info(r: SeedRun) -> dict[str, Any]:
@@ -593,14 +605,15 @@ def run_info(r: SeedRun) -> dict[str, Any]:
     device = m.get("device_name") or m.get("device") or ""
     if m.get("device") and m.get("device_name") and m.get("device") not in str(m.get("device_name")):
         device = f"{m.get('device')} ({m.get('device_name')})"
-    return {"protocol": r.protocol, "run_name": r.run_name, "name": display_name(r.run_name, r.method),
+    return {"protocol": r.protocol, "run_name": r.run_name, "name": display_name(r.run_name, r.method, r.config.get("method_display")),
             "method": r.method, "seed": r.seed, "status": r.status, "tasks_done": r.tasks_done,
             "tasks_total": r.tasks_total, "averaged": "yes" if r.ok else "no", "reason": r.reason,
             "class_order": order_name(r.class_order, r.protocol_cfg.get("num_classes")) if r.config else "",
             "cilbench_version": m.get("cilbench_version") or "", "cilbench_commit": m.get("cilbench_commit") or "",
             "torch": m.get("torch") or "", "device": device, "started": m.get("started") or "",
             "finished": m.get("finished") or "", "train_seconds": "" if train is None else f"{train:.1f}",
-            "eval_seconds": "" if evals is None else f"{evals:.1f}", "path": str(r.path)}
+            "eval_seconds": "" if evals is None else f"{evals:.1f}", "method_source": method_source(r.config),
+            "path": str(r.path)}
 
 
 def runs_csv(runs: list[SeedRun]) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -20,11 +21,12 @@ import torch
 
 from cilbench import __version__
 from cilbench.config import apply_override, build, parse_override, to_dict
-from cilbench.data.datasets import load_dataset
+from cilbench.data.datasets import image_side, load_dataset
 from cilbench.data.protocol import Protocol, build_protocol, card_path, load_card, order_for_seed, with_method_augment
 from cilbench.data.stream import Stream, Task
 from cilbench.errors import Terminated, TrainingDiverged, UserError
-from cilbench.kit.contract import Context, Entry, Method, get_method
+from cilbench.kit.contract import Context, Method
+from cilbench.kit.registry import Entry, get_method
 from cilbench.run.lock import RunLock
 from cilbench.run.metrics import summarize
 from cilbench.run.rundir import RunStore, check_out_root, damaged, run_dir
@@ -102,6 +104,8 @@ def resolve(request: RunRequest) -> Resolved:
     build(cls.Config, _deep_merge(entry.defaults, from_card), card_file, prefix=f"methods.{cls.family}.")
     method_cfg = build(cls.Config, _deep_merge(_deep_merge(entry.defaults, from_card), method_cli), "--set",
                        prefix=f"{request.method}.")
+    protocol = dataclasses.replace(protocol, augment=cls.augmentation(method_cfg, protocol.augment,
+                                                                      image_side(protocol)))
     runtime_base = {"device": request.device, "deterministic": request.deterministic,
                     "max_epochs": request.epochs}
     runtime = build(RuntimeOptions, _deep_merge(runtime_base, runtime_cli), "--set", prefix="runtime.")
@@ -111,7 +115,8 @@ def resolve(request: RunRequest) -> Resolved:
     parts = [request.method, cls.run_tag(method_cfg), request.tag]
     run_name = "+".join(p for p in parts if p)
     check_component(run_name, "run name")
-    config = {"method": request.method, "run_name": run_name, "seed": request.seed,
+    config = {"method": request.method, "method_display": cls.display_name or request.method,
+              "method_source": entry.source, "run_name": run_name, "seed": request.seed,
               "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime),
               "class_order": class_order}
     return Resolved(entry, protocol, method_cfg, runtime, run_name, config)
@@ -200,6 +205,13 @@ class Reporter:
         self.progress.update(self.bar[1], completed=event["epoch"] + 1,
                              info=f"loss {event['loss']:.3f} lr {event['lr']:.4f}")
 
+    def message(self, line: str) -> None:
+        """A method's progress message (ctx.log)."""
+        if self.progress:
+            self.progress.console.print(line, highlight=False)
+        elif not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
     def task_done(self, line: str) -> None:
         if self.progress:
             self.progress.advance(self.tasks_bar)
@@ -278,8 +290,12 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
         store.append_event(event)
         reporter.epoch(event)
 
+    def on_message(message: str) -> None:
+        store.append_event({"task": engine.task, "kind": "message", "message": message})
+        reporter.message(message)
+
     engine = Engine(stream, runtime, device, on_epoch=on_epoch)
-    ctx = Context(protocol, stream, engine, memory, device, request.seed)
+    ctx = Context(protocol, stream, engine, memory, device, request.seed, log_sink=on_message)
     engine.begin_task(request.seed, 0)
     try:
         method = cls(resolved.method_cfg, ctx)
@@ -423,8 +439,10 @@ def param_counts(steps: list[dict]) -> dict:
     return out
 
 
-# runtime options that change only speed, never a result: a run may be resumed with other values
+# runtime options that change only speed, never a result: a run may be resumed with other values; and what
+# only describes the run (where the method's code came from, its display name)
 SPEED_ONLY = {"runtime.device", "runtime.tune_malloc"}
+DESCRIPTIVE = ("method_source", "method_display")
 
 
 def _check_same_config(stored: dict, current: dict) -> None:
@@ -438,7 +456,7 @@ def _check_same_config(stored: dict, current: dict) -> None:
     a, b = flat(stored), flat(current)
     defaults = flat({"runtime": to_dict(RuntimeOptions())})
     for key in sorted(set(a) | set(b)):
-        if key in SPEED_ONLY:
+        if key in SPEED_ONLY or key.split(".")[0] in DESCRIPTIVE:
             continue
         if key not in a and key in defaults and b.get(key) == defaults[key]:
             continue    # a runtime option added after the run started, at its default: nothing changed

@@ -123,14 +123,14 @@ def _yaml_value(value: Any) -> str:
 
 
 def _family(method: str) -> str:
-    from cilbench.kit.contract import REGISTRY, load_plugins
+    from cilbench.kit.registry import REGISTRY, load_plugins
     load_plugins()
     entry = REGISTRY.get(method)
     return entry.cls.family if entry is not None else method
 
 
 def _known_method_heads() -> set[str]:
-    from cilbench.kit.contract import REGISTRY, load_plugins
+    from cilbench.kit.registry import REGISTRY, load_plugins
     load_plugins()
     return set(REGISTRY) | {entry.cls.family for entry in REGISTRY.values()}
 
@@ -330,6 +330,9 @@ def run_command(spec: SweepSpec, cell: Cell) -> list[str]:
     if cell.tag:
         args += ["--tag", cell.tag]
     args.append("--resume")           # a complete run is never started; an interrupted one continues
+    from cilbench.kit.registry import plugin_paths
+    for path in plugin_paths():       # the run loads the sweep's plug-ins even where the job's environment
+        args += ["--plugin", path]    # is not exported (sbatch --export=NONE)
     return [sys.executable, "-m", "cilbench.cli", *args]
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cilbench.data.augment import Augmenter
-from cilbench.data.protocol import TrainConfig
+from cilbench.data.protocol import AugmentConfig, TrainConfig
 from cilbench.data.stream import Stream
 from cilbench.errors import TrainingDiverged
 
@@ -229,6 +229,19 @@ class Engine:
         stop = n - n % batch_size if (drop_last and n >= batch_size) else n
         for start in range(0, stop, batch_size):
             yield indices[order[start:start + batch_size]]
+
+    def augmenter_for(self, cfg: AugmentConfig) -> Augmenter:
+        """A second augmentation (a method's own, e.g. PCR's strong view) that draws from the run's augmentation
+        generator, so the per-task reseeding covers it and runs stay reproducible."""
+        return Augmenter(cfg, self.stream.image_shape[0], self.device, self.channels_last, generator=self.augmenter.gen)
+
+    def train_transform(self, images: torch.Tensor) -> torch.Tensor:
+        """The card's training augmentation of a uint8 batch."""
+        return self.augmenter.train(images)
+
+    def test_transform(self, images: torch.Tensor) -> torch.Tensor:
+        """The card's test transform (normalise, centre-crop) of a uint8 batch."""
+        return self.augmenter.test(images)
 
     def train_views(self, idx: torch.Tensor, views: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
         images = self.stream.train.images[idx]

@@ -6,6 +6,7 @@ computed once, when the class is new; a shrinking quota keeps the first m (iCaRL
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -34,6 +35,14 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
         available[i] = False
         running += feats[i]
     return torch.tensor(chosen, dtype=torch.int64)
+
+
+@dataclass
+class ReplayBatch:
+    """Drawn memory entries: train-split indices, labels, and the payload stored with each entry."""
+    idx: torch.Tensor
+    labels: torch.Tensor
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ExemplarMemory:
@@ -66,10 +75,30 @@ class ExemplarMemory:
     def class_exemplars(self, label: int) -> torch.Tensor:
         return self.order[label][: self.quota]
 
+    def classes(self) -> list[int]:
+        """Labels that have exemplars, ascending."""
+        return sorted(self.order)
+
     def indices(self) -> torch.Tensor:
         if not self.order:
             return torch.empty(0, dtype=torch.int64)
         return torch.cat([self.class_exemplars(c) for c in sorted(self.order)])
+
+    def exemplar_labels(self) -> torch.Tensor:
+        """The label of every kept exemplar, aligned with `indices()`."""
+        if not self.order:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.cat([torch.full((len(self.class_exemplars(c)),), c, dtype=torch.int64,
+                                     device=self.order[c].device) for c in sorted(self.order)])
+
+    def draw(self, n: int, generator: torch.Generator, payload: tuple[str, ...] = ()) -> ReplayBatch | None:
+        """n kept exemplars drawn uniformly without replacement (None while empty), with the payload `keys`."""
+        if not len(self):
+            return None
+        idx, labels = self.indices(), self.exemplar_labels()
+        pos = torch.randperm(len(idx), generator=generator, device=generator.device)[:n].to(idx.device)
+        stored = {k: self.payload_tensor(k) for k in payload}
+        return ReplayBatch(idx[pos], labels[pos], {k: v[pos.to(v.device)] for k, v in stored.items()})
 
     def __len__(self) -> int:
         return sum(min(len(v), self.quota) for v in self.order.values())
@@ -170,6 +199,15 @@ class ReservoirMemory:
         if not len(self):
             return None
         return torch.randperm(len(self), generator=generator, device=generator.device)[:n].to(self.device)
+
+    def draw(self, n: int, generator: torch.Generator, payload: tuple[str, ...] | None = None) -> ReplayBatch | None:
+        """n entries drawn uniformly without replacement (None while empty), with their payload (all keys
+        unless `payload` names some)."""
+        pos = self.sample(n, generator)
+        if pos is None:
+            return None
+        stored = self.payload if payload is None else {k: self.payload[k] for k in payload}
+        return ReplayBatch(self.idx[pos], self.labels[pos], {k: v[pos] for k, v in stored.items()})
 
     def indices(self) -> torch.Tensor:
         return self.idx

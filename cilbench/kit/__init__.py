@@ -1,0 +1,97 @@
+"""The method kit: the one door through which a method — built-in or a researcher's own — reaches cilbench.
+
+    from cilbench.kit import Context, Method, Footprint, Task, option, register
+
+Everything a method may use is exported here: the contract (Method, Context, Footprint, register, option),
+the task and configs it receives, the engine helpers (phase configs, full-precision statistics), backbones,
+heads and nets, losses, pruning, Gaussians and feature significance, memory types, and UserError for a
+one-line message to the user. Methods import nothing else from cilbench (a test checks the built-ins).
+"""
+from cilbench.data.augment import Augmenter
+from cilbench.data.protocol import AugmentConfig, TrainConfig
+from cilbench.data.stream import Task
+from cilbench.errors import UserError
+from cilbench.kit.backbones import (
+    STANDARD,
+    build_backbone,
+    count_params,
+    stage_channels,
+    stage_outputs,
+    standard_spec,
+)
+from cilbench.kit.contract import (
+    ConcatExtractorMethod,
+    Context,
+    Footprint,
+    Method,
+    NoOptions,
+    OneNetworkMethod,
+    describe_options,
+    option,
+)
+from cilbench.kit.gaussians import GaussianStore
+from cilbench.kit.losses import (
+    aux_labels,
+    batch_class_counts,
+    ht_multiplier,
+    kd_soft_ce,
+    nca_margin_loss,
+    pcd_loss,
+    pcr_hc_loss,
+    pcr_loss,
+    scd_loss,
+    supcon_distinct,
+)
+from cilbench.kit.nets import (
+    ExtractorStack,
+    HeadInit,
+    LocalSimilarityHead,
+    ProjectionHead,
+    drop_columns,
+    expand_head,
+    freeze,
+    frozen_forward,
+    kmeans,
+    linear_head,
+    pack_module,
+    proxy_head,
+    snapshot,
+    tie_parameters,
+    trainable_copy,
+    unpack_module,
+)
+from cilbench.kit.pruning import ChannelMasks, anneal, describe, prune, regrow
+from cilbench.kit.registry import register
+from cilbench.kit.significance import (
+    class_gradient_significance,
+    ema_significance,
+    normalise_significance,
+    significance_distillation,
+    significance_summary,
+    significance_weights,
+    uniform_like,
+)
+from cilbench.train.engine import features_with_flips, full_precision, phase_config, warmup_length
+from cilbench.train.memory import ExemplarMemory, ReplayBatch, ReservoirMemory
+
+__all__ = [
+    # the contract
+    "Context", "Footprint", "Method", "NoOptions", "OneNetworkMethod", "ConcatExtractorMethod", "register",
+    "option", "describe_options", "Task", "TrainConfig", "AugmentConfig", "Augmenter", "UserError",
+    # engine helpers
+    "phase_config", "warmup_length", "full_precision", "features_with_flips",
+    # memory
+    "ExemplarMemory", "ReservoirMemory", "ReplayBatch",
+    # backbones and nets
+    "STANDARD", "build_backbone", "count_params", "stage_channels", "stage_outputs", "standard_spec",
+    "ExtractorStack", "HeadInit", "LocalSimilarityHead", "ProjectionHead", "drop_columns", "expand_head",
+    "freeze", "frozen_forward", "kmeans", "linear_head", "proxy_head", "snapshot", "trainable_copy",
+    "tie_parameters", "pack_module", "unpack_module",
+    # losses
+    "aux_labels", "batch_class_counts", "ht_multiplier", "kd_soft_ce", "nca_margin_loss", "pcd_loss",
+    "pcr_hc_loss", "pcr_loss", "scd_loss", "supcon_distinct",
+    # pruning, Gaussians, feature significance
+    "ChannelMasks", "anneal", "describe", "prune", "regrow", "GaussianStore",
+    "class_gradient_significance", "ema_significance", "normalise_significance", "significance_distillation",
+    "significance_summary", "significance_weights", "uniform_like",
+]
