@@ -48,7 +48,7 @@ class TrainConfig:
     clip_norm: float | None = None
     # upper bounds stop values that are typos or crash a run (a batch of 1e10, momentum 2 diverging); the lr
     # stays open above (a sweep may probe a diverging lr on purpose)
-    BOUNDS: ClassVar[dict] = {"epochs": (1, MAX_EPOCHS), "batch_size": (1, MAX_BATCH), "momentum": (0, 1),
+    BOUNDS: ClassVar[dict] = {"epochs": (None, MAX_EPOCHS), "batch_size": (None, MAX_BATCH), "momentum": (0, 1),
                               "weight_decay": (0, None), "milestones": (0, MAX_EPOCHS), "gamma": (0, None),
                               "warmup_epochs": (0, MAX_EPOCHS), "clip_norm": (0, None)}
 
