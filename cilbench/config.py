@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -24,6 +25,18 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp))
+
+
+# a decimal number in any ordinary notation: 1e-3, 1E-3, .5, 5., +2.5e+3 (YAML 1.1 reads the ones without a
+# dot, or with an unsigned exponent, as strings)
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _float_text(value: Any) -> Any:
+    """A string that is an ordinary decimal number becomes that float; anything else comes back as it was."""
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
@@ -77,6 +90,7 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
                 raise fail("an integer of at most 64 bits")
             return value
     elif tp is float:
+        value = _float_text(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
                 raise fail("a finite number")
@@ -115,9 +129,10 @@ def build(cls: type, data: dict | None, where: str, prefix: str = "") -> Any:
 
 def check_bounds(obj: Any, where: str, prefix: str = "") -> None:
     """Range checks declared on the config class: `BOUNDS: ClassVar[dict] = {"total": (0, None)}` means
-    0 <= total (inclusive; None = unbounded). Applies to every list item too. A config class states its
-    ranges once here instead of each check being an `if` of its own."""
+    0 <= total (inclusive; None = unbounded; a callable is asked for the bound when checked). Applies to
+    every list item too. A config class states its ranges once here instead of each check being an `if`."""
     for name, (low, high) in getattr(type(obj), "BOUNDS", {}).items():
+        high = high() if callable(high) else high      # a bound of this machine (threads: its cores)
         value = getattr(obj, name)
         items = value if isinstance(value, list) else [value]
         for item in items:

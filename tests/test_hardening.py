@@ -128,7 +128,7 @@ def test_second_process_on_a_locked_run_is_refused(tmp_path, run_cli, error_line
         holder.kill()
         holder.wait()
     # the holder died without releasing: its lock file is stale and the next run takes it over
-    assert (run / ".lock").read_text().strip() == str(holder.pid)
+    assert (run / ".lock").read_text().splitlines()[0] == str(holder.pid)   # pid first, then host
     res = run_cli("replay", "digits_b0s2", out, "--epochs", "1", "--stop-after", "1")
     assert res.exit_code == 0, res.output
     assert not (run / ".lock").exists()                           # released at the end

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from cilbench.cli import app
 from cilbench.errors import UserError
+from cilbench.run.lock import RunLock
 from cilbench.run.rundir import TIMING_METRICS
 from cilbench.sweep import core as sweeps
 
@@ -295,9 +296,11 @@ def test_status_reads_a_run_whose_process_died_as_interrupted(half_done, cli):
     manifest_path.write_text(json.dumps(manifest))
     state = sweeps.read_state(manifest_path.parent)
     assert state.state == "interrupted" and "gone" in state.reason
-    manifest.update(pid=os.getpid())                          # a live owner: left alone
+    manifest.update(pid=os.getpid())                          # a live pid alone proves nothing (reused)...
     manifest_path.write_text(json.dumps(manifest))
-    assert sweeps.read_state(manifest_path.parent).state == "running"
+    assert sweeps.read_state(manifest_path.parent).state == "interrupted"
+    with RunLock(manifest_path.parent):                       # ...a held lock is a live owner: left alone
+        assert sweeps.read_state(manifest_path.parent).state == "running"
     manifest_path.write_text(original)
 
 

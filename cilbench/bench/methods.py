@@ -35,6 +35,7 @@ from cilbench.errors import UserError
 from cilbench.kit.backbones import build_backbone, standard_spec
 from cilbench.kit.losses import aux_labels, kd_soft_ce, nca_margin_loss, pcr_loss, supcon_distinct
 from cilbench.kit.nets import LocalSimilarityHead, ProjectionHead, freeze
+from cilbench.safeio import atomic_write
 
 CIFAR_MEAN, CIFAR_STD = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]
 CLASSES, TASKS = 100, 5
@@ -450,7 +451,7 @@ def bench_method(name: str, device: str, per_class: int, epochs: int, out: Path)
     online = name in ONLINE_METHODS
     card = online_card(per_class) if online else offline_card(per_class)
     card_file = out / f"{card['name']}.yaml"
-    card_file.write_text(yaml.safe_dump(card, sort_keys=False))
+    atomic_write(card_file, yaml.safe_dump(card, sort_keys=False))
     run = execute(RunRequest(method=name, protocol=str(card_file), epochs=epochs, device=device, out=str(out),
                              quiet=True, force=True, overrides=["runtime.divergence_factor=0"]))
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]

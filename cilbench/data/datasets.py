@@ -16,7 +16,7 @@ import torch
 
 from cilbench.errors import UserError
 from cilbench.data.protocol import DataConfig, Protocol
-from cilbench.safeio import load_data_pickle
+from cilbench.safeio import atomic_write, load_data_pickle
 
 
 @dataclass
@@ -191,10 +191,9 @@ def load_imagenet100(root: Path, image_size: int = 256) -> Dataset:
     labels = torch.cat([splits["train"].labels, splits["val"].labels])
     if labels.min() < 0 or labels.max() >= 100:
         raise UserError(f"imagenet100: labels must be 0..99, found {labels.min()}..{labels.max()}")
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"train_x": splits["train"].images, "train_y": splits["train"].labels,
-                "test_x": splits["val"].images, "test_y": splits["val"].labels}, tmp)
-    os.replace(tmp, cache)
+    blob = {"train_x": splits["train"].images, "train_y": splits["train"].labels,
+            "test_x": splits["val"].images, "test_y": splits["val"].labels}
+    atomic_write(cache, lambda fh: torch.save(blob, fh))
     return Dataset("imagenet100", 100, splits["train"], splits["val"])
 
 

@@ -19,6 +19,11 @@ from cilbench.errors import UserError
 from cilbench.safeio import check_component
 
 SEED_MAX = 2 ** 32 - 1    # numpy's RandomState takes seeds below 2**32
+# upper bounds of card values: far above any benchmark, far below what exhausts memory or time before a run
+# can fail with a message
+MAX_EPOCHS, MAX_BATCH, MAX_SAMPLES = 100_000, 1 << 20, 100_000_000
+MAX_SIDE = 4096           # image side in pixels (crops, cutout, padding, stored size)
+MAX_CLASSES = 100_000
 
 _HERE = Path(__file__).resolve().parents[1]      # the cilbench package
 # the cards: cilbench/protocols/ in an installed wheel, the repository's protocols/ folder in the source tree
@@ -41,8 +46,11 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: int = 0
     clip_norm: float | None = None
-    BOUNDS: ClassVar[dict] = {"momentum": (0, None), "weight_decay": (0, None), "milestones": (0, None),
-                              "gamma": (0, None), "warmup_epochs": (0, None), "clip_norm": (0, None)}
+    # upper bounds stop values that are typos or crash a run (a batch of 1e10, momentum 2 diverging); the lr
+    # stays open above (a sweep may probe a diverging lr on purpose)
+    BOUNDS: ClassVar[dict] = {"epochs": (None, MAX_EPOCHS), "batch_size": (None, MAX_BATCH), "momentum": (0, 1),
+                              "weight_decay": (0, None), "milestones": (0, MAX_EPOCHS), "gamma": (0, None),
+                              "warmup_epochs": (0, MAX_EPOCHS), "clip_norm": (0, None)}
 
     def validate(self, where: str) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -59,7 +67,7 @@ class MemoryConfig:
     per_class: int = 20
     size: int = 1000
     selection: Literal["herding", "random"] = "herding"
-    BOUNDS: ClassVar[dict] = {"total": (0, None), "per_class": (0, None), "size": (0, None)}
+    BOUNDS: ClassVar[dict] = {"total": (0, MAX_SAMPLES), "per_class": (0, MAX_SAMPLES), "size": (0, MAX_SAMPLES)}
 
 
 @dataclass
@@ -79,9 +87,10 @@ class AugmentConfig:
     autoaugment: Literal["none", "cifar10", "imagenet", "svhn"] = "none"   # AutoAugment policy, per sample
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    BOUNDS: ClassVar[dict] = {"random_resized_crop": (0, None), "rrc_scale": (0, 1), "crop_padding": (0, None),
-                              "brightness": (0, None), "contrast": (0, None), "saturation": (0, None),
-                              "grayscale_p": (0, 1), "cutout": (0, None), "std": (1e-12, None)}
+    BOUNDS: ClassVar[dict] = {"random_resized_crop": (0, MAX_SIDE), "rrc_scale": (0, 1),
+                              "crop_padding": (0, MAX_SIDE), "brightness": (0, None), "contrast": (0, None),
+                              "saturation": (0, None), "hue": (0, 0.5), "jitter_p": (0, 1), "grayscale_p": (0, 1),
+                              "cutout": (0, MAX_SIDE), "std": (1e-12, None)}
 
 
 @dataclass
@@ -93,8 +102,8 @@ class SyntheticConfig:
     test_per_class: int = 40
     noise: float = 1.0
     seed: int = 0
-    BOUNDS: ClassVar[dict] = {"classes": (1, None), "image_size": (1, None), "channels": (1, None),
-                              "train_per_class": (1, None), "test_per_class": (1, None), "noise": (0, None),
+    BOUNDS: ClassVar[dict] = {"classes": (1, MAX_CLASSES), "image_size": (1, 512), "channels": (1, 4),
+                              "train_per_class": (1, 100_000), "test_per_class": (1, 100_000), "noise": (0, None),
                               "seed": (0, SEED_MAX)}
 
 
@@ -105,14 +114,14 @@ class DataConfig:
     resident: Literal["device", "host"] = "device"   # where the uint8 image tensors live
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     test_fraction: float = 0.3            # digits: stratified held-out share
-    BOUNDS: ClassVar[dict] = {"image_size": (0, None), "test_fraction": (0, 1)}
+    BOUNDS: ClassVar[dict] = {"image_size": (0, MAX_SIDE), "test_fraction": (0, 1)}
 
 
 @dataclass
 class OnlineConfig:
     """Online regime: the stream batch is train.batch_size and one pass is train.epochs = 1."""
     replay_batch: int = 10
-    BOUNDS: ClassVar[dict] = {"replay_batch": (0, None)}
+    BOUNDS: ClassVar[dict] = {"replay_batch": (0, MAX_BATCH)}
 
 
 @dataclass
@@ -120,7 +129,7 @@ class BackboneConfig:
     name: Literal["resnet32", "resnet20", "resnet18_cifar", "resnet18_imagenet", "resnet18_reduced",
                   "resnet32_podnet"] = "resnet32"
     width: int = 0                        # base width; 0 = the architecture's standard width
-    BOUNDS: ClassVar[dict] = {"width": (0, None)}
+    BOUNDS: ClassVar[dict] = {"width": (0, 1024)}         # ResNet widths are 16-64; 1024 is already huge
 
 
 @dataclass
@@ -150,8 +159,8 @@ class Protocol:
     # methods of different augmentation lineages (ImageNet-100: DER/PyCIL/TSD without brightness jitter,
     # PODNet/EXACFS with it)
     method_augment: dict[str, dict] = field(default_factory=dict)
-    BOUNDS: ClassVar[dict] = {"num_classes": (1, None), "tasks": (1, None), "eval_batch_size": (1, None),
-                              "class_order": (0, None)}
+    BOUNDS: ClassVar[dict] = {"num_classes": (1, MAX_CLASSES), "tasks": (1, MAX_CLASSES),
+                              "eval_batch_size": (1, MAX_BATCH), "class_order": (0, MAX_CLASSES)}
 
     def validate(self, where: str) -> None:
         check_component(self.name, f"{where}: protocol name")   # it names a folder under --out

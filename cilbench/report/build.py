@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Callable
@@ -39,6 +38,7 @@ from cilbench.report.tables import (
     to_latex_compact,
     to_markdown,
 )
+from cilbench.safeio import atomic_write, make_folder, read_bounded
 
 MANIFEST = ".cilbench-report.json"
 RESERVED = {"summary", "runs", "index"}
@@ -201,8 +201,8 @@ class _Written:
         self.out_dir, self.files = out_dir, []
 
     def text(self, path: Path, text: str) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        make_folder(path.parent, self.out_dir)
+        atomic_write(path, text, root=self.out_dir)
         return self.add(path)
 
     def add(self, path: Path) -> Path:
@@ -222,7 +222,8 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
     """Scan runs_dir (only the seed directories include() keeps; None = all), aggregate seeds, write tables,
     plots (unless plots=False: tables and the page only, much faster) and index.html under out_dir;
     return index.html."""
-    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    # resolved before any check: `--out userdir/missing/..` is userdir, and must meet the guard as such
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir).resolve()
     chosen_metrics = resolve_metrics(list(metrics) if metrics else None)
     all_runs = scan_runs(runs_dir, include)
     if not all_runs:
@@ -240,6 +241,8 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
     out_dir.mkdir(parents=True, exist_ok=True)
     w = _Written(out_dir)
     tables_dir, plot_dir, ref_out = out_dir / "tables", out_dir / "plots", out_dir / "reference"
+    for folder in (tables_dir, plot_dir / "training") if plots else (tables_dir,):
+        make_folder(folder, out_dir)      # a planted `tables -> ~/thesis` is refused before any write
     slugs = unique_slugs(list(groups))
     sections = []
     for protocol, gs in groups.items():
@@ -296,16 +299,16 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
     ref_files = []
     src_dir = Path(reference_dir) if reference_dir is not None else REFERENCE_DIR
     if src_dir.is_dir():
-        ref_out.mkdir(parents=True, exist_ok=True)
+        make_folder(ref_out, out_dir)
         for f in sorted(src_dir.glob("*.csv")):
-            shutil.copyfile(f, ref_out / f.name)
+            atomic_write(ref_out / f.name, read_bounded(f, 1 << 24, "a reference CSV"), root=out_dir)
             ref_files.append(w.add(ref_out / f.name))
     made = (f"Made {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by cilbench {__version__}"
             + (f" (commit {_git_commit()})" if _git_commit() else ""))
     index = write_html(out_dir, made, sections, summary, shown_runs, training, ref_files, runs_dir, runs_csv_path)
     w.add(index)
-    (out_dir / MANIFEST).write_text(json.dumps({"written_by": f"cilbench {__version__}", "files": w.files},
-                                               indent=1), encoding="utf-8")
+    atomic_write(out_dir / MANIFEST, json.dumps({"written_by": f"cilbench {__version__}", "files": w.files},
+                                                indent=1))
     return index
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cilbench.report.runs import SeedRun
 from cilbench.report.tables import run_info, status_text
+from cilbench.safeio import atomic_write
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1500px;
@@ -157,5 +158,5 @@ def write_html(out_dir: Path, made: str, sections: list[Section], summary: dict 
     parts.append('<p class="links">' + _links(ref_files, out_dir, lambda p: p.name) + "</p>")
     parts.append("</body></html>")
     index = out_dir / "index.html"
-    index.write_text("\n".join(parts), encoding="utf-8")
+    atomic_write(index, "\n".join(parts), root=out_dir)
     return index

@@ -14,6 +14,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cilbench.safeio import atomic_write
+
 DPI = 100                      # CSS pixels per inch of figure size
 SCALE = 2                      # PNG pixels per CSS pixel
 SIZES = {                      # kind -> (width, height) in CSS pixels, the size the page shows
@@ -107,9 +109,9 @@ def _figure(kind: str, nrows: int = 1, ncols: int = 1, rows_scale: int = 1):
 
 def _save(fig: Figure, path: Path) -> Path:
     """PNG at the fixed pixel size, and the same figure as a PDF (vector) beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI * SCALE)
-    fig.savefig(path.with_suffix(".pdf"), format="pdf")
+    path.parent.mkdir(parents=True, exist_ok=True)   # the report made its folders link-free already
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI * SCALE))
+    atomic_write(path.with_suffix(".pdf"), lambda fh: fig.savefig(fh, format="pdf"))
     return path
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cilbench.errors import UserError
-from cilbench.safeio import safe_yaml_loads
+from cilbench.safeio import read_bounded, safe_yaml_loads
 
 MAX_FILE_BYTES = 4_000_000         # a run's config/metrics/steps files are a few KB; refuse anything huge
 
@@ -24,11 +24,14 @@ MAX_FILE_BYTES = 4_000_000         # a run's config/metrics/steps files are a fe
 # Bounded loading
 
 def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
-    """UTF-8 text of a small file; ValueError naming the file when it is too big or not text."""
-    with open(path, "rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{path.name} is larger than {limit} bytes")
+    """UTF-8 text of a small regular file; ValueError naming the file when it is too big, not text, or not a
+    regular file (a FIFO would block the report forever)."""
+    try:
+        data = read_bounded(path, limit, "a small run file")
+    except UserError as exc:
+        if "not found" in str(exc):
+            raise FileNotFoundError(path) from None
+        raise ValueError(f"{path.name}: {str(exc).removeprefix(f'{path}: ')}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -1,15 +1,20 @@
-"""One process per run directory: an exclusive lock held for the run's lifetime.
+"""One process per run directory: an exclusive lock held for the run's lifetime, and who holds it.
 
-The lock is `<run dir>/.lock`, holding the owner's pid, and an OS advisory lock (flock) on that file. The OS
-drops the flock when its process dies however it dies, so a lock file left by a killed run (its pid gone) is
-stale and simply taken over; a live owner is named in the error the second process gets.
+The lock is `<run dir>/.lock`, an OS advisory lock (flock) on that file, which records the owner: its pid,
+host and (under Slurm) job id. The OS drops the flock when its process dies however it dies, so a lock file
+left by a killed run is stale and simply taken over; a live owner is named in the error the second process
+gets. Liveness is judged by the flock, never by the pid alone (a pid is reused after a reboot, and means
+nothing on another host): see `lock_owner`, which `cilbench sweep` asks.
 """
 from __future__ import annotations
 
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from cilbench.errors import UserError
+from cilbench.safeio import open_for_update, read_bounded
 
 try:
     import fcntl
@@ -17,6 +22,18 @@ except ImportError:            # Windows: fall back to the pid in the file alone
     fcntl = None
 
 LOCK_NAME = ".lock"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who wrote a run's lock file. alive: True while the lock is held; False when it is not held (the owner
+    died, or the pid was reused by another process); None when this machine cannot tell: the owner was on
+    another host and the lock is not visibly held here (a cluster file system may not share flocks between
+    hosts), so ask the scheduler about `slurm_job`."""
+    host: str | None
+    pid: int | None
+    slurm_job: str | None
+    alive: bool | None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -29,11 +46,68 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_pid(path: Path) -> int | None:
+def _record() -> str:
+    """The lock file's text: the pid on the first line (what older cilbench wrote), then key=value lines."""
+    lines = [str(os.getpid()), f"host={socket.gethostname()}"]
+    if os.environ.get("SLURM_JOB_ID"):
+        lines.append(f"slurm_job={os.environ['SLURM_JOB_ID']}")
+    return "\n".join(lines) + "\n"
+
+
+def _parse(text: str) -> tuple[int | None, dict]:
+    first, *rest = text.splitlines() or [""]
     try:
-        return int(path.read_text().strip() or "x")
-    except (OSError, ValueError):
+        pid = int(first.strip())
+    except ValueError:
+        pid = None
+    fields = dict(line.split("=", 1) for line in rest if "=" in line)
+    return pid, fields
+
+
+def _read(path: Path) -> tuple[int | None, dict]:
+    try:
+        return _parse(read_bounded(path, 4096, "a lock file").decode("utf-8", errors="replace"))
+    except UserError:
+        return None, {}
+
+
+def _held(path: Path) -> bool | None:
+    """Whether some process holds the flock on `path`: try it without waiting and let go at once. None when
+    the file system does not do flock (or there is no fcntl)."""
+    if fcntl is None:
         return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:            # ENOLCK, EOPNOTSUPP: a file system without flock
+        return None
+    finally:
+        os.close(fd)           # closing drops a lock we took
+    return False
+
+
+def lock_owner(run_dir: str | Path) -> Owner | None:
+    """The owner recorded in `run_dir`'s lock file, and whether it is alive; None when there is no lock file
+    (no process has the run, or it ended and released it)."""
+    path = Path(run_dir) / LOCK_NAME
+    if not path.is_file() or path.is_symlink():
+        return None
+    pid, fields = _read(path)
+    host = fields.get("host")
+    local = host is None or host == socket.gethostname()
+    held = _held(path)
+    if held is None and local and pid:
+        alive = _pid_alive(pid)         # no flock here: the pid on this host is the best evidence left
+    elif held is False and not local:
+        alive = None                    # not held as seen from here: flocks may not cross hosts
+    else:
+        alive = held
+    return Owner(host, pid, fields.get("slurm_job"), alive)
 
 
 class RunLock:
@@ -54,8 +128,11 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def _busy(self, pid: int | None) -> UserError:
+    def _busy(self) -> UserError:
+        pid, fields = _read(self.path)
         who = f"process {pid}" if pid else "another process"
+        if fields.get("host") and fields["host"] != socket.gethostname():
+            who += f" on {fields['host']}"
         return UserError(f"run directory {self.dir} is in use by {who} (lock {self.path}); wait for it to "
                          "finish or stop it, or pick another --tag/--seed")
 
@@ -63,32 +140,37 @@ class RunLock:
         missing = [p for p in [self.dir, *self.dir.parents] if not p.exists()]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.created = [p for p in missing if self.stop_at is None or p != self.stop_at]
+        try:
+            self.fd = self._lock()
+        except BaseException:
+            self._cleanup_created()
+            raise
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, _record().encode())
+
+    def _lock(self) -> int:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_for_update(self.path)     # never through a planted link
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     os.close(fd)
-                    self._cleanup_created()
-                    raise self._busy(_read_pid(self.path)) from None
+                    raise self._busy() from None
             else:
-                pid = _read_pid(self.path)
+                pid, _ = _read(self.path)
                 if pid and pid != os.getpid() and _pid_alive(pid):
                     os.close(fd)
-                    raise self._busy(pid)
+                    raise self._busy()
             # the owner before us may have unlinked the file between our open and our flock: then we hold a
             # lock on a file nobody else can see; open the current one again
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
-                break
+                return fd
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
 
     def release(self) -> None:
         if self.fd is None:

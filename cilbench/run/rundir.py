@@ -1,23 +1,27 @@
-"""Run directory: every file a run writes, written atomically (temp file + rename).
+"""Run directory: every file a run writes, written atomically (temp file + rename) and never through a link.
 
     <out>/<protocol>/<method>[+<tag>]/seed<k>/
         config.yaml  manifest.json  steps.csv  acc_matrix.csv  metrics.json  events.jsonl  checkpoint.pt
+
+The checkpoint and the manifest carry the run's identity (protocol, method, seed, a hash of config.yaml,
+and in the checkpoint the task it continues from), so a resume refuses a checkpoint of another run.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from cilbench.errors import UserError
 from cilbench.run.lock import LOCK_NAME
-from cilbench.safeio import safe_yaml_load
+from cilbench.safeio import append_line, atomic_write, check_no_foreign_entries, read_bounded, safe_yaml_load
 
 # params = params_total (backbones + classifier); params_backbone counts the extractors only (DER's #Paras)
 STEP_FIELDS = ["step", "classes_seen", "top1", "top5", "extractors", "params", "memory_size",
@@ -31,12 +35,7 @@ def run_dir(out: str | Path, protocol: str, run_name: str, seed: int) -> Path:
     return Path(out) / protocol / run_name / f"seed{seed}"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
+MANIFEST_MAX_BYTES = 1 << 20       # a manifest is a few KB
 def damaged(path: Path, what: str) -> UserError:
     """The one-line error for a run file that cannot be read back."""
     return UserError(f"{path}: {what}; the run directory is damaged: start it over with --force "
@@ -55,6 +54,7 @@ class RunStore:
     def __init__(self, path: Path, root: str | Path | None = None):
         self.path = Path(path)
         self.root = Path(root) if root is not None else None   # --out: nothing is removed outside it
+        self._identity: dict | None = None
 
     def exists(self) -> bool:
         return (self.path / "manifest.json").exists() or (self.path / "config.yaml").exists()
@@ -80,7 +80,9 @@ class RunStore:
 
     def check_inside_root(self) -> None:
         """--force removes the run directory's contents; refuse when (through a link, say) that directory is
-        not really below --out."""
+        not really below --out, or when it holds a link or special file cilbench did not create (a planted
+        `.lock -> ~/notes` would otherwise be written through)."""
+        check_no_foreign_entries(self.path, "run directory")
         if self.root is None:
             return
         real, root = self.path.resolve(), self.root.resolve()
@@ -91,6 +93,7 @@ class RunStore:
     # --- files ----------------------------------------------------------------------------------------
     def write_config(self, config: dict) -> None:
         atomic_write(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        self._identity = None
 
     def read_config(self) -> dict:
         path = self.path / "config.yaml"
@@ -103,12 +106,15 @@ class RunStore:
         return data
 
     def write_manifest(self, manifest: dict) -> None:
+        manifest = {**manifest, "identity": self.identity()} if (self.path / "config.yaml").exists() else manifest
         atomic_write(self.path / "manifest.json", json.dumps(manifest, indent=2))
 
     def read_manifest(self) -> dict:
         path = self.path / "manifest.json"
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            data = json.loads(read_bounded(path, MANIFEST_MAX_BYTES, "a run manifest").decode("utf-8"))
+        except UserError as exc:
+            raise damaged(path, str(exc).removeprefix(f"{path}: ")) from None
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise damaged(path, "truncated or not JSON") from None
         if not isinstance(data, dict):
@@ -136,8 +142,7 @@ class RunStore:
         atomic_write(self.path / "metrics.json", json.dumps(metrics, indent=2))
 
     def append_event(self, event: dict) -> None:
-        with open(self.path / "events.jsonl", "a") as fh:
-            fh.write(json.dumps(event) + "\n")
+        append_line(self.path / "events.jsonl", json.dumps(event))
 
     def truncate_events(self, keep_tasks_below: int) -> None:
         path = self.path / "events.jsonl"
@@ -158,10 +163,8 @@ class RunStore:
 
     # --- checkpoint -----------------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
-        path = self.path / "checkpoint.pt"
-        tmp = path.with_name(".checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        state = {**state, "identity": {**self.identity(), "task": state["next_task"]}}
+        atomic_write(self.path / "checkpoint.pt", lambda fh: torch.save(state, fh))
 
     def load_checkpoint(self, device) -> dict | None:
         path = self.path / "checkpoint.pt"
@@ -173,13 +176,62 @@ class RunStore:
             raise damaged(path, "truncated or not a cilbench checkpoint") from None
         if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
             raise damaged(path, "not a cilbench checkpoint")
+        self.check_checkpoint(state)
         return state
+
+    # --- identity -------------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """Which run this is: protocol, method and seed from config.yaml, and the SHA-256 of config.yaml
+        (the fully resolved configuration, written once when the run starts)."""
+        if self._identity is None:
+            path = self.path / "config.yaml"
+            text = read_bounded(path, 1 << 20, "a run configuration")
+            config = self.read_config()
+            protocol = config.get("protocol")
+            self._identity = {"protocol": protocol.get("name") if isinstance(protocol, dict) else None,
+                              "method": config.get("method"), "seed": config.get("seed"),
+                              "config_sha256": hashlib.sha256(text).hexdigest()}
+        return self._identity
+
+    def check_checkpoint(self, state: dict) -> None:
+        """Refuse a checkpoint of another run (another protocol, method, seed or configuration: copied in, or
+        left by a run that was replaced) and one whose task index does not fit this run's manifest."""
+        path = self.path / "checkpoint.pt"
+        manifest = self.read_manifest() if (self.path / "manifest.json").exists() else {}
+        stamp = state.get("identity")
+        if stamp is None and "identity" not in manifest:
+            stamp = None                       # a run started before identities were recorded: as before
+        elif not isinstance(stamp, dict) or {k: v for k, v in stamp.items() if k != "task"} != self.identity():
+            raise UserError(f"{path}: belongs to another run ({_describe(stamp)}), not this one "
+                            f"({_describe(self.identity())}); remove it to restart from the first task, or "
+                            "start over with --force")
+        self._check_task_index(state, manifest)
+
+    def _check_task_index(self, state: dict, manifest: dict) -> None:
+        """next_task must be a task of this run, agree with the results stored beside it, and be the task the
+        manifest counts as done (or one more: the checkpoint is written just before the manifest)."""
+        path = self.path / "checkpoint.pt"
+        nxt, total, done = state["next_task"], manifest.get("tasks_total"), manifest.get("tasks_done")
+        lengths = {len(state[k]) if isinstance(state[k], list) else -1 for k in ("steps", "acc", "acc5")}
+        ok = (isinstance(nxt, int) and not isinstance(nxt, bool) and nxt >= 1 and lengths == {nxt}
+              and (not isinstance(total, int) or nxt <= total)
+              and (not isinstance(done, int) or nxt in (done, done + 1))
+              and (state.get("identity") or {}).get("task", nxt) == nxt)
+        if not ok:
+            raise damaged(path, f"continues from task {nxt!r}, which does not fit this run "
+                          f"({done} of {total} tasks done, {sorted(lengths)} step records)")
 
 
 CHECKPOINT_KEYS = {"next_task", "method", "memory", "steps", "acc", "acc5"}
 
 
+def _describe(identity: Any) -> str:
+    if not isinstance(identity, dict):
+        return "no identity recorded"
+    return (f"protocol {identity.get('protocol')}, method {identity.get('method')}, seed {identity.get('seed')}, "
+            f"config {str(identity.get('config_sha256'))[:12]}")
+
+
 def read_matrix(path: Path) -> list[list[float]]:
-    with open(path) as fh:
-        rows = list(csv.reader(fh))[1:]
+    rows = list(csv.reader(io.StringIO(read_bounded(path, 1 << 24, "an accuracy matrix").decode("utf-8"))))[1:]
     return [[float(v) for v in row[1:] if v != ""] for row in rows]

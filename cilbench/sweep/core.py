@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ import yaml
 
 from cilbench.config import build, load_yaml, parse_override
 from cilbench.errors import UserError
+from cilbench.run.lock import lock_owner
+from cilbench.safeio import atomic_write, check_no_foreign_entries, check_no_linked_folder
 
 STATES = ("complete", "running", "interrupted", "failed", "pending")
 
@@ -245,14 +246,17 @@ class RunState:
     orphaned: bool = False           # marked running, but its process is gone (killed, out of memory, reboot)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _liveness(path: Path, status: str, reason: str) -> tuple[str, str]:
+    """A run marked running is alive while its lock is held (cilbench.run.lock), never judged by a pid alone;
+    an owner on another host whose lock is not visibly held here stays running, with the host named."""
+    owner = lock_owner(path)
+    if owner is None or owner.alive is False:
+        who = f"its process ({owner.pid})" if owner and owner.pid else "its process"
+        return "interrupted", f"{who} is gone (the run's lock is not held)"
+    if owner.alive is None:
+        job = f", Slurm job {owner.slurm_job}" if owner.slurm_job else ""
+        return status, f"owned by pid {owner.pid} on {owner.host}{job}; cannot tell from here whether it lives"
+    return status, reason
 
 
 def _elapsed(path: Path, manifest: dict) -> float | None:
@@ -281,9 +285,8 @@ def read_state(path: Path) -> RunState:
     reason = manifest.get("error") or ""
     if status == "complete" and not (Path(path) / "metrics.json").exists():
         status, reason = "failed", "marked complete but metrics.json is missing"
-    if status == "running" and manifest.get("host") == socket.gethostname() and manifest.get("pid") \
-            and not _pid_alive(int(manifest["pid"])):
-        status, reason = "interrupted", f"its process ({manifest['pid']}) is gone"
+    if status == "running":
+        status, reason = _liveness(Path(path), status, reason)
     if status not in STATES:
         status = "failed"
     return RunState(status, int(manifest.get("tasks_done") or 0), manifest.get("tasks_total"),
@@ -443,10 +446,18 @@ def log_folder(spec: SweepSpec) -> Path:
     return Path(spec.out).resolve() / "sweep-logs" / spec.name
 
 
+def check_log_folder(spec: SweepSpec) -> None:
+    """submitit and the shell write the logs where we cannot pass O_NOFOLLOW: refuse a log folder reached
+    through a link or holding one (a planted `controllers.err -> ~/notes`) before anything is written."""
+    check_no_linked_folder(log_folder(spec) / "x", Path(spec.out).resolve())
+    check_no_foreign_entries(log_folder(spec), "sweep log folder")
+
+
 def make_executor(backend: Backend, spec: SweepSpec) -> submitit.AutoExecutor:
     if backend.kind == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
         raise UserError("--backend slurm: sbatch/srun not found; submit from a Slurm login node "
                         "(or use --backend local)")
+    check_log_folder(spec)
     executor = submitit.AutoExecutor(folder=log_folder(spec) / "%j", cluster=backend.kind)
     minutes = parse_time(backend.time)
     if backend.kind == "local":
@@ -592,8 +603,8 @@ def _submit_array(spec, start, executor, outcome, echo) -> Outcome:
     executor.update_parameters(slurm_setup=listing)
     jobs = executor.map_array(RunCell(), [run_command(spec, c) for c in start])
     outcome.job_id = jobs[0].job_id.split("_")[0]
-    (log_folder(spec) / f"array-{outcome.job_id}.txt").write_text(
-        "".join(f"{i}\t{' '.join(run_command(spec, c))}\n" for i, c in enumerate(start)))
+    atomic_write(log_folder(spec) / f"array-{outcome.job_id}.txt",
+                 "".join(f"{i}\t{' '.join(run_command(spec, c))}\n" for i, c in enumerate(start)))
     echo(f"submitted {len(start)} runs as Slurm job array {outcome.job_id}; logs in {log_folder(spec)}")
     return outcome
 

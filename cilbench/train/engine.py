@@ -45,8 +45,14 @@ class RuntimeOptions:
     # glibc on the CPU: keep freed activation buffers in the heap instead of returning them to the OS, so a
     # training step does not page-fault its buffers back in (steps reach full speed after 1-2 instead of ~10)
     tune_malloc: bool = True
-    BOUNDS: ClassVar[dict] = {"max_epochs": (1, None), "threads": (0, None), "divergence_factor": (0, None),
-                              "inference_batch": (0, None)}
+    # threads beyond a few per core only slow a run down, and a huge count crashes the OpenMP runtime
+    BOUNDS: ClassVar[dict] = {"max_epochs": (1, 100_000), "threads": (0, lambda: max_threads()),
+                              "divergence_factor": (0, None), "inference_batch": (0, 1 << 20)}
+
+
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: 4 per core of this machine."""
+    return 4 * (os.cpu_count() or 1)
 
 
 CPU_INFERENCE_PIXELS = 64 * 32 * 32   # images x height x width per CPU forward chunk (64 CIFAR images)
