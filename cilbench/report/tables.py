@@ -605,7 +605,8 @@ def run_info(r: SeedRun) -> dict[str, Any]:
     device = m.get("device_name") or m.get("device") or ""
     if m.get("device") and m.get("device_name") and m.get("device") not in str(m.get("device_name")):
         device = f"{m.get('device')} ({m.get('device_name')})"
-    return {"protocol": r.protocol, "run_name": r.run_name, "name": display_name(r.run_name, r.method, r.config.get("method_display")),
+    name = display_name(r.run_name, r.method, r.config.get("method_display"))
+    return {"protocol": r.protocol, "run_name": r.run_name, "name": name,
             "method": r.method, "seed": r.seed, "status": r.status, "tasks_done": r.tasks_done,
             "tasks_total": r.tasks_total, "averaged": "yes" if r.ok else "no", "reason": r.reason,
             "class_order": order_name(r.class_order, r.protocol_cfg.get("num_classes")) if r.config else "",
