@@ -155,6 +155,16 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flatten(tree: Any, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: nested mappings as dotted keys (leaves keep their values)."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=0.05' -> (['train', 'lr'], 0.05). The value is read as YAML so types come out right."""
     if "=" not in text:

@@ -9,8 +9,9 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "cilbench"
 
 # lowest first: a module may import its own layer and the layers below it
-LAYERS = ["cilbench.errors", "cilbench.safeio", "cilbench.config", "cilbench.data", "cilbench.train",
-          "cilbench.kit", "cilbench.run", "cilbench.report", "cilbench.sweep", "cilbench.bench", "cilbench.cli"]
+LAYERS = ["cilbench.errors", "cilbench.provenance", "cilbench.safeio", "cilbench.config", "cilbench.data",
+          "cilbench.train", "cilbench.kit", "cilbench.run", "cilbench.report", "cilbench.sweep", "cilbench.bench",
+          "cilbench.cli"]
 
 
 def imported_modules(path: Path, module: str) -> set[str]:

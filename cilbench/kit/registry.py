@@ -17,7 +17,6 @@ import importlib
 import importlib.util
 import os
 import pkgutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cilbench.errors import UserError
+from cilbench.provenance import git_commit
 
 ENTRY_POINT_GROUP = "cilbench.methods"
 PLUGIN_VARIABLE = "CILBENCH_PLUGINS"
@@ -71,16 +71,6 @@ def _source_of_module(module: str) -> dict:
     path = getattr(mod, "__file__", None)
     kind = "builtin" if module.startswith("cilbench.methods") else "module"
     return {"kind": kind, "module": module, "file": path}
-
-
-def _git_commit_of(path: Path) -> str | None:
-    folder = path if path.is_dir() else path.parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _file_hash(path: Path) -> str | None:
@@ -143,7 +133,7 @@ def load_path(path: str | Path) -> None:
     module = f"cilbench_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(module, location, submodule_search_locations=search)
     source = {"kind": "path", "module": module, "file": str(path), "sha256": _file_hash(path),
-              "git_commit": _git_commit_of(path)}
+              "git_commit": git_commit(path)}
     mod = importlib.util.module_from_spec(spec)
     sys.modules[module] = mod
     try:

@@ -36,8 +36,8 @@ from cilbench.report.aggregate import (
 )
 from cilbench.report.build import MANIFEST, build_report
 from cilbench.report.reference import REFERENCE_DIR, RefCurve, RefRow, load_reference
-from cilbench.report.runs import SeedRun, load_yaml_bounded, read_run, scan_runs
 from cilbench.report.tables import Column, Row, Stat, Table, protocol_table, status_text, to_rich
+from cilbench.run.rundir import SeedRun, load_yaml_bounded, read_run, scan_runs
 
 __all__ = ["METRICS", "MANIFEST", "REFERENCE_DIR", "Column", "Metric", "RefCurve", "RefRow", "Row", "RunGroup",
            "SeedRun", "Stat", "Table", "build_report", "default_metrics", "display_name", "group_runs",

@@ -9,8 +9,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from cilbench.config import flatten
 from cilbench.errors import UserError
-from cilbench.report.runs import SeedRun
+from cilbench.run.rundir import SeedRun
 
 # --------------------------------------------------------------------------------------------------------
 # Metrics a table can show
@@ -205,13 +206,9 @@ def memory_label(protocol_cfg: dict) -> str:
     return "none" if policy == "none" else ""
 
 
-def _flat(d: Any, prefix: str = "") -> dict:
-    if isinstance(d, dict):
-        out: dict = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: json.dumps(d, sort_keys=True, default=str)}
+def _flat(d: Any) -> dict:
+    """Dotted keys -> comparable text of the leaf values."""
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flatten(d).items()}
 
 
 # --------------------------------------------------------------------------------------------------------

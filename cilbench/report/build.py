@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Callable
 
 from cilbench import __version__
 from cilbench.errors import UserError
+from cilbench.provenance import git_commit
 from cilbench.report.aggregate import (
     METRICS,
     SUMMARY_DEFAULT,
@@ -26,7 +26,6 @@ from cilbench.report.aggregate import (
 from cilbench.report.figures import protocol_plots, training_plot
 from cilbench.report.page import Section, write_html
 from cilbench.report.reference import REFERENCE_DIR, filter_refs_by_methods, load_reference
-from cilbench.report.runs import read_text, scan_runs
 from cilbench.report.tables import (
     protocol_table,
     runs_csv,
@@ -38,6 +37,7 @@ from cilbench.report.tables import (
     to_latex_compact,
     to_markdown,
 )
+from cilbench.run.rundir import read_text, scan_runs
 from cilbench.safeio import atomic_write, make_folder, read_bounded
 
 MANIFEST = ".cilbench-report.json"
@@ -94,15 +94,6 @@ def unique_slugs(protocols: list[str]) -> dict[str, str]:
         taken.add(slug.lower())
         out[p] = slug
     return out
-
-
-def _git_commit() -> str:
-    try:
-        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        return res.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -304,7 +295,7 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
             atomic_write(ref_out / f.name, read_bounded(f, 1 << 24, "a reference CSV"), root=out_dir)
             ref_files.append(w.add(ref_out / f.name))
     made = (f"Made {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by cilbench {__version__}"
-            + (f" (commit {_git_commit()})" if _git_commit() else ""))
+            + (f" (commit {commit})" if (commit := git_commit(Path(__file__))) else ""))
     index = write_html(out_dir, made, sections, summary, shown_runs, training, ref_files, runs_dir, runs_csv_path)
     w.add(index)
     atomic_write(out_dir / MANIFEST, json.dumps({"written_by": f"cilbench {__version__}", "files": w.files},

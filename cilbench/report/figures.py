@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cilbench.report.aggregate import RunGroup, family
 from cilbench.report.reference import RefCurve, RefRow
-from cilbench.report.runs import MAX_FILE_BYTES, SeedRun, read_text
+from cilbench.run.rundir import MAX_FILE_BYTES, SeedRun, read_text
 
 PUBLISHED_GREYS = ["#444444", "#999999", "#8c564b", "#bcbd22", "#17becf", "#7f7f7f"]
 

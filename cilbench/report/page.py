@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cilbench.report.runs import SeedRun
 from cilbench.report.tables import run_info, status_text
+from cilbench.run.rundir import SeedRun
 from cilbench.safeio import atomic_write
 
 CSS = """

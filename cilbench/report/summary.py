@@ -3,7 +3,6 @@ the per-step table, then the run's row as `cilbench report` shows it, with the p
 method and protocol and the differences where protocol, backbone and memory match."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from rich.console import Console
@@ -22,18 +21,14 @@ from cilbench.report import (
     status_text,
     to_rich,
 )
+from cilbench.run.rundir import read_steps
 
 
 def _steps(path: Path) -> list[dict]:
     """Per-step rows of a run of any status (empty when steps.csv is missing or unreadable)."""
     try:
-        with open(path / "steps.csv") as fh:
-            return [{"step": int(r["step"]), "classes_seen": int(r["classes_seen"]), "top1": float(r["top1"]),
-                     "top5": float(r["top5"]), "extractors": int(r["extractors"]),
-                     "params": int(float(r.get("params_total") or r["params"])),
-                     "train_seconds": float(r.get("train_seconds") or 0),
-                     "eval_seconds": float(r.get("eval_seconds") or 0)} for r in csv.DictReader(fh)]
-    except (OSError, ValueError, KeyError):
+        return read_steps(path / "steps.csv")
+    except (OSError, ValueError):
         return []
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from cilbench.report.aggregate import METRICS, RunGroup, mean_std, memory_label
 from cilbench.report.reference import MARKS, RefCurve, RefRow
-from cilbench.report.runs import SeedRun
+from cilbench.run.rundir import SeedRun
 
 # --------------------------------------------------------------------------------------------------------
 # The model

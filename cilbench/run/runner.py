@@ -9,7 +9,6 @@ import os
 import platform
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,13 +19,14 @@ from typing import Any
 import torch
 
 from cilbench import __version__
-from cilbench.config import apply_override, build, parse_override, to_dict
+from cilbench.config import apply_override, build, flatten, parse_override, to_dict
 from cilbench.data.datasets import image_side, load_dataset
 from cilbench.data.protocol import Protocol, build_protocol, card_path, load_card, order_for_seed, with_method_augment
 from cilbench.data.stream import Stream, Task
 from cilbench.errors import Terminated, TrainingDiverged, UserError
 from cilbench.kit.contract import Context, Method
 from cilbench.kit.registry import Entry, get_method
+from cilbench.provenance import git_commit
 from cilbench.run.lock import RunLock
 from cilbench.run.metrics import summarize
 from cilbench.run.rundir import RunStore, check_out_root, damaged, run_dir
@@ -120,15 +120,6 @@ def resolve(request: RunRequest) -> Resolved:
               "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime),
               "class_order": class_order}
     return Resolved(entry, protocol, method_cfg, runtime, run_name, config)
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _now() -> str:
@@ -245,173 +236,223 @@ def sigterm_as_interrupt():
 
 
 def execute(request: RunRequest) -> Path:
+    """One run, in named steps: resolve, restore (on --resume), set up, learn task by task, finish."""
     resolved = resolve(request)
     root = check_out_root(request.out)
     store = RunStore(run_dir(root, resolved.protocol.name, resolved.run_name, request.seed), root=root)
     store.check_inside_root()   # before the lock file is written: a linked-away run directory is refused
     with RunLock(store.path), sigterm_as_interrupt():   # one process per run directory
-        return _execute(request, resolved, store)
+        session = RunSession(request, resolved, store)
+        checkpoint = session.restore()
+        session.set_up(checkpoint)
+        return session.learn_all()
 
 
-def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
-    protocol, runtime, cls = resolved.protocol, resolved.runtime, resolved.entry.cls
-    started = time.perf_counter()
-    checkpoint = None
-    device = resolve_device(runtime.device)
-    if request.resume and store.exists():
-        stored = store.read_config()
-        _check_same_config(stored, resolved.config)
-        checkpoint = store.load_checkpoint(device)
+class RunSession:
+    """The state of one run while it executes. The manifest's status changes only in `mark`."""
+
+    def __init__(self, request: RunRequest, resolved: Resolved, store: RunStore):
+        self.request, self.resolved, self.store = request, resolved, store
+        self.started = time.perf_counter()
+        self.device = resolve_device(resolved.runtime.device)
+        self.steps: list[dict] = []
+        self.acc: list[list[float]] = []
+        self.acc5: list[list[float]] = []
+        self.start_task = 0
+        self.timing = dict.fromkeys(TIME_PARTS, 0.0)     # seconds over the run, resumed parts included
+        self.wall_before = 0.0                           # wall seconds of the processes before a resume
+        self.manifest: dict = {}
+
+    # --- restore ------------------------------------------------------------------------------------
+    def restore(self) -> dict | None:
+        """On --resume: the stored config must match and the checkpoint must be this run's; else the
+        directory must be free (or --force)."""
+        request, store = self.request, self.store
+        if not (request.resume and store.exists()):
+            store.check_free(force=request.force)
+            return None
+        _check_same_config(store.read_config(), self.resolved.config)
+        checkpoint = store.load_checkpoint(self.device)
         manifest = store.read_manifest() if (store.path / "manifest.json").exists() else {}
         if manifest.get("status") == "complete":
             raise UserError(f"run {store.path} is already complete; use --force to run it again")
         if checkpoint is None and manifest.get("tasks_done"):
             raise damaged(store.path / "checkpoint.pt", f"missing, but manifest.json says "
                           f"{manifest['tasks_done']} task(s) are done")
-        if checkpoint is not None and checkpoint.get("run_name", resolved.run_name) != resolved.run_name:
+        if checkpoint is not None and checkpoint.get("run_name", self.resolved.run_name) != self.resolved.run_name:
             raise damaged(store.path / "checkpoint.pt", f"written by run '{checkpoint['run_name']}', "
-                          f"not '{resolved.run_name}'")
-    else:
-        store.check_free(force=request.force)
-    set_deterministic(runtime.deterministic)
-    if runtime.tune_malloc and device.type == "cpu":
-        tune_malloc()
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
-    # data, stream and method come before any file is written: missing data or options the method rejects
-    # leave nothing behind
-    dataset = load_dataset(protocol, request.data_root)
-    stream = Stream(protocol, dataset, device)
-    storage = stream.train.labels.device          # memory indices live where the images do
-    memory = make_memory(protocol.memory, storage) if cls.uses_exemplars else None
-    reporter = Reporter(request.quiet, stream.num_tasks)
+                          f"not '{self.resolved.run_name}'")
+        return checkpoint
 
-    def on_epoch(event: dict) -> None:
-        store.append_event(event)
-        reporter.epoch(event)
-
-    def on_message(message: str) -> None:
-        store.append_event({"task": engine.task, "kind": "message", "message": message})
-        reporter.message(message)
-
-    engine = Engine(stream, runtime, device, on_epoch=on_epoch)
-    ctx = Context(protocol, stream, engine, memory, device, request.seed, log_sink=on_message)
-    engine.begin_task(request.seed, 0)
-    try:
-        method = cls(resolved.method_cfg, ctx)
-    except UserError:
-        reporter.close()
-        raise
-    if checkpoint is None:   # a new run, or one interrupted before its first task finished: start afresh
-        store.create(force=request.force or request.resume)
-
-    steps, acc, acc5 = [], [], []
-    start_task = 0
-    timing = dict.fromkeys(TIME_PARTS, 0.0)    # seconds over the run, resumed parts included
-    wall_before = 0.0                           # wall seconds of the processes before a resume
-    if checkpoint is not None:
+    # --- set up -------------------------------------------------------------------------------------
+    def set_up(self, checkpoint: dict | None) -> None:
+        """Runtime switches, data, stream, memory, engine, method; then the method's and memory's state
+        from the checkpoint. Data and method come before any file is written: missing data or options the
+        method rejects leave nothing behind."""
+        request, resolved, store = self.request, self.resolved, self.store
+        runtime, cls = resolved.runtime, resolved.entry.cls
+        set_deterministic(runtime.deterministic)
+        if runtime.tune_malloc and self.device.type == "cpu":
+            tune_malloc()
+        if runtime.threads:
+            torch.set_num_threads(runtime.threads)
+        dataset = load_dataset(resolved.protocol, request.data_root)
+        self.stream = stream = Stream(resolved.protocol, dataset, self.device)
+        self.storage = stream.train.labels.device          # memory indices live where the images do
+        self.memory = make_memory(resolved.protocol.memory, self.storage) if cls.uses_exemplars else None
+        self.reporter = Reporter(request.quiet, stream.num_tasks)
+        self.engine = Engine(stream, runtime, self.device, on_epoch=self._on_epoch)
+        self.ctx = Context(resolved.protocol, stream, self.engine, self.memory, self.device, request.seed,
+                           log_sink=self._on_message)
+        self.engine.begin_task(request.seed, 0)
         try:
-            method.load_state_dict(checkpoint["method"])
-            if memory is not None and checkpoint["memory"] is not None:
-                memory.load_state_dict(checkpoint["memory"], storage)
+            self.method = cls(resolved.method_cfg, self.ctx)
+        except UserError:
+            self.reporter.close()
+            raise
+        if checkpoint is None:   # a new run, or one interrupted before its first task finished: start afresh
+            store.create(force=request.force or request.resume)
+            store.write_config(resolved.config)
+        else:
+            self._load(checkpoint)
+        self.manifest = self._new_manifest()
+        store.write_manifest(self.manifest)
+
+    def _load(self, checkpoint: dict) -> None:
+        try:
+            self.method.load_state_dict(checkpoint["method"])
+            if self.memory is not None and checkpoint["memory"] is not None:
+                self.memory.load_state_dict(checkpoint["memory"], self.storage)
         except Exception as exc:   # another method's or another configuration's state
-            reporter.close()
-            raise damaged(store.path / "checkpoint.pt", f"does not fit method '{request.method}' "
+            self.reporter.close()
+            raise damaged(self.store.path / "checkpoint.pt", f"does not fit method '{self.request.method}' "
                           f"({type(exc).__name__})") from None
-        steps, acc, acc5 = checkpoint["steps"], checkpoint["acc"], checkpoint["acc5"]
-        start_task = checkpoint["next_task"]
-        timing.update(checkpoint.get("timing", {}))
-        wall_before = timing["wall"]
-        store.truncate_events(start_task)
-    else:
-        store.write_config(resolved.config)
-    manifest = {
-        "status": "running", "method": request.method, "run_name": resolved.run_name,
-        "protocol": protocol.name, "seed": request.seed, "tag": request.tag,
-        "cilbench_version": __version__, "cilbench_commit": _git_commit(), "torch": torch.__version__,
-        "python": platform.python_version(), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "deterministic": runtime.deterministic, "started": _now(), "finished": None,
-        "host": socket.gethostname(), "pid": os.getpid(),   # lets `cilbench sweep` tell a dead run from a live one
-        "tasks_done": start_task, "tasks_total": stream.num_tasks, "error": None,
-    }
-    store.write_manifest(manifest)
-    bytes_per_sample = int(torch.tensor(stream.image_shape).prod())
-    try:
-        for t in range(start_task, stream.num_tasks):
-            task = stream.task(t)
-            engine.begin_task(request.seed, t)
-            t0, fit0 = time.perf_counter(), engine.fit_seconds
-            method.learn(task, ctx)
-            learn_s, fit_s = time.perf_counter() - t0, engine.fit_seconds - fit0
-            if isinstance(memory, ExemplarMemory):
-                method.eval()
-                memory.update(task.classes, stream.class_indices,
-                              lambda idx: engine.apply(method.features, idx), engine.order_gen)
-                method.after_memory_update(task, ctx)
-            train_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            top1, top5, row, row5 = evaluate(method, stream, engine, task)
-            extras = {**evaluate_task_aware(method, stream, engine, task), **method.step_record()}
-            eval_s = time.perf_counter() - t1
-            parts = {"fit": fit_s, "statistics": learn_s - fit_s, "herding": train_s - learn_s, "eval": eval_s}
-            footprint = method.inference_footprint()
-            steps.append({"step": t, "classes_seen": task.n_seen, "top1": round(top1, 4), "top5": round(top5, 4),
-                          "extractors": footprint.extractors, "params": footprint.params,
-                          "memory_size": len(memory) if memory is not None else 0,
-                          "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
-                          "memory_payload_bytes": memory.payload_nbytes() if memory is not None else 0,
-                          "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3),
-                          "params_backbone": footprint.params_backbone, "params_total": footprint.params,
-                          **{f"{k}_seconds": round(v, 3) for k, v in parts.items()}})
-            steps[-1].update(extras)
-            acc.append(row)
-            acc5.append(row5)
-            t2 = time.perf_counter()
-            for key, value in parts.items():
-                timing[key] += value
-            timing["wall"] = wall_before + t2 - started
-            store.write_steps(steps)
-            store.write_matrix("acc_matrix.csv", acc)
-            store.write_matrix("acc_matrix_top5.csv", acc5)
-            store.save_checkpoint({"next_task": t + 1, "run_name": resolved.run_name, "method": method.state_dict(),
-                                   "memory": memory.state_dict() if memory is not None else None,
-                                   "steps": steps, "acc": acc, "acc5": acc5, "timing": dict(timing)})
-            timing["checkpoint"] += time.perf_counter() - t2
-            manifest["tasks_done"] = t + 1
-            store.write_manifest(manifest)
-            reporter.task_done(f"task {t + 1}/{stream.num_tasks}: {task.n_seen} classes, top-1 {top1:.2f}, "
-                               f"top-5 {top5:.2f}, {footprint.extractors} extractor(s), "
-                               f"{footprint.params / 1e6:.3f}M params, train {train_s:.1f}s")
-            if request.stop_after and t + 1 >= request.stop_after and t + 1 < stream.num_tasks:
-                manifest.update(status="interrupted", error=f"stopped after task {t + 1} (--stop-after)")
-                store.write_manifest(manifest)
-                return store.path
-    except TrainingDiverged as exc:
-        manifest.update(status="failed", error=str(exc), finished=_now())
-        store.write_manifest(manifest)
-        raise
-    except KeyboardInterrupt as exc:
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        manifest.update(status="interrupted", error=f"{how}; continue with --resume")
-        store.write_manifest(manifest)
-        raise
-    except Exception as exc:   # out of memory, a method's error, ...: never leave the run marked running
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=_now())
-        store.write_manifest(manifest)
-        raise
-    finally:
-        reporter.close()
-    metrics = summarize([s["top1"] for s in steps], [s["top5"] for s in steps], acc, acc5)
-    metrics.update(params_avg=sum(s["params"] for s in steps) / len(steps), params_last=steps[-1]["params"],
-                   extractors_last=steps[-1]["extractors"], **param_counts(steps),
-                   train_seconds=sum(s["train_seconds"] for s in steps),
-                   eval_seconds=sum(s["eval_seconds"] for s in steps),
-                   time_split=time_split(timing, wall_before + time.perf_counter() - started))
-    store.write_metrics(metrics)
-    manifest.update(status="complete", finished=_now())
-    store.write_manifest(manifest)
-    return store.path
+        self.steps, self.acc, self.acc5 = checkpoint["steps"], checkpoint["acc"], checkpoint["acc5"]
+        self.start_task = checkpoint["next_task"]
+        self.timing.update(checkpoint.get("timing", {}))
+        self.wall_before = self.timing["wall"]
+        self.store.truncate_events(self.start_task)
+
+    def _new_manifest(self) -> dict:
+        request, device = self.request, self.device
+        return {
+            "status": "running", "method": request.method, "run_name": self.resolved.run_name,
+            "protocol": self.resolved.protocol.name, "seed": request.seed, "tag": request.tag,
+            "cilbench_version": __version__, "cilbench_commit": git_commit(Path(__file__)) or "unknown",
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or "cpu",
+            "deterministic": self.resolved.runtime.deterministic, "started": _now(), "finished": None,
+            "host": socket.gethostname(), "pid": os.getpid(),   # lets `cilbench sweep` tell a dead run from a live one
+            "tasks_done": self.start_task, "tasks_total": self.stream.num_tasks, "error": None,
+        }
+
+    def _on_epoch(self, event: dict) -> None:
+        self.store.append_event(event)
+        self.reporter.epoch(event)
+
+    def _on_message(self, message: str) -> None:
+        self.store.append_event({"task": self.engine.task, "kind": "message", "message": message})
+        self.reporter.message(message)
+
+    # --- status -------------------------------------------------------------------------------------
+    def mark(self, status: str, error: str | None = None, finished: bool = False, **fields) -> None:
+        """The one place a run's status changes: running -> interrupted | failed | complete."""
+        self.manifest.update(status=status, error=error, **fields)
+        if finished:
+            self.manifest["finished"] = _now()
+        self.store.write_manifest(self.manifest)
+
+    # --- the task loop ------------------------------------------------------------------------------
+    def learn_all(self) -> Path:
+        request, stream = self.request, self.stream
+        try:
+            for t in range(self.start_task, stream.num_tasks):
+                self.run_task(t)
+                if request.stop_after and t + 1 >= request.stop_after and t + 1 < stream.num_tasks:
+                    self.mark("interrupted", f"stopped after task {t + 1} (--stop-after)")
+                    return self.store.path
+        except TrainingDiverged as exc:
+            self.mark("failed", str(exc), finished=True)
+            raise
+        except KeyboardInterrupt as exc:
+            how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            self.mark("interrupted", f"{how}; continue with --resume")
+            raise
+        except Exception as exc:   # out of memory, a method's error, ...: never leave the run marked running
+            self.mark("failed", f"{type(exc).__name__}: {exc}", finished=True)
+            raise
+        finally:
+            self.reporter.close()
+        self.finish()
+        return self.store.path
+
+    def run_task(self, t: int) -> None:
+        """Learn task t, let the harness select exemplars, evaluate, record the step and checkpoint."""
+        stream, engine, memory, method, store = self.stream, self.engine, self.memory, self.method, self.store
+        task = stream.task(t)
+        engine.begin_task(self.request.seed, t)
+        t0, fit0 = time.perf_counter(), engine.fit_seconds
+        method.learn(task, self.ctx)
+        learn_s, fit_s = time.perf_counter() - t0, engine.fit_seconds - fit0
+        if isinstance(memory, ExemplarMemory):
+            method.eval()
+            memory.update(task.classes, stream.class_indices,
+                          lambda idx: engine.apply(method.features, idx), engine.order_gen)
+            method.after_memory_update(task, self.ctx)
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        top1, top5, row, row5 = evaluate(method, stream, engine, task)
+        extras = {**evaluate_task_aware(method, stream, engine, task), **method.step_record()}
+        eval_s = time.perf_counter() - t1
+        parts = {"fit": fit_s, "statistics": learn_s - fit_s, "herding": train_s - learn_s, "eval": eval_s}
+        footprint = method.inference_footprint()
+        self.steps.append(self._step_row(task, top1, top5, footprint, train_s, eval_s, parts, extras))
+        self.acc.append(row)
+        self.acc5.append(row5)
+        t2 = time.perf_counter()
+        for key, value in parts.items():
+            self.timing[key] += value
+        self.timing["wall"] = self.wall_before + t2 - self.started
+        store.write_steps(self.steps)
+        store.write_matrix("acc_matrix.csv", self.acc)
+        store.write_matrix("acc_matrix_top5.csv", self.acc5)
+        store.save_checkpoint({"next_task": t + 1, "run_name": self.resolved.run_name,
+                               "method": method.state_dict(),
+                               "memory": memory.state_dict() if memory is not None else None,
+                               "steps": self.steps, "acc": self.acc, "acc5": self.acc5,
+                               "timing": dict(self.timing)})
+        self.timing["checkpoint"] += time.perf_counter() - t2
+        self.manifest["tasks_done"] = t + 1
+        store.write_manifest(self.manifest)
+        self.reporter.task_done(f"task {t + 1}/{stream.num_tasks}: {task.n_seen} classes, top-1 {top1:.2f}, "
+                                f"top-5 {top5:.2f}, {footprint.extractors} extractor(s), "
+                                f"{footprint.params / 1e6:.3f}M params, train {train_s:.1f}s")
+
+    def _step_row(self, task: Task, top1: float, top5: float, footprint, train_s: float, eval_s: float,
+                  parts: dict, extras: dict) -> dict:
+        memory = self.memory
+        bytes_per_sample = int(torch.tensor(self.stream.image_shape).prod())
+        return {"step": task.index, "classes_seen": task.n_seen, "top1": round(top1, 4), "top5": round(top5, 4),
+                "extractors": footprint.extractors, "params": footprint.params,
+                "memory_size": len(memory) if memory is not None else 0,
+                "memory_bytes": memory.nbytes(bytes_per_sample) if memory is not None else 0,
+                "memory_payload_bytes": memory.payload_nbytes() if memory is not None else 0,
+                "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3),
+                "params_backbone": footprint.params_backbone, "params_total": footprint.params,
+                **{f"{k}_seconds": round(v, 3) for k, v in parts.items()}, **extras}
+
+    # --- finish -------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        steps = self.steps
+        metrics = summarize([s["top1"] for s in steps], [s["top5"] for s in steps], self.acc, self.acc5)
+        metrics.update(params_avg=sum(s["params"] for s in steps) / len(steps), params_last=steps[-1]["params"],
+                       extractors_last=steps[-1]["extractors"], **param_counts(steps),
+                       train_seconds=sum(s["train_seconds"] for s in steps),
+                       eval_seconds=sum(s["eval_seconds"] for s in steps),
+                       time_split=time_split(self.timing, self.wall_before + time.perf_counter() - self.started))
+        self.store.write_metrics(metrics)
+        self.mark("complete", finished=True)
 
 
 TIME_PARTS = ("wall", "fit", "statistics", "herding", "eval", "checkpoint")
@@ -446,15 +487,8 @@ DESCRIPTIVE = ("method_source", "method_display")
 
 
 def _check_same_config(stored: dict, current: dict) -> None:
-    def flat(d: Any, prefix: str = "") -> dict:
-        if isinstance(d, dict):
-            out = {}
-            for k, v in d.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        return {prefix[:-1]: d}
-    a, b = flat(stored), flat(current)
-    defaults = flat({"runtime": to_dict(RuntimeOptions())})
+    a, b = flatten(stored), flatten(current)
+    defaults = flatten({"runtime": to_dict(RuntimeOptions())})
     for key in sorted(set(a) | set(b)):
         if key in SPEED_ONLY or key.split(".")[0] in DESCRIPTIVE:
             continue
