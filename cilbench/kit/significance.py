@@ -15,6 +15,8 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
+from cilbench.train.engine import full_precision
+
 SigNorm = Literal["across_classes", "across_channels", "mean_one"]
 FeatureNorm = Literal["stage", "channel"]
 
@@ -33,7 +35,7 @@ def class_gradient_significance(forward: StageForward, loss: PerSampleLoss,
     counts = None
     with torch.enable_grad():
         for x, y in batches:
-            with torch.autocast(x.device.type, enabled=False):
+            with full_precision(x.device):
                 maps, out = forward(x.float())
                 grads = torch.autograd.grad(loss(out, y).sum(), maps)
             if sums is None:

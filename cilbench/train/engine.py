@@ -342,7 +342,7 @@ class Engine:
         outs = []
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]
-            with torch.autocast(self.device.type, enabled=False):
+            with full_precision(self.device):
                 outs.append(fn(self.augmenter.test(data.images[idx])).float())
         if not outs:
             return torch.empty(0, device=self.device)
@@ -354,10 +354,31 @@ def phase_config(base: TrainConfig, **changes) -> TrainConfig:
     return replace(base, **changes)
 
 
+def _fp32_switches() -> list[tuple[object, str]]:
+    """The backend flags that let CUDA run float32 convolutions and matmuls in TF32: torch's newer per-backend
+    `fp32_precision` (cuDNN convolutions default to TF32), else the legacy `allow_tf32` pair."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv is not None:
+        return [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+    return [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+
+
+@contextlib.contextmanager
 def full_precision(device: torch.device):
-    """A region without autocast: float32 maths for statistics and scores that bf16 would spoil (Gaussian
-    fitting, likelihoods), even where training runs under bf16 autocast."""
-    return torch.autocast(device.type, enabled=False)
+    """A region of true float32 maths for what is measured rather than trained (evaluation scores, herding
+    features, Gaussian statistics, feature significance): autocast off, and TF32 off for cuDNN convolutions
+    and CUDA matmuls (on Ampere and later, torch lets cuDNN run float32 convolutions in TF32 by default).
+    The flags are restored afterwards, so training keeps its fast path. On the CPU the flags change nothing."""
+    switches = _fp32_switches()
+    saved = [getattr(obj, name) for obj, name in switches]
+    try:
+        for obj, name in switches:
+            setattr(obj, name, "ieee" if name == "fp32_precision" else False)
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        for (obj, name), value in zip(switches, saved):
+            setattr(obj, name, value)
 
 
 @torch.no_grad()
