@@ -91,3 +91,12 @@ def test_imports_flow_down_the_layers_without_circles():
     for module in graph:
         if not state.get(module):
             visit(module, [module])
+
+
+def test_the_harness_never_imports_a_method():
+    """Methods are plug-ins found through the registry; no harness module imports one by name."""
+    for module, path in package_modules().items():
+        if module == "cilbench.kit.registry":
+            continue
+        imported = imported_modules(path, module)
+        assert not any(m.startswith("cilbench.methods") for m in imported), f"{module} imports a method"

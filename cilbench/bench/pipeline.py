@@ -147,7 +147,7 @@ def _online_setup(device_name: str, steps: int):
         from cilbench.errors import UserError
         raise UserError(f"--online-steps {steps}: need >= 5 so that each of the 50 classes of a task has a sample")
     from cilbench.kit.contract import Context
-    from cilbench.methods.pcr import HPCR, HPCRConfig
+    from cilbench.kit.registry import get_method
     from cilbench.train.memory import make_memory
     protocol = build(Protocol, ONLINE_CARD, "bench")
     device = resolve_device(device_name)
@@ -159,7 +159,8 @@ def _online_setup(device_name: str, steps: int):
     engine = Engine(stream, RuntimeOptions(device=device_name), device)
     engine.begin_task(0, 0)
     ctx = Context(protocol, stream, engine, make_memory(protocol.memory, device), device, seed=0)
-    return HPCR(HPCRConfig(), ctx), ctx
+    hpcr = get_method("hpcr")             # through the registry, as a run finds it: core never imports a plug-in
+    return hpcr.cls(build(hpcr.cls.Config, dict(hpcr.defaults), "bench"), ctx), ctx
 
 
 def online_engine(device_name: str, steps: int) -> float:
