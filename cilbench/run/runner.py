@@ -126,6 +126,17 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _job_info() -> dict:
+    """The Slurm job this run executes in and its log files (set by the sweep's job): a sweep on another host
+    asks Slurm whether that job is alive, and --status points at the log."""
+    env = os.environ
+    job = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"   # the id squeue and sacct show
+    logs = env.get("CILBENCH_JOB_LOGS")
+    return {"slurm_job_id": job, "job_logs": logs.split(os.pathsep) if logs else None}
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -317,7 +328,7 @@ def _execute(request: RunRequest, resolved: Resolved, store: RunStore) -> Path:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "deterministic": runtime.deterministic, "started": _now(), "finished": None,
         "host": socket.gethostname(), "pid": os.getpid(),   # lets `cilbench sweep` tell a dead run from a live one
-        "tasks_done": start_task, "tasks_total": stream.num_tasks, "error": None,
+        "tasks_done": start_task, "tasks_total": stream.num_tasks, "error": None, **_job_info(),
     }
     store.write_manifest(manifest)
     bytes_per_sample = int(torch.tensor(stream.image_shape).prod())
