@@ -5,6 +5,7 @@ as one job array; and the summary printed afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import sys
@@ -174,6 +175,8 @@ def _run_local(spec, start, executor, slots, backend, outcome, echo) -> Outcome:
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
+        with contextlib.suppress(OSError):   # submitit's local controllers create the folder pattern literally
+            (log_folder(spec) / "%j").rmdir()
     return outcome
 
 
