@@ -493,3 +493,15 @@ def test_run_owned_by_another_host_is_alive_while_its_slurm_job_is(stub_sbatch, 
     squeue_says(stub_sbatch, None)                                    # purged: ended long ago
     st = state.read_state(run_dir)
     assert st.state == "interrupted" and "Slurm job 77_1 ended" in st.reason
+
+
+def test_cpus_per_run_pins_threads_unless_the_cell_sets_them(tmp_path):
+    spec = grid.SweepSpec(name="t", methods=["finetune"], protocols=["digits_b4s2"], seeds=[0],
+                          set={"train.lr": [0.05, 0.1]}, out=str(tmp_path))
+    plain, _ = grid.prepare(spec)
+    assert "runtime.threads=3" in job.run_command(spec, plain, threads=3)
+    assert not any("runtime.threads" in a for a in job.run_command(spec, plain))
+    spec.set["runtime.threads"] = 1
+    pinned, _ = grid.prepare(spec)
+    command = job.run_command(spec, pinned, threads=3)
+    assert "runtime.threads=1" in command and "runtime.threads=3" not in command

@@ -181,7 +181,8 @@ CULPRITS = (("partition", "--partition"), ("account", "--account"), ("qos", "--q
 def sbatch_refusal(text: str) -> UserError:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line.split("error:", 1)[1].strip() for line in lines if "error:" in line]
-    message = errors[-1] if errors else (lines[-1] if lines else "no message")
+    said = [line.removeprefix("sbatch:").strip() for line in lines if line.startswith("sbatch:")]
+    message = (errors or said or lines or ["no message"])[-1]   # sbatch's own words, before submitit's
     culprit = next((flag for word, flag in CULPRITS if word in message.lower()), None)
     fix = f"check {culprit}" if culprit else "check the Slurm options (--partition, --account, --qos, --sbatch, ...)"
     return UserError(f"sbatch refused the submission: {message}; {fix}")
