@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -418,7 +419,7 @@ def test_cpu_sweep_asks_for_no_gpu_and_takes_setup_lines_flags_and_file_options(
     path = write_sweep(tmp_path / "cpu.yaml", **{**CI_GRID, "set": {}}, slurm={"setup": ["module load python"],
                                                                               "partition": "cpu", "qos": "low"})
     result = cli("sweep", path, "--out", tmp_path / "runs", "--backend", "slurm", "--qos", "normal",
-                 "--setup", "source /opt/venv/bin/activate", "--sbatch", "requeue", "--sbatch", "mail-type=FAIL",
+                 "--setup", "source /opt/venv/bin/activate", "--sbatch", "requeue=", "--sbatch", "mail-type=FAIL",
                  "--constraint", "avx2", "--cpus-per-run", "2")
     assert result.exit_code == 0, result.output
     text = _sbatch_script(stub_sbatch)
@@ -505,3 +506,17 @@ def test_cpus_per_run_pins_threads_unless_the_cell_sets_them(tmp_path):
     pinned, _ = grid.prepare(spec)
     command = job.run_command(spec, pinned, threads=3)
     assert "runtime.threads=1" in command and "runtime.threads=3" not in command
+
+
+def test_grid_on_the_command_line_gets_its_own_name_and_a_runnable_follow_up(cli, stub_sbatch, tmp_path):
+    out = tmp_path / "runs"
+    grid_args = ["--methods", "finetune", "--protocols", "digits_b4s2", "--seeds", "0", "--out", str(out)]
+    result = cli("sweep", *grid_args, "--epochs", "1", "--device", "cpu", "--backend", "slurm")
+    assert result.exit_code == 0, result.output
+    assert "submitted 1 run as Slurm job 4242;" in result.output
+    (folder,) = (out / "sweep-logs").iterdir()
+    assert folder.name.startswith("grid-")
+    follow_up = result.output.split("follow it with: ")[1].strip()
+    assert follow_up == shlex.join(["cilbench", "sweep", *grid_args, "--status"])
+    status = cli(*shlex.split(follow_up)[1:])
+    assert status.exit_code == 0 and status.stdout.startswith(f"sweep {folder.name}: 1 runs"), status.output

@@ -11,6 +11,11 @@ already=()
 for f in "${pidfiles[@]}"; do alive "$f" && already+=("$f"); done
 
 stop_started() {
+  # jobs the test left (it failed or was stopped part-way): their processes outlive slurmd otherwise
+  if alive /run/slurmctld.pid && [[ " ${already[*]-} " != *" /run/slurmctld.pid "* ]]; then
+    scancel --name cilbench-ci_slurm 2>/dev/null || true
+    for _ in $(seq 1 40); do [ -z "$(squeue -h --name cilbench-ci_slurm 2>/dev/null)" ] && break; sleep 0.5; done
+  fi
   for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do   # reverse order of start
     [[ " ${already[*]-} " == *" $f "* ]] && continue
     if alive "$f"; then
