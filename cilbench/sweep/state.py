@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cilbench.sweep import slurm
-from cilbench.sweep.grid import Cell, SweepSpec
+from cilbench.sweep.grid import Cell, SweepSpec, log_folder
 
 STATES = ("complete", "running", "interrupted", "failed", "pending")
 
@@ -133,7 +133,6 @@ def _queued_note(state: RunState, entry: dict, job_state: str | None) -> str:
 def status_table(spec: SweepSpec, cells: list[Cell]) -> str:
     """Counts per state, then one line per run: state, elapsed time, last finished task, Slurm job, and a
     note (reason; for a run that is not complete, its job's log)."""
-    from cilbench.sweep.grid import log_folder
     states = read_states(cells)
     record = slurm.JobRecord(log_folder(spec)).load()
     entries = [record.get(str(c.run_dir.resolve()), {}) for c in cells]
