@@ -86,7 +86,8 @@ def oom_kills() -> int:
     except OSError:
         return 0
     for line in lines:
-        _, controllers, rel = line.split(":", 2)
+        _, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
         names = [("memory.events", "/sys/fs/cgroup")] if controllers == "" else \
             [("memory.oom_control", "/sys/fs/cgroup/memory")] if "memory" in controllers.split(",") else []
         for name, root in names:
