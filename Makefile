@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT := results/runs
 DEMO_EPOCHS ?=
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-slurm demo lint bench clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# sweeps through a real one-node Slurm started (and stopped) by .ci/slurm/test.sh; needs root
+test-slurm: $(STAMP)
+	PYTHON=$(BIN)/python bash .ci/slurm/test.sh
 
 demo: $(STAMP)
 	$(BIN)/python -m cilbench.bench.demo

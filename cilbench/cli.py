@@ -186,10 +186,10 @@ def report(runs: Optional[str] = typer.Option(None, help="root of the run direct
     include = None
     try:
         if sweep is not None:
-            from cilbench.sweep import core as sweeps
-            spec = sweeps.load_sweep(sweep, out=runs)
-            include = sweeps.include_filter(sweeps.prepare(spec))
-            runs, out = spec.out, out or str(sweeps.default_report_dir(spec))
+            from cilbench.sweep import grid
+            spec = grid.load_sweep(sweep, out=runs)
+            include = grid.include_filter(grid.prepare(spec))
+            runs, out = spec.out, out or str(grid.default_report_dir(spec))
         index = build_report(Path(runs or "results/runs"), Path(out or "results/report"), protocols=protocol or None,
                              methods=methods or None, metrics=metric or None, include=include)
     except UserError as exc:
@@ -201,13 +201,26 @@ def _csv(values: List[str]) -> List[str]:
     return [v.strip() for text in values for v in text.split(",") if v.strip()]
 
 
+def _sweep_again(file, methods, protocols, seeds, sets, out, name) -> str:
+    """The command that selects this sweep again (for the printed follow-up, e.g. `... --status`)."""
+    import shlex
+    args = ["cilbench", "sweep"] + ([file] if file else [])
+    for flag, values in (("--methods", methods), ("--protocols", protocols), ("--seeds", seeds)):
+        if values:
+            args += [flag, ",".join(map(str, values))]
+    for text in sets:
+        args += ["--set", text]
+    args += (["--out", out] if out else []) + (["--name", name] if name else [])
+    return shlex.join(args)
+
+
 @app.command()
 def sweep(
     file: Optional[str] = typer.Argument(None, help="sweep file (protocols/sweeps/*.yaml); or give the grid below"),
     methods: List[str] = typer.Option([], "--methods", help="grid: methods (comma-separated or repeated)"),
     protocols: List[str] = typer.Option([], "--protocols", help="grid: protocols"),
     seeds: List[str] = typer.Option([], "--seeds", help="grid: seeds, e.g. 0,1,2"),
-    set_: List[str] = typer.Option([], "--set", help="key=value for every run, key=[v1,v2] for an axis"),
+    set_: List[str] = typer.Option([], "--set", help="key=value for every run, key=\\[v1,v2] for an axis"),
     epochs: Optional[int] = typer.Option(None, help="cap every training phase at N epochs"),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic/--fast", help="deterministic runs"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
@@ -217,22 +230,28 @@ def sweep(
     backend: str = typer.Option("local", help="local | slurm"),
     jobs: Optional[int] = typer.Option(None, help="local: runs at once [default: one per GPU slot, else 1]"),
     gpus: Optional[str] = typer.Option(None, help="local: GPU ids to pin runs to, e.g. 0,1,2,3 [default: all]"),
-    runs_per_gpu: int = typer.Option(1, help="local: runs packed on each GPU"),
+    runs_per_gpu: Optional[int] = typer.Option(None, help="local: runs packed on each GPU [default: 1]"),
+    cpus_per_run: Optional[int] = typer.Option(None, help="CPU threads of each run (torch threads; on Slurm also "
+                                               "--cpus-per-task) [default: torch's]"),
+    time_: Optional[str] = typer.Option(None, "--time", help="time limit per run, [D-]HH:MM:SS or minutes"),
     partition: Optional[str] = typer.Option(None, help="slurm: partition"),
     account: Optional[str] = typer.Option(None, help="slurm: account"),
-    time_: Optional[str] = typer.Option(None, "--time", help="time limit per run, [D-]HH:MM:SS"),
-    gpus_per_run: int = typer.Option(1, help="slurm: GPUs per run"),
-    cpus_per_run: Optional[int] = typer.Option(None, help="slurm: CPUs per run"),
+    qos: Optional[str] = typer.Option(None, help="slurm: quality of service"),
+    constraint: Optional[str] = typer.Option(None, help="slurm: node features, e.g. a100"),
+    gpus_per_run: Optional[int] = typer.Option(None, help="slurm: GPUs per run [default: 1; 0 for device cpu]"),
     mem_gb: Optional[float] = typer.Option(None, help="slurm: memory per run (GB)"),
     array_parallelism: Optional[int] = typer.Option(None, help="slurm: array tasks running at once"),
-    sbatch: List[str] = typer.Option([], "--sbatch", help="slurm: extra sbatch option key=value (repeatable)"),
+    setup: List[str] = typer.Option([], "--setup", help="slurm: job script line before the run, e.g. "
+                                    "'module load cuda' (repeatable)"),
+    sbatch: List[str] = typer.Option([], "--sbatch", help="slurm: other sbatch option, key=value or a bare flag "
+                                     "such as requeue (repeatable)"),
     status: bool = typer.Option(False, "--status", help="print each run's state (read from the run directories)"),
     retry_failed: bool = typer.Option(False, help="also rerun (resume) failed runs"),
     report_: bool = typer.Option(True, "--report/--no-report", help="local: build the sweep's report at the end"),
     plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ):
     """Run a grid of runs (methods x protocols x seeds x --set values) here or on Slurm, skipping complete runs."""
-    from cilbench.sweep import core as sweeps
+    from cilbench.sweep import backends, grid, launch, state
     _load_plugins(plugin)
     if backend not in ("local", "slurm"):
         _fail(f"--backend must be local or slurm, got {backend!r}")
@@ -242,34 +261,37 @@ def sweep(
         seed_list = [int(s) for s in _csv(seeds)]
     except ValueError:
         _fail(f"--seeds must be integers, e.g. --seeds 0,1,2; got {seeds}")
+    if gpus and not all(g.isdigit() for g in _csv([gpus])):
+        _fail(f"--gpus must be GPU ids, e.g. --gpus 0,1,2,3; got {gpus!r}")
+    options = backends.Backend(
+        kind=backend, jobs=jobs, gpus=[int(g) for g in _csv([gpus])] if gpus else None, runs_per_gpu=runs_per_gpu,
+        time=time_, partition=partition, account=account, qos=qos, constraint=constraint, gpus_per_run=gpus_per_run,
+        cpus_per_run=cpus_per_run, mem_gb=mem_gb, array_parallelism=array_parallelism, setup=list(setup),
+        sbatch=list(sbatch))
     try:
-        spec = sweeps.load_sweep(file, _csv(methods), _csv(protocols), seed_list, set_, epochs=epochs,
-                                 deterministic=deterministic, device=device, data_root=data_root, out=out, name=name)
-        cells = sweeps.prepare(spec)
+        spec = grid.load_sweep(file, _csv(methods), _csv(protocols), seed_list, set_, epochs=epochs,
+                               deterministic=deterministic, device=device, data_root=data_root, out=out, name=name)
+        cells = grid.prepare(spec)
         if status:
-            typer.echo(sweeps.status_table(spec, cells))
+            typer.echo(state.status_table(spec, cells))
             return
-        gpu_ids = None
-        if gpus:
-            if not all(g.isdigit() for g in _csv([gpus])):
-                _fail(f"--gpus must be GPU ids, e.g. --gpus 0,1,2,3; got {gpus!r}")
-            gpu_ids = [int(g) for g in _csv([gpus])]
-        options = sweeps.Backend(backend, jobs, gpu_ids, runs_per_gpu, time_, partition, account, gpus_per_run,
-                                 cpus_per_run, mem_gb, array_parallelism, list(sbatch))
-        if backend == "local" and gpus_per_run != 1:
-            _fail("--gpus-per-run applies to --backend slurm; the local backend pins each run to one GPU")
-        sweeps.parse_time(time_)
-        outcome = sweeps.run_sweep(spec, cells, options, retry_failed, echo=typer.echo)
+        backends.check_applicable(options)
+        if cpus_per_run is not None and cpus_per_run < 1:
+            _fail(f"--cpus-per-run must be >= 1, got {cpus_per_run}")
+        options = backends.with_file_options(options, spec) if backend == "slurm" else options
+        backends.parse_time(options.time)
+        outcome = launch.run_sweep(spec, cells, options, retry_failed, echo=typer.echo)
     except UserError as exc:
         _fail(str(exc))
     index = None
     if report_ and backend == "local" and outcome.complete and not outcome.interrupted:
         from cilbench.report import build_report
         try:
-            index = build_report(Path(spec.out), sweeps.default_report_dir(spec), include=sweeps.include_filter(cells))
+            index = build_report(Path(spec.out), grid.default_report_dir(spec), include=grid.include_filter(cells))
         except UserError as exc:
             typer.echo(f"report not written: {exc}", err=True)
-    typer.echo(sweeps.summary(spec, cells, outcome, index, file))
+    again = _sweep_again(file, _csv(methods), _csv(protocols), seed_list, set_, out, name)
+    typer.echo(launch.summary(spec, cells, outcome, index, again))
     if outcome.interrupted:
         raise typer.Exit(130)
     if outcome.failed:

@@ -262,12 +262,13 @@ def foreign_entries(folder: str | Path) -> list[Path]:
     return found
 
 
-def check_no_foreign_entries(folder: str | Path, what: str) -> None:
-    """Refuse a folder cilbench writes into (a run directory, sweep logs) that holds a link or special file."""
+def check_no_foreign_entries(folder: str | Path, what: str, only=None) -> None:
+    """Refuse a folder cilbench writes into (a run directory, sweep logs) that holds a link or special file;
+    `only(path)` limits the check to the entries cilbench itself writes to (another tool's links may stay)."""
     folder = Path(folder)
     if not folder.is_dir():
         return
-    found = foreign_entries(folder)
+    found = [e for e in foreign_entries(folder) if only is None or only(e)]
     if found:
         entry = found[0]
         info = entry.lstat()

@@ -22,7 +22,8 @@ from cilbench.errors import UserError
 from cilbench.run.lock import RunLock, lock_owner
 from cilbench.run.runner import RunRequest, resolve
 from cilbench.safeio import append_line, atomic_write, safe_yaml_load
-from cilbench.sweep import core as sweeps
+from cilbench.sweep import backends, grid
+from cilbench.sweep import state as sweep_state
 
 REPO = Path(__file__).resolve().parent.parent
 VICTIM_TEXT = "a user's file outside --out"
@@ -150,13 +151,13 @@ def test_report_out_with_dotdot_is_resolved_before_the_guard(tmp_path, report_ru
 
 
 def test_sweep_log_folder_with_a_link_is_refused(tmp_path, error_line):
-    spec = sweeps.load_sweep(None, methods=["replay"], protocols=["digits_b0s2"], seeds=[0], out=str(tmp_path))
-    logs = sweeps.log_folder(spec)
+    spec = grid.load_sweep(None, methods=["replay"], protocols=["digits_b0s2"], seeds=[0], out=str(tmp_path))
+    logs = grid.log_folder(spec)
     logs.mkdir(parents=True)
     victim = _victim(tmp_path)
     (logs / "controllers.err").symlink_to(victim)
     with pytest.raises(UserError, match="controllers.err"):
-        sweeps.make_executor(sweeps.Backend("local"), spec)
+        backends.make_executor(backends.Backend("local"), spec)
     assert victim.read_text() == VICTIM_TEXT
 
 
@@ -287,10 +288,10 @@ def test_a_reused_pid_does_not_keep_a_run_running(tmp_path):
     run = tmp_path / "run"
     _running_manifest(run)                        # the pid is alive (this test), but nobody holds the lock
     (run / ".lock").write_text(f"{os.getpid()}\nhost={socket.gethostname()}\n")
-    state = sweeps.read_state(run)
+    state = sweep_state.read_state(run)
     assert state.state == "interrupted" and state.orphaned
     with RunLock(run):                            # a held lock is a live run
-        assert sweeps.read_state(run).state == "running"
+        assert sweep_state.read_state(run).state == "running"
 
 
 def test_a_run_on_another_host_is_not_trusted_by_pid(tmp_path):
@@ -299,5 +300,5 @@ def test_a_run_on_another_host_is_not_trusted_by_pid(tmp_path):
     (run / ".lock").write_text(f"{os.getpid()}\nhost=node-elsewhere\nslurm_job=77\n")
     owner = lock_owner(run)
     assert (owner.host, owner.slurm_job, owner.alive) == ("node-elsewhere", "77", None)   # ask the scheduler
-    state = sweeps.read_state(run)
+    state = sweep_state.read_state(run)
     assert "node-elsewhere" in state.reason

@@ -122,6 +122,17 @@ def resolve(request: RunRequest) -> Resolved:
     return Resolved(entry, protocol, method_cfg, runtime, run_name, config)
 
 
+def _job_info() -> dict:
+    """The Slurm job this run executes in and its log files (set by the sweep's job): a sweep on another host
+    asks Slurm whether that job is alive, and --status points at the log."""
+    env = os.environ
+    job = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"   # the id squeue and sacct show
+    logs = env.get("CILBENCH_JOB_LOGS")
+    return {"slurm_job_id": job, "job_logs": logs.split(os.pathsep) if logs else None}
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -344,7 +355,7 @@ class RunSession:
             else platform.processor() or "cpu",
             "deterministic": self.resolved.runtime.deterministic, "started": _now(), "finished": None,
             "host": socket.gethostname(), "pid": os.getpid(),   # lets `cilbench sweep` tell a dead run from a live one
-            "tasks_done": self.start_task, "tasks_total": self.stream.num_tasks, "error": None,
+            "tasks_done": self.start_task, "tasks_total": self.stream.num_tasks, "error": None, **_job_info(),
         }
 
     def _on_epoch(self, event: dict) -> None:
