@@ -127,12 +127,23 @@ def build(cls: type, data: dict | None, where: str, prefix: str = "") -> Any:
     return obj
 
 
+def _declared_bounds(cls: type) -> dict:
+    """{field: (low, high)} from the `BOUNDS` ClassVar and from each field's `option(..., bounds=...)` metadata
+    (the ClassVar wins where both name a field)."""
+    declared = {f.name: tuple(f.metadata["bounds"]) for f in dataclasses.fields(cls)
+                if f.metadata.get("bounds") is not None} if dataclasses.is_dataclass(cls) else {}
+    declared.update(getattr(cls, "BOUNDS", {}))
+    return declared
+
+
 def check_bounds(obj: Any, where: str, prefix: str = "") -> None:
-    """Range checks declared on the config class: `BOUNDS: ClassVar[dict] = {"total": (0, None)}` means
-    0 <= total (inclusive; None = unbounded; a callable is asked for the bound when checked). Applies to
-    every list item too. A config class states its ranges once here instead of each check being an `if`."""
-    for name, (low, high) in getattr(type(obj), "BOUNDS", {}).items():
+    """Range checks declared on the config class: `BOUNDS: ClassVar[dict] = {"total": (0, None)}` or a field's
+    `option(..., bounds=(0, None))` means 0 <= total (inclusive; None = unbounded; a callable is asked for the
+    bound when checked). Applies to every list item too. A config class states its ranges once here instead of
+    each check being an `if`."""
+    for name, (low, high) in _declared_bounds(type(obj)).items():
         high = high() if callable(high) else high      # a bound of this machine (threads: its cores)
+        low = low() if callable(low) else low
         value = getattr(obj, name)
         items = value if isinstance(value, list) else [value]
         for item in items:

@@ -19,7 +19,7 @@ Herding then runs on the concatenated super-features (features()).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -42,6 +42,7 @@ from cilbench.kit import (
     drop_columns,
     expand_head,
     linear_head,
+    option,
     pack_module,
     phase_config,
     prune,
@@ -54,51 +55,87 @@ from cilbench.kit import (
 @dataclass
 class DERConfig:
     # --- model -------------------------------------------------------------------------------------
-    aux_weight: float = 1.0                 # lambda_a (0 turns the auxiliary classifier off); never at t=1
-    inherit_head: bool = True               # paper: the old classifier block is inherited; False = C-DER re-init
-    inherit_from: Literal["stage2", "stage1"] = "stage2"   # which head's old block is inherited: the one used
-    #                                         at inference (stage 2, trained on logits/delta; C-DER) or the
-    #                                         previous task's stage-1 head (trained on plain logits)
-    head_bias: bool = True                  # C-DER: False (use_bias: False); also for the aux classifier
-    head_init: HeadInit = "pycil"           # PyCIL SimpleLinear (with head_bias, PyCIL's DER); der: C-DER's
-    #                                         kaiming_normal_ (use with head_bias false); torch: nn.Linear default
-    reset_head_after_warmup: bool = False   # C-DER: classifier and aux classifier re-initialised after warm-up
+    aux_weight: float = option(1.0, bounds=(0, None),
+                               help="lambda_a, weight of the auxiliary classifier's loss (0 turns it off); "
+                                    "never applied at t=1")
+    inherit_head: bool = option(True, help="paper: the new classifier inherits the old classes' block; "
+                                           "false: C-DER's re-initialisation")
+    inherit_from: Literal["stage2", "stage1"] = option(
+        "stage2", help="which head's old block is inherited: stage2, the one used at inference (trained on "
+                       "logits/delta; C-DER), or stage1, the previous task's stage-1 head (trained on plain logits)")
+    head_bias: bool = option(True, help="linear heads with bias, the aux classifier's too; C-DER: false "
+                                        "(use_bias: False)")
+    head_init: HeadInit = option("pycil", help="heads' init: pycil = PyCIL SimpleLinear (with head_bias, PyCIL's "
+                                               "DER); der = C-DER's kaiming_normal_ (use with head_bias false); "
+                                               "torch = nn.Linear's default")
+    reset_head_after_warmup: bool = option(False, help="C-DER: the classifier and the aux classifier are "
+                                                       "re-initialised after the warm-up")
     # --- stage-1 schedule ---------------------------------------------------------------------------
-    schedule: Literal["paper", "card"] = "paper"   # paper: warm-up + multistep scaled to the card's epochs
-    warmup_epochs: int = 10                 # paper recipe, in epochs of a recipe_epochs-long run
-    milestones: list[int] = field(default_factory=lambda: [100, 120])   # counted after warm-up
-    recipe_epochs: int = 170                # the recipe's total (CIFAR 10 + 160; ImageNet 10 + 120)
-    epochs: Optional[int] = None            # stage-1 epochs; None: the card's budget (ImageNet cards: 130)
-    base_schedule: Literal["paper", "code"] = "paper"   # code: C-DER's B50 base-task schedule (no warm-up)
-    base_epochs: int = 200                  # base_schedule: code (scaled like the recipe)
-    base_milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    schedule: Literal["paper", "card"] = option(
+        "paper", help="paper: warm-up + multistep, scaled to the card's epochs; card: the card's own schedule")
+    warmup_epochs: int = option(10, unit="epochs", bounds=(0, None),
+                                help="paper recipe's warm-up, in epochs of a recipe_epochs-long run")
+    milestones: list[int] = option([100, 120], unit="epochs", bounds=(0, None),
+                                   help="paper recipe's lr milestones (x0.1), counted after the warm-up, in epochs "
+                                        "of a recipe_epochs-long run")
+    recipe_epochs: int = option(170, unit="epochs", bounds=(1, None),
+                                help="the recipe's total length the schedule is scaled from (CIFAR 10 + 160; "
+                                     "ImageNet 10 + 120)")
+    epochs: Optional[int] = option(None, unit="epochs", bounds=(1, None),
+                                   help="stage-1 epochs; null: the card's budget (ImageNet cards: 130)")
+    base_schedule: Literal["paper", "code"] = option(
+        "paper", help="first task of a B50 card: paper = the stage-1 schedule; code = C-DER's base-task schedule "
+                      "(base_epochs, base_milestones, no warm-up)")
+    base_epochs: int = option(200, unit="epochs", bounds=(1, None),
+                              help="base_schedule code: the base task's epochs (scaled like the recipe)")
+    base_milestones: list[int] = option([60, 120, 160], unit="epochs", bounds=(0, None),
+                                        help="base_schedule code: the base task's lr milestones (scaled like the "
+                                             "recipe)")
     # --- stage 2: classifier learning ---------------------------------------------------------------
-    classifier_stage: Literal["balanced", "wa", "none"] = "balanced"   # wa: PyCIL's weight aligning
-    classifier_stage_first_task: bool = False   # C-DER skips stage 2 at t=1
-    balanced_reinit: bool = True            # paper: re-initialise the classifier before stage 2
-    balanced_temperature: float = 5.0       # delta (CIFAR 5, ImageNet 1; from the card)
-    balanced_epochs: int = 30
-    balanced_lr: Optional[float] = None     # None: the card's lr (0.1 on the CIFAR/ImageNet cards)
-    balanced_milestones: list[int] = field(default_factory=lambda: [15])
-    balanced_per_class: Optional[int] = None   # None: the smallest class count (C-DER)
+    classifier_stage: Literal["balanced", "wa", "none"] = option(
+        "balanced", help="stage 2: balanced = the paper's classifier re-training on a class-balanced subset; "
+                         "wa = PyCIL's weight aligning; none = no stage 2")
+    classifier_stage_first_task: bool = option(False, help="run stage 2 at t=1 too (C-DER skips it)")
+    balanced_reinit: bool = option(True, help="paper: re-initialise the classifier before stage 2")
+    balanced_temperature: float = option(5.0, bounds=(1e-6, None),
+                                         help="delta, the stage-2 logit temperature (CIFAR 5, ImageNet 1; the "
+                                              "card sets it)")
+    balanced_epochs: int = option(30, unit="epochs", bounds=(0, None), help="stage-2 epochs")
+    balanced_lr: Optional[float] = option(None, bounds=(0, None),
+                                          help="stage-2 lr; null (or 0): the card's lr (0.1 on the CIFAR/ImageNet "
+                                               "cards)")
+    balanced_milestones: list[int] = option([15], unit="epochs", bounds=(0, None),
+                                            help="stage-2 lr milestones (x0.1)")
+    balanced_per_class: Optional[int] = option(None, unit="images per class", bounds=(1, None),
+                                               help="size of the class-balanced stage-2 subset; null: the smallest "
+                                                    "class count (C-DER)")
     # --- pruning ------------------------------------------------------------------------------------
-    prune: bool = False
-    sparsity_weight: float = 0.75           # lambda_s (from the card)
-    mask_scope: Literal["shared", "internal"] = "shared"   # spec A.9.2 choice B / choice A
-    s_max: float = 400.0
-    sparsity_kernel: Literal["area", "side"] = "area"     # K_l = k*k or k
+    prune: bool = option(False, help="HAT-style channel masks and pruning of each new extractor (alias der_prune)")
+    sparsity_weight: float = option(0.75, bounds=(0, None), help="lambda_s, weight of the sparsity loss (the card "
+                                                                 "sets it)")
+    mask_scope: Literal["shared", "internal"] = option(
+        "shared", help="which channels the masks cover: shared = spec A.9.2 choice B; internal = choice A")
+    s_max: float = option(400.0, bounds=(1e-6, None), help="HAT's s_max: the mask scale s is annealed up to it "
+                                                            "within each epoch")
+    sparsity_kernel: Literal["area", "side"] = option(
+        "area", help="kernel factor K_l of the sparsity loss: area = k*k, side = k")
     # Default: masks that learn. Eq. 9 as printed ("paper") leaves e's gradient ~1e-4, so with HAT's N(0, 1)
     # init no mask changes sign and the kept set is the random initial one; HAT's compensation (times s_max)
     # with every channel starting kept lets the sparsity loss switch off what the task loss does not defend.
     # The printed variant: grad_comp=paper mask_init_mean=0 mask_init_std=1.
-    grad_comp: Literal["paper", "hat", "none"] = "hat"    # eq. 9 as printed (paper) / times s_max (HAT's code)
-    clamp_cosh: Optional[float] = 50.0      # HAT thres_cosh (s*e inside cosh); None: unclamped
-    clamp_mask: Optional[float] = 6.0       # HAT thres_emb (e after each step); None: unclamped
-    mask_init_mean: float = 1.0             # e ~ N(mean, std^2): every channel starts kept (HAT: N(0, 1))
-    mask_init_std: float = 0.5
-    mask_weight_decay: float = 0.0          # weight decay on e
-    prune_init: Literal["full", "regrow", "pruned"] = "full"   # F_t from F_{t-1} before pruning / its
-    #                                         surviving channels + fresh rest / the pruned F_{t-1}^P
+    grad_comp: Literal["paper", "hat", "none"] = option(
+        "hat", help="mask-gradient compensation: hat = HAT's code (times s_max; masks that learn); paper = eq. 9 "
+                    "as printed (leaves e's gradient ~1e-4, so no mask leaves its initial sign); none")
+    clamp_cosh: Optional[float] = option(50.0, bounds=(0, None),
+                                         help="HAT's thres_cosh: clamp of s*e inside cosh; null: unclamped")
+    clamp_mask: Optional[float] = option(6.0, bounds=(0, None),
+                                         help="HAT's thres_emb: clamp of e after each step; null: unclamped")
+    mask_init_mean: float = option(1.0, help="e ~ N(mean, std^2): 1 starts every channel kept (HAT: N(0, 1))")
+    mask_init_std: float = option(0.5, bounds=(0, None), help="standard deviation of e's initialisation (HAT: 1)")
+    mask_weight_decay: float = option(0.0, bounds=(0, None), help="weight decay on the mask embeddings e")
+    prune_init: Literal["full", "regrow", "pruned"] = option(
+        "full", help="F_t initialised from: full = F_{t-1} before pruning; regrow = its surviving channels + "
+                     "fresh rest; pruned = the pruned F_{t-1}^P")
 
 
 def _scaled(epochs: float, f: float) -> int:

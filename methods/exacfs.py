@@ -37,6 +37,7 @@ from cilbench.kit import (
     kmeans,
     nca_margin_loss,
     normalise_significance,
+    option,
     pack_module,
     phase_config,
     register,
@@ -53,47 +54,72 @@ from cilbench.kit import (
 @dataclass
 class EXACFSConfig:
     # --- distillation (Eqs. 3-4) ----------------------------------------------------------------------
-    alpha: float = 4.0                      # 4 CIFAR-100, 10 ImageNet-100
-    stages: Optional[list[int]] = None      # 1-based stages distilled; None: every stage (the paper's four)
-    feature_norm: Literal["stage", "channel"] = "stage"   # Frobenius norm of the stage tensor / of each map
-    dl_samples: Literal["all", "exemplars_only"] = "all"  # all: new-class samples weigh every channel 1
-    new_class_weight: float = 1.0           # the paper's fixed significance of new classes
+    alpha: float = option(4.0, bounds=(0, None), help="weight of the feature distillation DL (4 CIFAR-100, "
+                                                      "10 ImageNet-100)")
+    stages: Optional[list[int]] = option(None, bounds=(1, None),
+                                         help="1-based backbone stages distilled; null: every stage (the paper's "
+                                              "four)")
+    feature_norm: Literal["stage", "channel"] = option(
+        "stage", help="DL's normalisation: stage = Frobenius norm of the stage tensor; channel = of each map")
+    dl_samples: Literal["all", "exemplars_only"] = option(
+        "all", help="samples in DL: all = every sample (new-class samples weigh every channel new_class_weight); "
+                    "exemplars_only = old-class samples only")
+    new_class_weight: float = option(1.0, bounds=(0, None),
+                                     help="the fixed channel significance of new-class samples (paper: 1)")
     # --- significance (Eqs. 1-2, Algorithm 1) ---------------------------------------------------------
-    ema_beta: float = 0.4
-    sig_norm: Literal["across_classes", "across_channels", "mean_one"] = "across_classes"
-    significance: Literal["class", "uniform"] = "class"   # uniform: Figure 2's ablation (same total weight)
-    sig_after_cbf: bool = True              # estimate on the model after balanced fine-tuning
+    ema_beta: float = option(0.4, bounds=(0, 1), help="beta, the EMA factor of the class-wise significance "
+                                                      "(Eq. 2)")
+    sig_norm: Literal["across_classes", "across_channels", "mean_one"] = option(
+        "across_classes", help="significance normalisation: across_classes = each channel's values over the "
+                               "classes sum to 1 (Algorithm 1, literal reading); across_channels = each class's "
+                               "vector sums to 1; mean_one = each class's vector has mean 1")
+    significance: Literal["class", "uniform"] = option(
+        "class", help="class = class-wise significance; uniform = Figure 2's ablation (same total weight)")
+    sig_after_cbf: bool = option(True, help="estimate the significance on the model after the balanced "
+                                            "fine-tuning")
     # --- classifier: PODNet LSC -----------------------------------------------------------------------
-    proxies_per_class: int = 10
-    margin: float = 0.6
-    scale_init: float = 1.0                 # learned eta (PODNet's learned_scaling post-processor)
-    nca_form: Literal["paper", "code"] = "paper"   # paper formula with hinge / PODNet's released nca
-    margin_placement: Literal["code", "paper"] = "code"  # code: eta y - delta (PODNet's learned_scaling, then nca
-    #                                         with margin 0.6); paper: eta (y - delta), the margin grows with eta
-    freeze_old_proxies: bool = True         # PODNet CIFAR config (old_weights lr factor 0)
-    imprint: bool = True                    # k-means imprinting of new-class proxies (t >= 1)
-    kmeans_iters: int = 30
+    proxies_per_class: int = option(10, unit="proxies", bounds=(1, None),
+                                    help="proxies per class of PODNet's local-similarity classifier")
+    margin: float = option(0.6, bounds=(0, None), help="delta, the NCA loss's margin")
+    scale_init: float = option(1.0, bounds=(1e-6, None),
+                               help="initial value of the learned scale eta (PODNet's learned_scaling "
+                                    "post-processor)")
+    nca_form: Literal["paper", "code"] = option(
+        "paper", help="NCA loss: paper = the paper's formula with hinge; code = PODNet's released nca")
+    margin_placement: Literal["code", "paper"] = option(
+        "code", help="code: eta y - delta (PODNet's learned_scaling, then nca with margin 0.6); paper: "
+                     "eta (y - delta), the margin grows with eta")
+    freeze_old_proxies: bool = option(True, help="old classes' proxies frozen (PODNet's CIFAR config: old_weights "
+                                                 "lr factor 0)")
+    imprint: bool = option(True, help="new classes' proxies imprinted by k-means of normalised features (t >= 1)")
+    kmeans_iters: int = option(30, unit="iterations", bounds=(0, None), help="Lloyd iterations of the imprinting "
+                                                                             "k-means")
     # --- training budget ------------------------------------------------------------------------------
-    backbone: Optional[str] = None          # None: the card's; the CIFAR cards name resnet32_podnet
-    epochs: Optional[int] = None            # None: the card's (paper: 160 CIFAR, 90 ImageNet)
-    lr: Optional[float] = None              # None: the card's (paper: 0.1)
-    weight_decay: Optional[float] = None    # None: the card's (paper: 5e-4 CIFAR, 1e-4 ImageNet)
-    batch_size: Optional[int] = None        # None: the card's (not in the paper; PODNet 128 / 64)
+    backbone: Optional[str] = option(None, help="backbone; null: the card's (the CIFAR cards name "
+                                                "resnet32_podnet)")
+    epochs: Optional[int] = option(None, unit="epochs", bounds=(1, None),
+                                   help="training epochs; null: the card's (paper: 160 CIFAR, 90 ImageNet)")
+    lr: Optional[float] = option(None, bounds=(1e-6, None), help="learning rate; null: the card's (paper: 0.1)")
+    weight_decay: Optional[float] = option(None, bounds=(0, None),
+                                           help="weight decay; null: the card's (paper: 5e-4 CIFAR, 1e-4 ImageNet)")
+    batch_size: Optional[int] = option(None, unit="images", bounds=(1, None),
+                                       help="batch size; null: the card's (not in the paper; PODNet 128 / 64)")
     # --- class-balanced fine-tuning (PODNet recipe) -----------------------------------------------------
-    cbf_epochs: int = 20                    # 0 turns it off
-    cbf_lr: float = 0.05                    # 0.05 CIFAR, 0.01 ImageNet
-    cbf_per_class: Optional[int] = None     # None: the smallest class count (new classes cut to memory's)
-    cbf_first_task: bool = False
-    cbf_schedule: Literal["cosine", "constant"] = "cosine"   # paper silent; the card's cosine over the CBF epochs
-    cbf_train_scale: bool = False           # PODNet fine-tunes the classifier's proxies only; eta stays fixed
+    cbf_epochs: int = option(20, unit="epochs", bounds=(0, None),
+                             help="epochs of the class-balanced fine-tuning of the classifier; 0 turns it off")
+    cbf_lr: float = option(0.05, bounds=(1e-6, None), help="learning rate of the balanced fine-tuning (0.05 CIFAR, "
+                                                           "0.01 ImageNet)")
+    cbf_per_class: Optional[int] = option(None, unit="images per class", bounds=(1, None),
+                                          help="size of the balanced subset; null: the smallest class count (new "
+                                               "classes cut to memory's)")
+    cbf_first_task: bool = option(False, help="run the balanced fine-tuning after the first task too")
+    cbf_schedule: Literal["cosine", "constant"] = option(
+        "cosine", help="lr schedule of the balanced fine-tuning (the paper is silent): cosine = the card's cosine "
+                       "over the CBF epochs; constant")
+    cbf_train_scale: bool = option(False, help="train eta too while fine-tuning (PODNet fine-tunes the "
+                                               "classifier's proxies only; eta stays fixed)")
 
     def validate(self, where: str) -> None:
-        if self.proxies_per_class < 1:
-            raise UserError(f"{where}.proxies_per_class: must be >= 1, got {self.proxies_per_class}")
-        if not 0.0 <= self.ema_beta <= 1.0:
-            raise UserError(f"{where}.ema_beta: must be in [0, 1], got {self.ema_beta}")
-        if self.alpha < 0 or self.cbf_epochs < 0:
-            raise UserError(f"{where}: alpha and cbf_epochs must be >= 0")
         if self.backbone is not None and self.backbone not in STANDARD:
             raise UserError(f"{where}.backbone: unknown '{self.backbone}'; known: {', '.join(STANDARD)}")
 

@@ -34,6 +34,7 @@ from cilbench.kit import (
     UserError,
     count_params,
     ht_multiplier,
+    option,
     pack_module,
     pcd_loss,
     pcr_hc_loss,
@@ -48,29 +49,38 @@ PAYLOAD = ("logits", "features")
 
 @dataclass
 class PCRConfig:
-    tau: float = 0.09                 # proxy-classifier temperature: logits = cos(z, w_c) / tau
-    two_views: bool = True            # each sample as its raw view plus one strong augmentation (code)
-    crop_scale_min: float = 0.2       # the strong view's RandomResizedCrop area range is [crop_scale_min, 1]
-    separate_forward: bool = True     # stream and replay views in two forward passes, BN per pass (code)
-    replay_batch: int = 0             # 0: the card's online.replay_batch (online), train.batch_size (offline)
+    tau: float = option(0.09, bounds=(1e-6, None), help="proxy-classifier temperature: logits = cos(z, w_c) / tau")
+    two_views: bool = option(True, help="each sample as its raw view plus one strong augmentation (code)")
+    crop_scale_min: float = option(0.2, bounds=(1e-6, 1),
+                                   help="the strong view's RandomResizedCrop area range is [crop_scale_min, 1]")
+    separate_forward: bool = option(True, help="stream and replay views in two forward passes, BN statistics per "
+                                               "pass (code)")
+    replay_batch: int = option(0, unit="images", bounds=(0, None),
+                               help="replay batch size; 0: the card's online.replay_batch (online), "
+                                    "train.batch_size (offline)")
 
 
 @dataclass
 class HPCRConfig(PCRConfig):
-    # anchor-to-sample pairs (eq. 18): auto = s(N) of eq. 19, on when the N anchors >= hc_n_min; off = the code's
-    # default pcr_type 'proxy' (no such pairs). Online (N = 40) auto and off agree.
-    hc: Literal["auto", "on", "off"] = "off"
-    hc_n_min: int = 60                             # N_min of eq. 19 (Fig. 5: pairs help from batches of ~60)
-    ht_mode: Literal["code", "paper", "off"] = "code"   # code: cosine in the multiplier; paper: in tau (eq. 21)
-    ht_tau_min: float = 0.05
-    ht_tau_max: float = 0.16
-    ht_cycle_steps: int = 500                      # S of eq. 21, in optimiser steps
-    ht_reset: Literal["task", "epoch", "never"] = "task"    # code: s is the loader's batch index, i.e. per task
-    #                                                online (one epoch); offline the spec keeps the per-task reset
-    pcd_alpha: float = 0.1                         # code: 0.1 CIFAR-100 / Mini-ImageNet, 0.01 CIFAR-10
-    scd_beta: float = 0.5
-    scd_tau: float = 0.09
-    distill_from_task: int = 1                     # PCD and SCD from this 0-based task on (code: 1)
+    hc: Literal["auto", "on", "off"] = option(
+        "off", help="anchor-to-sample pairs (eq. 18): auto = s(N) of eq. 19, on when the N anchors >= hc_n_min; "
+                    "off = the code's default pcr_type 'proxy' (no such pairs); online (N = 40) auto and off agree")
+    hc_n_min: int = option(60, unit="anchors", bounds=(1, None),
+                           help="N_min of eq. 19 (Fig. 5: pairs help from batches of ~60)")
+    ht_mode: Literal["code", "paper", "off"] = option(
+        "code", help="HT's cyclic loss multiplier tau / tau(s): code = the multiplier follows the cosine "
+                     "(agents/hpcr.py); paper = tau(s) follows the cosine of eq. 21; off = 1")
+    ht_tau_min: float = option(0.05, bounds=(1e-6, None), help="HT's lowest temperature tau(s) (below ht_tau_max)")
+    ht_tau_max: float = option(0.16, bounds=(1e-6, None), help="HT's highest temperature tau(s)")
+    ht_cycle_steps: int = option(500, unit="steps", bounds=(1, None), help="S of eq. 21, in optimiser steps")
+    ht_reset: Literal["task", "epoch", "never"] = option(
+        "task", help="when HT's step s restarts: code: s is the loader's batch index, i.e. per task online (one "
+                     "epoch); offline the spec keeps the per-task reset")
+    pcd_alpha: float = option(0.1, bounds=(0, None),
+                              help="alpha, weight of PCD (code: 0.1 CIFAR-100 / Mini-ImageNet, 0.01 CIFAR-10)")
+    scd_beta: float = option(0.5, bounds=(0, None), help="beta, weight of SCD")
+    scd_tau: float = option(0.09, bounds=(1e-6, None), help="temperature of SCD")
+    distill_from_task: int = option(1, bounds=(0, None), help="PCD and SCD from this 0-based task on (code: 1)")
 
 
 def strong_augmenter(ctx: Context, crop_scale_min: float) -> Augmenter:
@@ -110,9 +120,6 @@ class PCR(OneNetworkMethod):
             policy = "reservoir" if wanted is ReservoirMemory else "fixed_total or per_class"
             raise UserError(f"{self.name} replays from memory, but protocol '{ctx.protocol.name}' has memory.policy "
                             f"{ctx.protocol.memory.policy}; use --set memory.policy={policy.split()[0]}")
-        if cfg.tau <= 0 or cfg.replay_batch < 0 or not 0 < cfg.crop_scale_min <= 1:
-            raise UserError(f"{self.name}: need tau > 0, replay_batch >= 0 and 0 < crop_scale_min <= 1 "
-                            f"(got {cfg.tau}, {cfg.replay_batch}, {cfg.crop_scale_min})")
 
     # --- the network ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,9 +235,8 @@ class HPCR(PCR):
 
     def validate(self, cfg: HPCRConfig, ctx: Context) -> None:
         super().validate(cfg, ctx)
-        if not 0 < cfg.ht_tau_min < cfg.ht_tau_max or cfg.ht_cycle_steps < 1 or cfg.hc_n_min < 1:
-            raise UserError("hpcr: need 0 < ht_tau_min < ht_tau_max, ht_cycle_steps >= 1 and hc_n_min >= 1 "
-                            f"(got {cfg.ht_tau_min}, {cfg.ht_tau_max}, {cfg.ht_cycle_steps}, {cfg.hc_n_min})")
+        if not cfg.ht_tau_min < cfg.ht_tau_max:
+            raise UserError(f"hpcr.ht_tau_min: must be below ht_tau_max, got {cfg.ht_tau_min} >= {cfg.ht_tau_max}")
 
     def hc_active(self, anchors: int) -> bool:
         """s(N) of eq. 19, N = the number of anchor rows (views included)."""

@@ -20,7 +20,7 @@ to the sample's task.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -42,6 +42,7 @@ from cilbench.kit import (
     frozen_forward,
     full_precision,
     linear_head,
+    option,
     phase_config,
     register,
     standard_spec,
@@ -51,62 +52,67 @@ from cilbench.kit import (
 
 @dataclass
 class SEEDConfig:
-    """Defaults: the official code (grypesc/SEED) where it and the paper differ; the paper's value in the comment
+    """Defaults: the official code (grypesc/SEED) where it and the paper differ; the paper's value in the help
     (spec B.5, B.9)."""
     # --- ensemble and architecture (App. A.2)
-    experts: int = 5                        # K
-    init: Literal["first", "random"] = "first"   # experts 2..K: copy of expert 1 after task 1 (code) / random (paper)
-    shared: int = 0                         # shared frozen layers f: 1 = stem + stage 1, 2 = + stage 2, ... (code 0)
-    latent_dim: int | None = None           # S; None: 64 (24 with backbone resnet20_low); a 1x1 conv maps the last
-    #                                         stage to S channels where its width differs
-    backbone: Literal["card", "resnet20_low"] = "card"   # resnet20_low: ResNet-20, last stage 48 wide (App. A.4)
-    shortcut: Literal["conv", "card"] = "conv"   # code: 1x1 conv + BN projection shortcuts (FACIL ResNet-32);
-    #                                         card: the factory's own (ResNet-32/20: parameter-free option A)
-    last_relu: bool = False                 # paper and code remove the final ReLU of the last stage's blocks
+    experts: int = option(5, bounds=(1, None), help="K, the number of experts")
+    init: Literal["first", "random"] = option(
+        "first", help="experts 2..K: first = a copy of expert 1 after task 1 (code); random = fresh (paper)")
+    shared: int = option(0, unit="stages", bounds=(0, 4),
+                         help="frozen layers shared by the experts: 1 = stem + stage 1, 2 = + stage 2, ... "
+                              "(code: 0)")
+    latent_dim: int | None = option(None, unit="channels", bounds=(1, None),
+                                    help="S, the feature size; null: 64 (24 with backbone resnet20_low); a 1x1 conv "
+                                         "maps the last stage to S channels where its width differs")
+    backbone: Literal["card", "resnet20_low"] = option(
+        "card", help="card = the card's backbone; resnet20_low = ResNet-20 with a 48-wide last stage (App. A.4)")
+    shortcut: Literal["conv", "card"] = option(
+        "conv", help="conv = 1x1 conv + BN projection shortcuts (code: FACIL ResNet-32); card = the factory's own "
+                     "(ResNet-32/20: parameter-free option A)")
+    last_relu: bool = option(False, help="keep the final ReLU of the last stage's blocks (paper and code remove it)")
     # --- training a new expert (tasks 1..K)
-    epochs: int = 200
-    lr: float = 0.05
-    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    batch_size: int | None = None           # None: the card's (CIFAR cards: 128 = code)
-    clip_norm: float | None = 1.0           # code --clipping 1; paper: not stated (null = no clipping)
-    autoaugment: Literal["auto", "cifar10", "imagenet", "none"] = "auto"   # code: AutoAugment on top of the card's
-    #                                         crop/flip/brightness (auto: CIFAR-10 policy up to 64 px, else ImageNet);
-    #                                         paper: AugMix (not available); none = the card's augmentation
-    cutout: int = 16                        # code: Cutout(1 hole, 16 px) after AutoAugment; 0: none added
-    #                                         (a cutout on the card itself stays)
+    epochs: int = option(200, unit="epochs", bounds=(1, None), help="epochs of training a new expert")
+    lr: float = option(0.05, bounds=(1e-6, None), help="learning rate of training a new expert")
+    milestones: list[int] = option([60, 120, 160], unit="epochs", bounds=(0, None),
+                                   help="lr milestones (x0.1) of training a new expert")
+    weight_decay: float = option(5e-4, bounds=(0, None), help="weight decay of training a new expert")
+    momentum: float = option(0.9, bounds=(0, 1), help="SGD momentum (new experts and fine-tuning)")
+    batch_size: int | None = option(None, unit="images", bounds=(1, None),
+                                    help="batch size; null: the card's (CIFAR cards: 128 = code)")
+    clip_norm: float | None = option(1.0, bounds=(0, None),
+                                     help="gradient-norm clipping (code: --clipping 1; paper: not stated); null: none")
+    autoaugment: Literal["auto", "cifar10", "imagenet", "none"] = option(
+        "auto", help="code: AutoAugment on top of the card's crop/flip/brightness (auto: the CIFAR-10 policy up to "
+                     "64 px, else ImageNet's); paper: AugMix (not available); none = the card's augmentation only")
+    cutout: int = option(16, unit="px", bounds=(0, None),
+                         help="code: Cutout (1 hole of this side) after AutoAugment; 0: none added (a cutout on the "
+                              "card itself stays)")
     # --- fine-tuning the selected expert (tasks > K)
-    ft_epochs: int = 100                    # paper: 200; 0 = no fine-tuning (table2.sh)
-    ft_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])   # paper: [60, 120, 160]
-    ft_weight_decay: float = 0.0            # paper: 5e-4
-    ft_lr: float | None = None              # None: lr
-    alpha: float = 0.99                     # weight of the feature distillation
-    kd: Literal["mse", "l2"] = "mse"        # code: mean squared error over batch and S; paper: mean per-sample L2 norm
-    freeze_bn: bool = True                  # code: BN layers in eval mode while fine-tuning
+    ft_epochs: int = option(100, unit="epochs", bounds=(0, None),
+                            help="epochs of fine-tuning the selected expert (paper: 200); 0 = no fine-tuning "
+                                 "(table2.sh)")
+    ft_milestones: list[int] = option([30, 60, 80], unit="epochs", bounds=(0, None),
+                                      help="lr milestones (x0.1) of fine-tuning (paper: [60, 120, 160])")
+    ft_weight_decay: float = option(0.0, bounds=(0, None), help="weight decay of fine-tuning (paper: 5e-4)")
+    ft_lr: float | None = option(None, bounds=(1e-6, None), help="learning rate of fine-tuning; null: lr")
+    alpha: float = option(0.99, bounds=(0, 1), help="weight of the feature distillation while fine-tuning")
+    kd: Literal["mse", "l2"] = option(
+        "mse", help="feature distillation: mse = mean squared error over batch and S (code); l2 = mean per-sample "
+                    "L2 norm (paper)")
+    freeze_bn: bool = option(True, help="BN layers in eval mode while fine-tuning (code)")
     # --- expert selection (eq. 2, Fig. 6)
-    selection: Literal["kl_max", "kl_min", "round_robin", "random"] = "kl_max"
-    single_class: Literal["first", "round_robin"] = "first"   # |C_t| = 1 (no pairs, every overlap is 0):
-    #                                         expert 1 (code's argmax of zeros) or 1 + ((t - 1) mod K)
+    selection: Literal["kl_max", "kl_min", "round_robin", "random"] = option(
+        "kl_max", help="the expert fine-tuned at t > K: kl_max = the one whose new-class Gaussians overlap least "
+                       "(largest mean symmetric KL, eq. 2); kl_min = most; round_robin; random (Fig. 6)")
+    single_class: Literal["first", "round_robin"] = option(
+        "first", help="a task of one class (no pairs, every overlap is 0): first = expert 1 (the code's argmax of "
+                      "zeros); round_robin = expert 1 + ((t - 1) mod K)")
     # --- inference
-    tau: float = 3.0
-    average: Literal["holding", "all"] = "holding"   # divisor: experts holding the class (code) / all (paper)
-
-    def validate(self, where: str) -> None:
-        if self.experts < 1:
-            raise UserError(f"{where}.experts: must be >= 1, got {self.experts}")
-        if not 0 <= self.shared <= 4:
-            raise UserError(f"{where}.shared: 0..4 shared stages, got {self.shared}")
-        if self.latent_dim is not None and self.latent_dim < 1:
-            raise UserError(f"{where}.latent_dim: must be >= 1 or null, got {self.latent_dim}")
-        if self.epochs < 1 or self.ft_epochs < 0:
-            raise UserError(f"{where}: epochs must be >= 1 and ft_epochs >= 0")
-        if self.tau <= 0 or self.lr <= 0 or (self.ft_lr is not None and self.ft_lr <= 0):
-            raise UserError(f"{where}: tau, lr and ft_lr must be > 0")
-        if not 0 <= self.alpha <= 1:
-            raise UserError(f"{where}.alpha: must be in [0, 1], got {self.alpha}")
-        if self.cutout < 0:
-            raise UserError(f"{where}.cutout: must be >= 0 (0 = off), got {self.cutout}")
+    tau: float = option(3.0, bounds=(1e-6, None), help="softmax temperature of the experts' class likelihoods at "
+                                                       "inference")
+    average: Literal["holding", "all"] = option(
+        "holding", help="divisor of the experts' average: holding = the experts holding the class (code); all = "
+                        "every expert (paper)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from cilbench.kit import (
     frozen_forward,
     kd_soft_ce,
     linear_head,
+    option,
     pack_module,
     phase_config,
     register,
@@ -54,61 +55,69 @@ from cilbench.kit import (
 @dataclass
 class TSDConfig:
     """Options shared by both variants (spec §1, §4, §8). Defaults are the spec's recommendations."""
-    n_extractors: int = 3                  # N: extractors at inference (GRC: number of groups; Fixed: pool size)
+    n_extractors: int = option(3, bounds=(1, None),
+                               help="N, extractors at inference (GRC: the number of groups, at most the number of "
+                                    "tasks; Fixed: the pool size)")
     # --- new extractors / cross-entropy phases
-    init: Literal["copy_last", "random"] = "copy_last"   # new extractor: copy of the latest one (DER) or random
-    first_task_epochs: int | None = None   # CE epochs of task 1 (None: the card's train.epochs; PyCIL uses 200)
-    head_bias: bool = True                 # linear heads with bias (PyCIL SimpleLinear; DER official: False)
-    head_init: HeadInit = "pycil"          # heads' init: PyCIL SimpleLinear (TSD builds on PyCIL); torch | der
-    ce_head_init: Literal["inherit", "fresh"] = "inherit"  # CE head copies the old head's [old classes x kept
-    #                                        extractors] block (DER/PyCIL update_fc) or starts fresh
-    ce_views: Literal[1, 2] = 1            # cross-entropy on view 1 only, or averaged over both views
-    aux_loss: bool = False                 # DER auxiliary loss (n_new + 1 classes on the new extractor); off in TSD
-    aux_weight: float = 1.0
+    init: Literal["copy_last", "random"] = option(
+        "copy_last", help="a new extractor: copy_last = a copy of the latest one (DER); random = fresh")
+    first_task_epochs: int | None = option(None, unit="epochs", bounds=(1, None),
+                                           help="cross-entropy epochs of task 1; null: the card's train.epochs "
+                                                "(PyCIL uses 200)")
+    head_bias: bool = option(True, help="linear heads with bias (PyCIL SimpleLinear; DER's official code: false)")
+    head_init: HeadInit = option("pycil", help="heads' init: pycil = PyCIL SimpleLinear (TSD builds on PyCIL); "
+                                               "torch = nn.Linear's default; der = kaiming_normal_")
+    ce_head_init: Literal["inherit", "fresh"] = option(
+        "inherit", help="the cross-entropy head: inherit = copies the old head's [old classes x kept extractors] "
+                        "block (DER/PyCIL update_fc); fresh = starts anew")
+    ce_views: Literal[1, 2] = option(1, help="cross-entropy on view 1 only (1) or averaged over both views (2)")
+    aux_loss: bool = option(False, help="DER's auxiliary loss (n_new + 1 classes on the new extractor); off in TSD")
+    aux_weight: float = option(1.0, bounds=(0, None), help="weight of the auxiliary loss (with aux_loss)")
     # --- feature-distinctness loss L_con (SupCon)
-    con_weight: float = 0.1                # lambda (value lost from the paper; sweep 0.01/0.05/0.1/0.5/1.0)
-    con_temperature: float = 0.07
-    con_base_temperature: float | None = None   # SupContrast base_temperature (None: = con_temperature)
-    con_dim: int = 128                     # projection output dim
-    con_hidden: int = 0                    # projection hidden dim (0: the extractor's feature dim d)
-    con_first_task: bool = True            # apply L_con at t = 1 as well (plain SupCon, no frozen negatives)
-    con_frozen_negatives: bool = True      # old-class samples embedded by each frozen extractor as negatives
-    detach_frozen_neg: bool = False        # stop gradients into the projection head through those negatives
-    con_anchors: Literal["new", "all"] = "new"   # anchors: current-task samples only, or every sample
-    reuse_projection: bool = False         # keep one projection head across tasks instead of a fresh one per phase
+    con_weight: float = option(0.1, bounds=(0, None),
+                               help="lambda, weight of L_con (the paper's value is lost; sweep 0.01/0.05/0.1/0.5/1.0)")
+    con_temperature: float = option(0.07, bounds=(1e-6, None), help="SupCon temperature of L_con")
+    con_base_temperature: float | None = option(None, bounds=(1e-6, None),
+                                                help="SupContrast's base_temperature; null: = con_temperature")
+    con_dim: int = option(128, unit="features", bounds=(1, None), help="projection head's output dimension")
+    con_hidden: int = option(0, unit="features", bounds=(0, None),
+                             help="projection head's hidden dimension; 0: the extractor's feature dimension d")
+    con_first_task: bool = option(True, help="apply L_con at t = 1 as well (plain SupCon, no frozen negatives)")
+    con_frozen_negatives: bool = option(True, help="old-class samples embedded by each frozen extractor serve as "
+                                                   "negatives")
+    detach_frozen_neg: bool = option(False, help="stop gradients into the projection head through those negatives")
+    con_anchors: Literal["new", "all"] = option("new", help="L_con's anchors: new = current-task samples only; "
+                                                            "all = every sample")
+    reuse_projection: bool = option(False, help="keep one projection head across tasks instead of a fresh one per "
+                                                "phase")
     # --- distillation (consolidation) phases
-    kd_epochs: int = 130                   # FOSTER compression_epochs (not stated in the paper)
-    kd_temperature: float = 2.0
-    kd_weight_decay: float = 0.0
-    kd_t2_scale: bool = False              # multiply the KD loss by T^2 (Hinton)
-    kd_plus_ce: bool = False               # add ground-truth CE to the KD loss
-    student_head_init: Literal["warm", "fresh"] = "warm"   # student head from the teacher head minus the
-    #                                        temporary extractor's columns (FOSTER copy_fc), or fresh
-
-    def validate(self, where: str) -> None:
-        if self.n_extractors < 1:
-            raise UserError(f"{where}.n_extractors: must be >= 1, got {self.n_extractors}")
-        if self.con_weight < 0 or self.aux_weight < 0:
-            raise UserError(f"{where}: con_weight and aux_weight must be >= 0")
-        if self.con_temperature <= 0 or self.kd_temperature <= 0:
-            raise UserError(f"{where}: temperatures must be > 0")
-        if self.kd_epochs < 1 or (self.first_task_epochs is not None and self.first_task_epochs < 1):
-            raise UserError(f"{where}: kd_epochs and first_task_epochs must be >= 1")
-        if self.con_dim < 1 or self.con_hidden < 0:
-            raise UserError(f"{where}: con_dim must be >= 1 and con_hidden >= 0")
+    kd_epochs: int = option(130, unit="epochs", bounds=(1, None),
+                            help="epochs of each distillation phase (FOSTER's compression_epochs; not stated in the "
+                                 "paper)")
+    kd_temperature: float = option(2.0, bounds=(1e-6, None), help="distillation temperature")
+    kd_weight_decay: float = option(0.0, bounds=(0, None), help="weight decay of the distillation phases")
+    kd_t2_scale: bool = option(False, help="multiply the distillation loss by T^2 (Hinton)")
+    kd_plus_ce: bool = option(False, help="add the ground-truth cross-entropy to the distillation loss")
+    student_head_init: Literal["warm", "fresh"] = option(
+        "warm", help="the student's head: warm = the teacher's head minus the temporary extractor's columns "
+                     "(FOSTER copy_fc); fresh = starts anew")
 
 
 @dataclass
 class GRCConfig(TSDConfig):
-    group_sizes: list[int] | None = None   # explicit group sizes (tasks per group; must sum to T, len == N)
-    group_rule: Literal["ceil_then_balanced", "balanced"] = "ceil_then_balanced"   # spec §2.1 / always balanced
-    grc_teacher: Literal["rolling", "all_group"] = "rolling"   # teacher = [rolling; temporary] (spec §8.1) or
-    #                                        every task extractor of the current group, kept until the group ends
+    group_sizes: list[int] | None = option(None, unit="tasks", bounds=(1, None),
+                                           help="explicit group sizes, tasks per group (must sum to the number of "
+                                                "tasks, one per extractor); null: from group_rule")
+    group_rule: Literal["ceil_then_balanced", "balanced"] = option(
+        "ceil_then_balanced", help="how tasks are grouped: ceil_then_balanced = spec §2.1; balanced = always "
+                                   "balanced")
+    grc_teacher: Literal["rolling", "all_group"] = option(
+        "rolling", help="the distillation teacher: rolling = [rolling; temporary] (spec §8.1); all_group = every "
+                        "task extractor of the current group, kept until the group ends")
 
     def validate(self, where: str) -> None:
-        super().validate(where)
         if self.group_sizes is not None:
-            if not self.group_sizes or min(self.group_sizes) < 1:
+            if not self.group_sizes:
                 raise UserError(f"{where}.group_sizes: a non-empty list of positive task counts, "
                                 f"got {self.group_sizes}")
             if len(self.group_sizes) != self.n_extractors:
@@ -118,12 +127,15 @@ class GRCConfig(TSDConfig):
 
 @dataclass
 class FixedConfig(TSDConfig):
-    balanced: bool = True                  # exclude the previous merge target for one step (Table 9 ablation)
-    selection: Literal["similarity", "random", "round_robin"] = "similarity"   # Table 14 ablation
-    own_tasks: Literal["all_assigned", "original"] = "all_assigned"   # an extractor's own classes: every task
-    #                                        merged into it, or only the task that created it
-    sim_reduce: Literal["max", "mean"] = "max"   # s_{j,c}: max or mean cosine over the extractor's own classes
-    proto_normalize: bool = True           # L2-normalise features before averaging them into prototypes
+    balanced: bool = option(True, help="exclude the previous merge target for one step (Table 9's ablation)")
+    selection: Literal["similarity", "random", "round_robin"] = option(
+        "similarity", help="which extractor a task merges into (Table 14's ablation)")
+    own_tasks: Literal["all_assigned", "original"] = option(
+        "all_assigned", help="an extractor's own classes: all_assigned = every task merged into it; original = "
+                             "only the task that created it")
+    sim_reduce: Literal["max", "mean"] = option(
+        "max", help="s_{j,c}: max or mean cosine over the extractor's own classes")
+    proto_normalize: bool = option(True, help="L2-normalise features before averaging them into prototypes")
 
 
 # ---------------------------------------------------------------------------------------------------------
