@@ -2,7 +2,7 @@
 selectively trained experts in Continual Learning", ICLR 2024). Spec: specs/der_seed.md Part B.
 
 Exemplar-free. K experts (deep networks); every expert keeps one full-covariance Gaussian per class it has seen
-(cilbench/gaussians.py), fitted on the class's training images through the test transform plus their
+(cilbench/kit/gaussians.py), fitted on the class's training images through the test transform plus their
 horizontal flips (cilbench.train.engine.features_with_flips). Per task t:
 
 - t <= K: create expert t (expert 1 from scratch; later ones a copy of expert 1, or fresh), train it with

@@ -1,5 +1,5 @@
 """DER's channel-level masks, sparsity loss, gradient compensation and physical pruning (DER sec. 3.3,
-adapted from HAT), for the ResNets of cilbench/backbones.py.
+adapted from HAT), for the ResNets of cilbench/kit/backbones.py.
 
 Every feature map of a ResNet belongs to a *channel group*. A group that carries a mask
 `m = sigmoid(s * e)` has it multiplied onto every feature map of the group (forward hooks, so the backbone
