@@ -22,7 +22,6 @@ if str(ROOT) not in sys.path:
 from mkdocs.exceptions import PluginError  # noqa: E402
 from mkdocs.structure.files import File  # noqa: E402
 
-
 # --- CLI reference ---------------------------------------------------------------------------------------
 
 def _default(param) -> str:
@@ -167,7 +166,8 @@ def options_markdown(method: str) -> str:
 
 # --- file references -------------------------------------------------------------------------------------
 
-_PATH = re.compile(r"(?<![\w./<{(-])((?:cilbench|methods|protocols|results|tests|docs)/[\w./-]*\.(?:py|md|yaml|csv|txt|toml|json))\b")
+_PATH = re.compile(r"(?<![\w./<{(-])((?:cilbench|methods|protocols|results|tests|docs)/[\w./-]*"
+                   r"\.(?:py|md|yaml|csv|txt|toml|json))\b")
 
 
 _OUTPUTS = ("results/runs", "results/report")   # what runs and reports write: not in a fresh clone

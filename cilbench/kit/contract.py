@@ -178,7 +178,8 @@ def load_plugins() -> None:
 def get_method(name: str) -> Entry:
     load_plugins()
     if name not in REGISTRY:
-        raise UserError(f"unknown method '{name}'; known: {', '.join(sorted(REGISTRY))}")
+        from cilbench.config import did_you_mean
+        raise UserError(f"unknown method '{name}'{did_you_mean(name, REGISTRY)}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
 

@@ -89,12 +89,14 @@ def _section(s: Section, out_dir: Path) -> list[str]:
         parts.append("<details><summary>Accuracy after each step (table)</summary>" + s.steps_html
                      + '<p class="links">as ' + _links(s.steps_files, out_dir) + "</p></details>")
     if s.plots:
+        from cilbench.report.plots import pdf_paths  # matplotlib only when there are plots
         parts.append('<div class="plots">')
         for caption, path in s.plots:
             src = esc(rel(path, out_dir))
-            pdf = esc(rel(path.with_suffix(".pdf"), out_dir))
+            pdf, pdf1 = (esc(rel(p, out_dir)) for p in pdf_paths(path))
             parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{esc(caption)}" loading="lazy"></a>'
-                         f'<figcaption>{esc(caption)} (<a href="{pdf}">pdf</a>)</figcaption></figure>')
+                         f'<figcaption>{esc(caption)} (pdf: <a href="{pdf}">double column</a>, '
+                         f'<a href="{pdf1}">single column</a>)</figcaption></figure>')
         parts.append("</div>")
     return parts
 

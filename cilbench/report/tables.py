@@ -389,7 +389,7 @@ def our_row(group: RunGroup, metrics: list[str], p_digits: int = 2, spread: str 
         cells[key] = Stat(mean, s)
         if 0 < n < group.n:
             partial.append(f"{METRICS[key].label} from {n}/{group.n} seeds")
-    parts = ["cilbench", group.epochs_cap_text(), *partial]
+    parts = ["cilbench", group.epochs_cap_text(), *partial, group.device_text()]
     mismatch = group.config_mismatch()
     if mismatch:
         parts.append(f"seeds differ in {', '.join(mismatch[:3])}" + ("…" if len(mismatch) > 3 else ""))
