@@ -1,5 +1,5 @@
 """SEED: Selection of Experts for Ensemble Diversification (Rypeść et al., "Divide and not forget: Ensemble of
-selectively trained experts in Continual Learning", ICLR 2024). Spec: specs/der_seed.md Part B.
+selectively trained experts in Continual Learning", ICLR 2024, arXiv:2401.10191).
 
 Exemplar-free. K experts (deep networks); every expert keeps one full-covariance Gaussian per class it has seen
 (cilbench/kit/gaussians.py), fitted on the class's training images through the test transform plus their
@@ -40,7 +40,7 @@ from cilbench.train.engine import features_with_flips, full_precision, phase_con
 @dataclass
 class SEEDConfig:
     """Defaults: the official code (grypesc/SEED) where it and the paper differ; the paper's value in the comment
-    (spec B.5, B.9)."""
+    (the paper's appendix and the official code, grypesc/SEED)."""
     # --- ensemble and architecture (App. A.2)
     experts: int = 5                        # K
     init: Literal["first", "random"] = "first"   # experts 2..K: copy of expert 1 after task 1 (code) / random (paper)

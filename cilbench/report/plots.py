@@ -234,7 +234,7 @@ def plot_per_task(path: Path, title: str, series: list[Series]) -> Path:
         tops += [y + (err[1][i] if err else 0) for i, y in enumerate(s.y)]
         bottoms += [y - (err[0][i] if err else 0) for i, y in enumerate(s.y)]
     ax.set_xlabel("task")
-    ax.set_ylabel("top-1 accuracy after the last step (%)")
+    ax.set_ylabel("top-1 after the last task (%)")
     if n_tasks <= 26:       # tasks are numbered from 1
         ax.set_xticks(range(n_tasks), [str(k + 1) for k in range(n_tasks)])
     ax.set_ylim(min(bottoms) - 4, max(tops) + 4)
