@@ -193,6 +193,8 @@ def sweep(
     sbatch: List[str] = typer.Option([], "--sbatch", help="slurm: extra sbatch option key=value (repeatable)"),
     status: bool = typer.Option(False, "--status", help="print each run's state (read from the run directories)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="also rerun (resume) failed runs"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and list cells that do not validate "
+                                      "(as skip_invalid: true in the file) instead of refusing the grid"),
     report_: bool = typer.Option(True, "--report/--no-report", help="local: build the sweep's report at the end"),
 ):
     """Run a grid of runs (methods x protocols x seeds x --set values) here or on Slurm, skipping complete runs."""
@@ -207,8 +209,11 @@ def sweep(
         _fail(f"--seeds must be integers, e.g. --seeds 0,1,2; got {seeds}")
     try:
         spec = sweeps.load_sweep(file, _csv(methods), _csv(protocols), seed_list, set_, epochs=epochs,
-                                 deterministic=deterministic, device=device, data_root=data_root, out=out, name=name)
+                                 deterministic=deterministic, device=device, data_root=data_root, out=out, name=name,
+                                 skip_invalid=skip_invalid or None)
         cells = sweeps.prepare(spec)
+        for label, reason in spec.skipped:
+            typer.echo(f"skipped (invalid): {label}: {reason}", err=True)
         if status:
             typer.echo(sweeps.status_table(spec, cells))
             return

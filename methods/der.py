@@ -69,7 +69,7 @@ class DERConfig:
     # --- pruning ------------------------------------------------------------------------------------
     prune: bool = False
     sparsity_weight: float = 0.75           # lambda_s (from the card)
-    mask_scope: Literal["shared", "internal"] = "shared"   # masks on every residual stream + inner convs / inner convs and stem only
+    mask_scope: Literal["shared", "internal"] = "shared"   # streams + inner convs / inner convs + stem
     s_max: float = 400.0
     sparsity_kernel: Literal["area", "side"] = "area"     # K_l = k*k or k
     # Default: masks that learn. Eq. 9 as printed ("paper") leaves e's gradient ~1e-4, so with HAT's N(0, 1)

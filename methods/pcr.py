@@ -10,9 +10,10 @@ Online, for every stream batch B (the papers and the official agents/pcr.py and 
        HPCR: HT(s) * (L_PCR, or eq. 18 with anchor-to-sample pairs when s(N) = 1)
              + alpha * PCD(B_M) + beta * SCD(B_M) from the second task on (eq. 26);
   4. one optimiser step; B enters the reservoir with its payload.
-Offline (our extension; the papers are online only): the same step over the task's batches for the card's epochs, with a replay batch
-drawn beside each from the harness's exemplar memory; an exemplar's payload (eval-mode logits and feature of
-its raw image) is written when the harness selects it, at the end of the task that learned its class.
+Offline (our extension; the papers are online only): the same step over the task's batches for the card's
+epochs, with a replay batch drawn beside each from the harness's exemplar memory; an exemplar's payload
+(eval-mode logits and feature of its raw image) is written when the harness selects it, at the end of the
+task that learned its class.
 Inference: the cosine logits of the seen classes (eq. 10).
 """
 from __future__ import annotations

@@ -98,7 +98,7 @@ class TSDConfig:
 @dataclass
 class GRCConfig(TSDConfig):
     group_sizes: list[int] | None = None   # explicit group sizes (tasks per group; must sum to T, len == N)
-    group_rule: Literal["ceil_then_balanced", "balanced"] = "ceil_then_balanced"   # ceil(T/N) per group / always balanced
+    group_rule: Literal["ceil_then_balanced", "balanced"] = "ceil_then_balanced"   # ceil(T/N) per group / balanced
     grc_teacher: Literal["rolling", "all_group"] = "rolling"   # teacher = [rolling; temporary] or
     #                                        every task extractor of the current group, kept until the group ends
 

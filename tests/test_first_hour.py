@@ -118,6 +118,9 @@ def test_error_bars_stay_in_0_100_and_the_params_plot_needs_different_params():
     from cilbench.report import plots
     from cilbench.report.figures import params_differ
     assert plots.clip_err([99.0, 2.0], [5.0, 5.0]) == [[5.0, 2.0], [1.0, 5.0]]
-    same = [plots.Point("a", 0.068, 90.0), plots.Point("b", 0.071, 91.0)]
-    assert not params_differ(same)
-    assert params_differ(same + [plots.Point("c", 0.339, 95.0)])
+    heads_apart = [plots.Point("a", 0.068, 90.0), plots.Point("b", 0.071, 91.0)]    # totals, one backbone
+    assert not params_differ(heads_apart, backbone=False)
+    assert params_differ(heads_apart + [plots.Point("c", 0.339, 95.0)], backbone=False)
+    shared = [plots.Point("a", 0.064, 90.0), plots.Point("b", 0.064, 91.0)]         # backbone counts
+    assert not params_differ(shared, backbone=True)
+    assert params_differ(shared + [plots.Point("c", 0.13, 95.0)], backbone=True)

@@ -391,3 +391,19 @@ def test_bad_backend_options_are_refused(cli, error_line, tmp_path):
     with pytest.raises(UserError):
         sweeps.parse_time("12h")
     assert sweeps.parse_time("1-00:30:00") == 1470 and sweeps.parse_time("90") == 90
+
+
+def test_skip_invalid_skips_and_lists_the_cells_that_do_not_validate(cli, tmp_path):
+    grid = {"methods": ["er", "finetune"], "protocols": ["digits_b0s2", "digits_online_b0s2"], "seeds": [0]}
+    path = write_sweep(tmp_path / "mixed.yaml", **grid, skip_invalid=True)
+    spec = sweeps.load_sweep(str(path), out=str(tmp_path / "runs"))
+    cells = sweeps.prepare(spec)
+    assert sorted((c.method, c.protocol) for c in cells) == [
+        ("er", "digits_online_b0s2"), ("finetune", "digits_b0s2"), ("finetune", "digits_online_b0s2")]
+    assert [label for label, _ in spec.skipped] == ["er on digits_b0s2, seed 0"]
+    assert "online" in spec.skipped[0][1]
+    plain = write_sweep(tmp_path / "plain.yaml", **grid)
+    result = cli("sweep", plain, "--out", tmp_path / "runs", "--status", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert "skipped (invalid): er on digits_b0s2, seed 0" in result.stderr
+    assert cli("sweep", plain, "--out", tmp_path / "runs", "--status").exit_code == 2

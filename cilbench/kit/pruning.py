@@ -329,7 +329,8 @@ def prune(net: ResNet, graph: Graph, keep: dict[str, torch.Tensor]) -> ResNet:
 @torch.no_grad()
 def regrow(fresh: ResNet, full: ResNet, graph: Graph, keep: dict[str, torch.Tensor]) -> ResNet:
     """`fresh` (same spec as `full`) with the surviving channels' weights of `full` copied in and the pruned
-    ones left at their fresh initialisation (the second way to start F_t from a pruned F_{t-1}). `graph` describes `full`."""
+    ones left at their fresh initialisation (the second way to start F_t from a pruned F_{t-1}). `graph`
+    describes `full`."""
     src, dst = full.state_dict(), fresh.state_dict()
     for key, g_in, g_out, _ in graph.convs:
         o, i = keep[g_out], keep[g_in]

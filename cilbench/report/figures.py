@@ -64,7 +64,7 @@ def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[
                     plots.plot_extractors(plot_dir / f"{slug}_extractors.png",
                                           f"{protocol}: accuracy vs #extractors", ext)))
     points, backbone = _param_points(protocol, done, refs, colours, markers)
-    if points and params_differ(points):
+    if points and params_differ(points, backbone):
         what = "backbone" if backbone else "total (ours; the published points count the backbone)"
         out.append((f"Average accuracy against parameters at inference: {what}",
                     plots.plot_params(plot_dir / f"{slug}_params.png",
@@ -74,14 +74,16 @@ def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[
     return out
 
 
-PARAMS_SPREAD = 1.25    # the #params plot is drawn only where our runs' #params span more than this ratio
+PARAMS_SPREAD = 1.15    # totals (heads included) closer than this ratio: one shared backbone, no plot
 
 
-def params_differ(points: list) -> bool:
-    """Whether accuracy against #params says anything: our methods' #params differ by more than a head's worth
-    (every method on one shared backbone gives one column of markers, so no plot)."""
+def params_differ(points: list, backbone: bool) -> bool:
+    """Whether accuracy against #params says anything. Backbone counts: they must differ at all (every method
+    on one shared backbone gives one column of markers). Totals only: by more than a head's worth."""
     ours = [p.x for p in points if not p.published and p.x and p.x > 0]
-    return len(ours) > 1 and max(ours) / min(ours) > PARAMS_SPREAD
+    if len(ours) < 2:
+        return False
+    return max(ours) / min(ours) > (1.001 if backbone else PARAMS_SPREAD)
 
 
 def _extractor_groups(done: list[RunGroup], colours: dict, markers: dict) -> list:

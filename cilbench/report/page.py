@@ -153,7 +153,8 @@ def write_html(out_dir: Path, made: str, sections: list[Section], summary: dict 
     parts.append('<h2 id="reference">Published reference data</h2>')
     parts.append("<p>Numbers copied from the published papers (DER, SEED, HPCR, EXACFS) with their source, "
                  "backbone, class order and number of runs; † = value flagged as garbled or a "
-                 "likely typo (kept as printed), ‡ = not readable in the paper, taken from an outside listing (unverified), "
+                 "likely typo (kept as printed), ‡ = not readable in the paper, taken from an outside listing "
+                 "(unverified), "
                  "n/a = the number could not be read from the paper, – = not reported by the paper.</p>")
     parts.append('<p class="links">' + _links(ref_files, out_dir, lambda p: p.name) + "</p>")
     parts.append("</body></html>")

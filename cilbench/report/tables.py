@@ -572,7 +572,8 @@ def summary_table(protocols: list[str], groups: dict[str, list[RunGroup]], refs:
     rows += [Row("published", c) for c in pub.values()]
     notes = ["Mean ± sample std over complete seeds; best and second best of our rows (bounds excluded) in bold "
              "and underlined; published rows shown only where a run of ours matches their protocol, backbone and "
-             "memory. † flagged as garbled or a likely typo in the source text, ‡ not readable in the paper, from an outside listing "
+             "memory. † flagged as garbled or a likely typo in the source text, ‡ not readable in the paper, "
+             "from an outside listing "
              "(unverified); details in the protocol tables."]
     table = Table("Summary across protocols", cols, rows, notes)
     rank_rows(table)
