@@ -226,7 +226,7 @@ class DER(Method):
                              "params_after": count_params(pruned), "out_dim": pruned.out_dim,
                              "kept": {g: len(k) for g, k in keep.items()}, **masks.stats()})
             if ctx.log:
-                ctx.log(f"der: task {task.index} extractor pruned {count_params(new)} -> {count_params(pruned)} "
+                ctx.log(f"der: task {task.index + 1} extractor pruned {count_params(new)} -> {count_params(pruned)} "
                         f"params, feature dim {new.out_dim} -> {pruned.out_dim}")
         self.stack.freeze(slot)
         self.head = head

@@ -547,7 +547,7 @@ class TSDFixed(TSDBase):
             self.prev_target = self.last_updated = target
             record.update(info, **kd, consolidated=1, slot=target, candidates=candidates,
                           scores=[float(s) for s in scores] if scores is not None else [])
-            self._log(f"tsd_fixed: task {task.index} merged into extractor {target} (scores {scores})")
+            self._log(f"tsd_fixed: task {task.index + 1} merged into extractor {target + 1} (scores {scores})")
         record["inference_extractors"] = len(self.pool)
         self.records.append(record)
         self.tasks_done = task.index + 1

@@ -228,8 +228,8 @@ def derive_keys(data: dict, where: str) -> dict:
     dataset = data["dataset"]
     if not isinstance(dataset, str) or dataset not in DATASETS:
         from cilbench.config import did_you_mean
-        raise UserError(f"{where}: key 'dataset': {dataset!r} is not a known data set"
-                        f"{did_you_mean(str(dataset), DATASETS)}; known: {', '.join(DATASETS)}")
+        raise UserError(f"{where}: key 'dataset': expected one of {', '.join(DATASETS)}, got {dataset!r}"
+                        f"{did_you_mean(str(dataset), DATASETS)}")
     if "num_classes" not in data:
         if dataset == "synthetic":
             synthetic = ((data.get("data") or {}).get("synthetic") or {}) if isinstance(data.get("data"), dict) else {}
