@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT := results/runs
 DEMO_EPOCHS ?=
 
-.PHONY: install test test-slurm demo lint bench clean
+.PHONY: install test test-slurm demo lint bench docs clean
 
 install: $(STAMP)
 
@@ -29,8 +29,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check cilbench methods tests
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict   # into site/ (ignored)
+
 bench: $(STAMP)
 	$(BIN)/cilbench bench
 
 clean:
-	rm -rf results/runs results/report
+	rm -rf results/runs results/report site

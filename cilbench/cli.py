@@ -8,10 +8,34 @@ from typing import List, Optional
 import typer
 import yaml
 
+from cilbench import __version__
 from cilbench.errors import Terminated, TrainingDiverged, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Class-incremental learning benchmark: one protocol, one trainer, one metric path.")
+
+
+def _no_type_noise() -> None:
+    """Help without a type column (`<str>`, `<list[str]>`, `<bool>`): each option's help says what it takes; an
+    option or argument with a metavar (N, FILE) shows that instead."""
+    from typer.core import TyperArgument, TyperOption
+    for cls in (TyperOption, TyperArgument):
+        cls.display_type_rich = lambda self, ctx: self.metavar or None
+
+
+_no_type_noise()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cilbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """Class-incremental learning benchmark: one protocol, one trainer, one metric path."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -38,22 +62,23 @@ def _main(plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP)):
         _load_plugins(plugin)
 
 
-@app.command()
+@app.command(epilog="Example: cilbench run --method der --protocol digits_b0s2 --epochs 1")
 def run(
     method: str = typer.Option(..., "--method", "-m", help="method name (see `cilbench list`)"),
     protocol: str = typer.Option(..., "--protocol", "-p", help="card name from protocols/ or a YAML path"),
     seed: int = typer.Option(0, help="seed for initialisation, batch order and augmentation"),
     set_: List[str] = typer.Option([], "--set", help="override a config key: train.lr=0.05, der.aux_weight=0.5"),
-    epochs: Optional[int] = typer.Option(None, help="cap every training phase at N epochs (quick tries)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    epochs: Optional[int] = typer.Option(None, metavar="N", help="cap every training phase at N epochs (quick tries)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (the run prints which it uses, and why)"),
     data_root: Optional[str] = typer.Option(None, help="data folder (else $CILBENCH_DATA, else a cache dir)"),
     out: str = typer.Option("results/runs", help="root of the run directories"),
     tag: Optional[str] = typer.Option(None, help="suffix of the run name: <method>+<tag>"),
-    resume: bool = typer.Option(False, help="continue an unfinished run after its last finished task"),
-    force: bool = typer.Option(False, help="replace an existing run directory"),
-    deterministic: bool = typer.Option(False, help="deterministic algorithms (slower; exact replays)"),
-    stop_after: Optional[int] = typer.Option(None, help="stop after N tasks, leaving a resumable run"),
-    quiet: bool = typer.Option(False, help="no progress output"),
+    resume: bool = typer.Option(False, "--resume", help="continue an unfinished run after its last finished task"),
+    force: bool = typer.Option(False, "--force", help="replace an existing run directory"),
+    deterministic: bool = typer.Option(False, "--deterministic", help="deterministic algorithms (slower; exact "
+                                       "replays)"),
+    stop_after: Optional[int] = typer.Option(None, metavar="N", help="stop after N tasks, leaving a resumable run"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
     plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ):
     """Run one method on one protocol; results go to <out>/<protocol>/<method>[+<tag>]/seed<k>/."""
@@ -86,7 +111,7 @@ def run(
     print_run_summary(path)
 
 
-@app.command("list")
+@app.command("list", epilog="Example: cilbench list")
 def list_():
     """Methods (regimes, exemplars) and protocols (task counts)."""
     from cilbench.data.protocol import known_protocols, load_protocol
@@ -145,22 +170,24 @@ def show_method(method: str = typer.Argument(..., help="method name (see `cilben
             typer.echo(f"      {row['help']}")
 
 
-@app.command("show-protocol")
-def show_protocol(protocol: str = typer.Argument(..., help="card name or YAML path")):
-    """Print the fully resolved protocol card."""
-    from cilbench.config import to_dict
-    from cilbench.data.protocol import load_protocol
+@app.command("show-protocol", epilog="Example: cilbench show-protocol digits_b0s2 --method der --set memory.total=100")
+def show_protocol(protocol: str = typer.Argument(..., metavar="PROTOCOL", help="card name or YAML path"),
+                  method: Optional[str] = typer.Option(None, "--method", "-m",
+                                                       help="also resolve this method's options and augmentation"),
+                  set_: List[str] = typer.Option([], "--set", help="override a key, as in `cilbench run`"),
+                  seed: int = typer.Option(0, help="the seed whose class order to show")):
+    """Print the resolved protocol card: the actual class order, the task sizes and only the fields that apply."""
+    from cilbench.run.runner import resolved_card
     try:
-        p = load_protocol(protocol)
+        resolved = resolved_card(protocol, method, list(set_), seed)
     except UserError as exc:
         _fail(str(exc))
-    resolved = to_dict(p)
-    resolved["task_sizes"] = p.task_sizes
-    typer.echo(yaml.safe_dump(resolved, sort_keys=False).rstrip())
+    typer.echo(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None, width=110,
+                              allow_unicode=True).rstrip())
 
 
-@app.command()
-def download(dataset: str = typer.Argument(..., help="cifar10 | cifar100"),
+@app.command(epilog="Example: cilbench download cifar100 --data-root /data/cil")
+def download(dataset: str = typer.Argument(..., metavar="DATASET", help="cifar10 | cifar100"),
              data_root: Optional[str] = typer.Option(None, help="target folder")):
     """Download a data set in torchvision's format (needs internet)."""
     from cilbench.data.datasets import default_data_root
@@ -172,7 +199,7 @@ def download(dataset: str = typer.Argument(..., help="cifar10 | cifar100"),
     typer.echo(f"{dataset} is in {root}")
 
 
-@app.command()
+@app.command(epilog="Example: cilbench report --protocol digits_b0s2 --out results/report/digits")
 def report(runs: Optional[str] = typer.Option(None, help="root of the run directories [default: results/runs, "
                                               "or the sweep's out]"),
            out: Optional[str] = typer.Option(None, help="where tables, plots and index.html go [default: "
@@ -214,14 +241,15 @@ def _sweep_again(file, methods, protocols, seeds, sets, out, name) -> str:
     return shlex.join(args)
 
 
-@app.command()
+@app.command(epilog="Example: cilbench sweep protocols/sweeps/ci_tiny.yaml --status")
 def sweep(
-    file: Optional[str] = typer.Argument(None, help="sweep file (protocols/sweeps/*.yaml); or give the grid below"),
+    file: Optional[str] = typer.Argument(None, metavar="FILE",
+                                         help="sweep file (protocols/sweeps/*.yaml); or give the grid below"),
     methods: List[str] = typer.Option([], "--methods", help="grid: methods (comma-separated or repeated)"),
     protocols: List[str] = typer.Option([], "--protocols", help="grid: protocols"),
     seeds: List[str] = typer.Option([], "--seeds", help="grid: seeds, e.g. 0,1,2"),
-    set_: List[str] = typer.Option([], "--set", help="key=value for every run, key=\\[v1,v2] for an axis"),
-    epochs: Optional[int] = typer.Option(None, help="cap every training phase at N epochs"),
+    set_: List[str] = typer.Option([], "--set", help="key=value for every run, key=[v1,v2] for an axis"),
+    epochs: Optional[int] = typer.Option(None, metavar="N", help="cap every training phase at N epochs"),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic/--fast", help="deterministic runs"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     data_root: Optional[str] = typer.Option(None, help="data folder"),
@@ -246,7 +274,9 @@ def sweep(
     sbatch: List[str] = typer.Option([], "--sbatch", help="slurm: other sbatch option, key=value or a bare flag "
                                      "such as requeue (repeatable)"),
     status: bool = typer.Option(False, "--status", help="print each run's state (read from the run directories)"),
-    retry_failed: bool = typer.Option(False, help="also rerun (resume) failed runs"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="also rerun (resume) failed runs"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and list cells that do not validate "
+                                      "(as skip_invalid: true in the file) instead of refusing the grid"),
     report_: bool = typer.Option(True, "--report/--no-report", help="local: build the sweep's report at the end"),
     plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ):
@@ -270,8 +300,11 @@ def sweep(
         sbatch=list(sbatch))
     try:
         spec = grid.load_sweep(file, _csv(methods), _csv(protocols), seed_list, set_, epochs=epochs,
-                               deterministic=deterministic, device=device, data_root=data_root, out=out, name=name)
+                               deterministic=deterministic, device=device, data_root=data_root, out=out, name=name,
+                               skip_invalid=skip_invalid or None)
         cells = grid.prepare(spec)
+        for label, reason in spec.skipped:
+            typer.echo(f"skipped (invalid): {label}: {reason}", err=True)
         if status:
             typer.echo(state.status_table(spec, cells))
             return
@@ -298,8 +331,9 @@ def sweep(
         raise typer.Exit(1)
 
 
-@app.command()
-def bench(device: str = typer.Option("auto"), images: int = typer.Option(10000, help="images per pipeline test"),
+@app.command(epilog="Example: cilbench bench --method der --device cpu")
+def bench(device: str = typer.Option("auto", help="auto | cpu | cuda"),
+          images: int = typer.Option(10000, help="images per pipeline test"),
           steps: int = typer.Option(30, help="training steps per timing"),
           compile: bool = typer.Option(False, help="torch.compile the networks (CUDA)"),
           online_steps: int = typer.Option(200, help="HPCR steps per online timing"),

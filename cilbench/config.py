@@ -116,8 +116,13 @@ def build(cls: type, data: dict | None, where: str, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise UserError(f"{where}: unknown key '{prefix}{unknown[0]}' (known in "
-                        f"{prefix.rstrip('.') or 'this section'}: {', '.join(sorted(fields))})")
+        raise UserError(f"{where}: unknown key '{prefix}{unknown[0]}'{did_you_mean(unknown[0], fields, prefix)} "
+                        f"(known in {prefix.rstrip('.') or 'this section'}: {', '.join(sorted(fields))})")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{where}: missing key '{prefix}{missing[0]}'; add it to the card or give it with "
+                        f"--set {prefix}{missing[0]}=<value>")
     kwargs = {name: _coerce(value, hints[name], where, f"{prefix}{name}") for name, value in data.items()}
     obj = cls(**kwargs)
     check_bounds(obj, where, prefix)
@@ -134,6 +139,13 @@ def _declared_bounds(cls: type) -> dict:
                 if f.metadata.get("bounds") is not None} if dataclasses.is_dataclass(cls) else {}
     declared.update(getattr(cls, "BOUNDS", {}))
     return declared
+
+
+def did_you_mean(name: str, known, prefix: str = "") -> str:
+    """" (did you mean 'x'?)" for the closest known name, or an empty string when none is close."""
+    import difflib
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def check_bounds(obj: Any, where: str, prefix: str = "") -> None:

@@ -9,7 +9,7 @@ Per task t:
 - with pruning (`prune: true`, alias `der_prune`): HAT-style channel masks sigma(s * e) on F_t, s annealed
   within each epoch, gradient compensation (HAT's, with the s_max factor, by default: eq. 9 as printed cannot
   move a mask off its initial sign), sparsity loss; after stage 1 the masks are binarised and F_t is
-  physically pruned (cilbench/pruning.py); the classifier's columns of removed feature channels are dropped.
+  physically pruned (cilbench/kit/pruning.py); the classifier's columns of removed feature channels are dropped.
 - stage 2 (classifier learning): the classifier is re-initialised and retrained on a class-balanced subset
   of new data + memory with a temperature, extractors frozen in eval mode (train augmentation still on).
   Weight aligning (PyCIL) is an alternative. The next task inherits the stage-2 head's old block
@@ -114,7 +114,8 @@ class DERConfig:
     sparsity_weight: float = option(0.75, bounds=(0, None), help="lambda_s, weight of the sparsity loss (the card "
                                                                  "sets it)")
     mask_scope: Literal["shared", "internal"] = option(
-        "shared", help="which channels the masks cover: shared = spec A.9.2 choice B; internal = choice A")
+        "shared", help="which channels the masks cover: shared = the residual streams plus inner convolutions; "
+                       "internal = inner convolutions and stem")
     s_max: float = option(400.0, bounds=(1e-6, None), help="HAT's s_max: the mask scale s is annealed up to it "
                                                             "within each epoch")
     sparsity_kernel: Literal["area", "side"] = option(

@@ -1,6 +1,6 @@
 """EXACFS: exponentially averaged class-wise feature significance (Balasubramanian et al., 2024).
 
-Per task t (Algorithm 2, spec hpcr_exacfs.md Part B):
+Per task t (the paper's Algorithm 2):
 1. M^t <- M^{t-1}; keep a frozen snapshot of M^{t-1}'s extractor (t >= 1); add c^t classes to PODNet's
    local-similarity classifier (LSC), their proxies imprinted by k-means of normalised features (t >= 1);
    old-class proxies frozen (option).

@@ -1,6 +1,6 @@
 """PCR (Lin et al., CVPR 2023) and HPCR (Lin et al., TNNLS): proxy-based contrastive replay.
 
-Online, for every stream batch B (spec A.7, the official agents/pcr.py and agents/hpcr.py):
+Online, for every stream batch B (the papers and the official agents/pcr.py and agents/hpcr.py):
   1. two views of B: the card's train transform (none on the online cards: the raw image, as the code's
      ToTensor) and one strong augmentation; forward them and keep the raw view's logits and feature, taken
      before the update, as B's reservoir payload (HPCR);
@@ -10,9 +10,10 @@ Online, for every stream batch B (spec A.7, the official agents/pcr.py and agent
        HPCR: HT(s) * (L_PCR, or eq. 18 with anchor-to-sample pairs when s(N) = 1)
              + alpha * PCD(B_M) + beta * SCD(B_M) from the second task on (eq. 26);
   4. one optimiser step; B enters the reservoir with its payload.
-Offline (spec A.12.2): the same step over the task's batches for the card's epochs, with a replay batch
-drawn beside each from the harness's exemplar memory; an exemplar's payload (eval-mode logits and feature of
-its raw image) is written when the harness selects it, at the end of the task that learned its class.
+Offline (our extension; the papers are online only): the same step over the task's batches for the card's
+epochs, with a replay batch drawn beside each from the harness's exemplar memory; an exemplar's payload
+(eval-mode logits and feature of its raw image) is written when the harness selects it, at the end of the
+task that learned its class.
 Inference: the cosine logits of the seen classes (eq. 10).
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ class HPCRConfig(PCRConfig):
     ht_cycle_steps: int = option(500, unit="steps", bounds=(1, None), help="S of eq. 21, in optimiser steps")
     ht_reset: Literal["task", "epoch", "never"] = option(
         "task", help="when HT's step s restarts: code: s is the loader's batch index, i.e. per task online (one "
-                     "epoch); offline the spec keeps the per-task reset")
+                     "epoch); offline we keep the per-task reset")
     pcd_alpha: float = option(0.1, bounds=(0, None),
                               help="alpha, weight of PCD (code: 0.1 CIFAR-100 / Mini-ImageNet, 0.01 CIFAR-10)")
     scd_beta: float = option(0.5, bounds=(0, None), help="beta, weight of SCD")

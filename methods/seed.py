@@ -1,8 +1,8 @@
 """SEED: Selection of Experts for Ensemble Diversification (Rypeść et al., "Divide and not forget: Ensemble of
-selectively trained experts in Continual Learning", ICLR 2024). Spec: specs/der_seed.md Part B.
+selectively trained experts in Continual Learning", ICLR 2024, arXiv:2401.10191).
 
 Exemplar-free. K experts (deep networks); every expert keeps one full-covariance Gaussian per class it has seen
-(cilbench/gaussians.py), fitted on the class's training images through the test transform plus their
+(cilbench/kit/gaussians.py), fitted on the class's training images through the test transform plus their
 horizontal flips (cilbench.train.engine.features_with_flips). Per task t:
 
 - t <= K: create expert t (expert 1 from scratch; later ones a copy of expert 1, or fresh), train it with
@@ -52,8 +52,7 @@ from cilbench.kit import (
 
 @dataclass
 class SEEDConfig:
-    """Defaults: the official code (grypesc/SEED) where it and the paper differ; the paper's value in the help
-    (spec B.5, B.9)."""
+    """Defaults: the official code (grypesc/SEED) where it and the paper differ; the paper's value in the help."""
     # --- ensemble and architecture (App. A.2)
     experts: int = option(5, bounds=(1, None), help="K, the number of experts")
     init: Literal["first", "random"] = option(

@@ -1,10 +1,11 @@
 """TSD: task-sharing distillation (Mitigating the Stability-Plasticity Trade-Off ... via Shared Extractors in
-Class-Incremental Learning, Appl. Sci. 2025). Spec: specs/tsd.md.
+Class-Incremental Learning, Appl. Sci. 2025, doi:10.3390/app151910757). The paper's equations
+and several values were not recoverable; the choices marked as reconstructions in docs/methods/tsd.md are ours.
 
 Both variants grow DER-style concatenated extractors with one linear head, but cap the number of extractors
 used at inference at N by consolidating task extractors into shared ones through logit distillation:
 
-- tsd_grc   (grouped rolling consolidation): the T tasks are split into N contiguous groups (spec §2.1). The
+- tsd_grc   (grouped rolling consolidation): the T tasks are split into N contiguous groups. The
   first task of a group trains a new extractor; every later task of the group trains a temporary extractor,
   then a copy of the group's rolling extractor (the student) distils the teacher [frozen groups; rolling;
   temporary] and replaces the rolling one. The rolling extractor is frozen at the end of its group.
@@ -15,7 +16,7 @@ used at inference at N by consolidating task extractors into shared ones through
 
 Every cross-entropy phase adds lambda * L_con, a SupCon loss on a fresh projection head whose anchors are the
 current task's samples in two views and whose extra negatives are old-class samples embedded by every frozen
-extractor (spec §4). Distillation phases use only the soft-CE KD loss at T = 2 with weight decay 0.
+extractor. Distillation phases use only the soft-CE KD loss at T = 2 with weight decay 0.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from cilbench.kit import (
 
 @dataclass
 class TSDConfig:
-    """Options shared by both variants (spec §1, §4, §8). Defaults are the spec's recommendations."""
+    """Options shared by both variants. Defaults: the paper's values where it states them, else our reconstruction."""
     n_extractors: int = option(3, bounds=(1, None),
                                help="N, extractors at inference (GRC: the number of groups, at most the number of "
                                     "tasks; Fixed: the pool size)")
@@ -109,10 +110,10 @@ class GRCConfig(TSDConfig):
                                            help="explicit group sizes, tasks per group (must sum to the number of "
                                                 "tasks, one per extractor); null: from group_rule")
     group_rule: Literal["ceil_then_balanced", "balanced"] = option(
-        "ceil_then_balanced", help="how tasks are grouped: ceil_then_balanced = spec §2.1; balanced = always "
-                                   "balanced")
+        "ceil_then_balanced", help="how tasks are grouped: ceil_then_balanced = ceil(T/N) tasks per group, the "
+                                   "rest balanced; balanced = always balanced")
     grc_teacher: Literal["rolling", "all_group"] = option(
-        "rolling", help="the distillation teacher: rolling = [rolling; temporary] (spec §8.1); all_group = every "
+        "rolling", help="the distillation teacher: rolling = [rolling; temporary]; all_group = every "
                         "task extractor of the current group, kept until the group ends")
 
     def validate(self, where: str) -> None:
@@ -143,7 +144,7 @@ class FixedConfig(TSDConfig):
 
 
 def group_schedule(tasks: int, n: int, rule: str = "ceil_then_balanced") -> list[int]:
-    """Tasks per group (spec §2.1): groups of ceil(T/N) tasks, the last one possibly smaller; when that does
+    """Tasks per group: groups of ceil(T/N) tasks, the last one possibly smaller; when that does
     not give N groups, the balanced contiguous split (the first T mod N groups one task larger)."""
     if n < 1 or n > tasks:
         raise UserError(f"tsd_grc: n_extractors must be in 1..{tasks} (the number of tasks), got {n}")
@@ -158,7 +159,7 @@ def group_schedule(tasks: int, n: int, rule: str = "ceil_then_balanced") -> list
 
 def select_target(scores: list[float] | None, prev: int, n: int, balanced: bool, selection: str,
                   generator: torch.Generator | None = None) -> tuple[int, list[int]]:
-    """The pool slot to consolidate into and the candidates it was chosen from (spec §3 step 4).
+    """The pool slot to consolidate into and the candidates it was chosen from.
 
     `prev` is the previous merge target (-1: none yet). Balanced selection drops it from the candidates for
     this one step (never when N = 1). similarity: argmax of `scores` (ties: lowest slot); random: uniform
@@ -267,7 +268,7 @@ class TSDBase(ConcatExtractorMethod):
         return proj
 
     def _train_new(self, task: Task, frozen: list[nn.Module], new: nn.Module, head: nn.Linear) -> dict:
-        """CE phase (spec §1.1): train `new`, `head` (and the projection head) with
+        """CE phase: train `new`, `head` (and the projection head) with
         CE(head([frozen; new](x)), y) + lambda L_con over D_t + M; everything in `frozen` stays fixed."""
         cfg, ctx = self.cfg, self.ctx
         n_old = task.n_old
@@ -304,7 +305,7 @@ class TSDBase(ConcatExtractorMethod):
                 extra = None
                 old = y < n_old
                 if frozen_negs and bool(old.any()):
-                    # one negative per (old-class sample, frozen extractor) pair (spec section 4), from view 1,
+                    # one negative per (old-class sample, frozen extractor) pair, from view 1,
                     # whose frozen features the CE term already computed
                     extra = proj(torch.cat([caches[0][id(m)][old] for m in frozen]))
                     if cfg.detach_frozen_neg:
@@ -329,7 +330,7 @@ class TSDBase(ConcatExtractorMethod):
 
     def _distill(self, task: Task, teacher: list[nn.Module], teacher_head: nn.Linear,
                  student: list[nn.Module], student_head: nn.Linear) -> dict:
-        """KD phase (spec §1.1): the trainable members of `student` and `student_head` minimise the soft CE
+        """KD phase: the trainable members of `student` and `student_head` minimise the soft CE
         between student and teacher logits at temperature kd_temperature, weight decay kd_weight_decay, over
         D_t + M. The teacher (frozen) runs in eval mode; frozen extractors shared by both run once per batch."""
         cfg, ctx = self.cfg, self.ctx
@@ -435,7 +436,7 @@ class TSDGRC(TSDBase):
         k, pos, size = self.position(task.index)
         record = {"task": task.index, "group": k, "position": pos, "group_size": size}
         earlier = list(self.stack.extractors)
-        if pos == 0:                                       # first task of a group (spec §2.2 a)
+        if pos == 0:                                       # first task of a group
             frozen, source = earlier, (earlier[-1] if earlier else None)
             new, head, info = self._ce_step(task, frozen, source)
             self.stack.add(new, frozen=True)
@@ -516,7 +517,7 @@ class TSDFixed(TSDBase):
             self.prev_target = self.last_updated = target
             record.update(info, **kd, consolidated=1, slot=target, candidates=candidates,
                           scores=[float(s) for s in scores] if scores is not None else [])
-            self.ctx.log(f"tsd_fixed: task {task.index + 1} merged into extractor {target} (scores {scores})")
+            self.ctx.log(f"tsd_fixed: task {task.index + 1} merged into extractor {target + 1} (scores {scores})")
         record["inference_extractors"] = len(self.stack)
         self.records.append(record)
         self.tasks_done = task.index + 1
@@ -528,7 +529,7 @@ class TSDFixed(TSDBase):
 
     @torch.no_grad()
     def similarity(self, task: Task) -> list[float]:
-        """S_j = sum_{c in Y_t} reduce_{c' own by j} cos(p_{j,c}, q_{j,c'}) (spec §3 steps 2-3): p from the
+        """S_j = sum_{c in Y_t} reduce_{c' own by j} cos(p_{j,c}, q_{j,c'}): p from the
         task's training data, q from the exemplars of j's own classes, both on extractor j (test transform)."""
         ctx, cfg = self.ctx, self.cfg
         kept = {c for c in ctx.exemplar_classes() if len(ctx.class_exemplars(c))}

@@ -194,7 +194,7 @@ def test_show_protocol_prints_the_resolved_card(cli):
     card = yaml.safe_load(res.stdout)
     assert card["name"] == "cifar100_b50s2" and card["dataset"] == "cifar100"
     assert card["tasks"] == 26 and card["task_sizes"] == [50] + [2] * 25
-    assert card["class_order"] == "seed1993"
+    assert card["class_order"]["name"] == "seed1993" and card["class_order"]["classes"][:4] == [68, 56, 78, 8]
     assert card["memory"]["policy"] == "per_class" and card["memory"]["per_class"] == 20
     assert card["train"]["epochs"] == 170 and card["augment"]["crop_padding"] == 4
     # defaults are filled in: the whole resolved card, not just the file

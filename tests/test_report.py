@@ -450,14 +450,16 @@ def test_run_summary_uses_the_report_columns(tmp_path):
     root = tmp_path / "runs"
     path = make_run(root, "cifar100_b50s25", "der", 0, avg=70.0, last=60.0, bwt=-5.0,
                     extractors=[1, 2, 3], params=[460_000, 920_000, 1_380_000])
-    console = Console(record=True, width=240)
+    console = Console(record=True, width=100)
     print_run_summary(path, console)
     text = console.export_text()
-    for header in ("#Ext (last)", "#Params M total (avg)", "#Params M backbone (avg)", "Avg", "Last", "BWT",
-                   "Forgetting", "Source"):
+    for header in ("#Ext", "#Params M", "(backbone, avg)", "Avg", "Last", "BWT", "Forgetting"):
         assert header in text
-    assert "70.00" in text and "-5.00" in text and "0.920" in text
-    assert "DER w/o P (published)" in text and "Δ DER w/o P − DER w/o P" in text
+    assert "Seeds" not in text and "(avg)" not in text.replace("(backbone, avg)", "")   # one run: said once
+    assert "70.00" in text and "-5.00" in text and "1.38" in text
+    assert "(published)" in text and "Δ DER w/o P" in text          # names wrap inside the 100 columns
+    assert "backbone: resnet32" in text and "DER w/o P: cilbench" in text      # the Source, under the table
+    assert max(len(line) for line in text.splitlines()) <= 100
 
 
 def test_run_summary_of_an_interrupted_run(tmp_path):

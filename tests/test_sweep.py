@@ -523,3 +523,19 @@ def test_grid_on_the_command_line_gets_its_own_name_and_a_runnable_follow_up(cli
     assert follow_up == shlex.join(["cilbench", "sweep", *grid_args, "--status"])
     status = cli(*shlex.split(follow_up)[1:])
     assert status.exit_code == 0 and status.stdout.startswith(f"sweep {folder.name}: 1 runs"), status.output
+
+
+def test_skip_invalid_skips_and_lists_the_cells_that_do_not_validate(cli, tmp_path):
+    cells_grid = {"methods": ["er", "finetune"], "protocols": ["digits_b0s2", "digits_online_b0s2"], "seeds": [0]}
+    path = write_sweep(tmp_path / "mixed.yaml", **cells_grid, skip_invalid=True)
+    spec = grid.load_sweep(str(path), out=str(tmp_path / "runs"))
+    cells = grid.prepare(spec)
+    assert sorted((c.method, c.protocol) for c in cells) == [
+        ("er", "digits_online_b0s2"), ("finetune", "digits_b0s2"), ("finetune", "digits_online_b0s2")]
+    assert [label for label, _ in spec.skipped] == ["er on digits_b0s2, seed 0"]
+    assert "online" in spec.skipped[0][1]
+    plain = write_sweep(tmp_path / "plain.yaml", **grid)
+    result = cli("sweep", plain, "--out", tmp_path / "runs", "--status", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert "skipped (invalid): er on digits_b0s2, seed 0" in result.stderr
+    assert cli("sweep", plain, "--out", tmp_path / "runs", "--status").exit_code == 2

@@ -205,7 +205,9 @@ def card_path(name_or_path: str) -> Path:
         return path
     path = PROTOCOL_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        raise UserError(f"unknown protocol '{name_or_path}'; known: {', '.join(known_protocols())}")
+        from cilbench.config import did_you_mean
+        raise UserError(f"unknown protocol '{name_or_path}'{did_you_mean(name_or_path, known_protocols())}; "
+                        f"known: {', '.join(known_protocols())}")
     return path
 
 
@@ -220,8 +222,47 @@ def load_card(name_or_path: str) -> dict:
     return data
 
 
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet100": 100, "digits": 10}
+
+
+def derive_keys(data: dict, where: str) -> dict:
+    """The card with `num_classes` and `tasks` filled in where the dataset and the split determine them:
+    num_classes from the dataset (synthetic: data.synthetic.classes), tasks from num_classes, base and step.
+    A key that cannot be derived is named in a one-line error."""
+    data = dict(data)
+    for key, what in (("dataset", f"one of {', '.join(DATASETS)}"), ("base", "classes of the first task, 0 for B0"),
+                      ("step", "classes per incremental task")):
+        if key not in data:
+            raise UserError(f"{where}: missing key '{key}' ({what}); add it to the card")
+    dataset = data["dataset"]
+    if not isinstance(dataset, str) or dataset not in DATASETS:
+        from cilbench.config import did_you_mean
+        raise UserError(f"{where}: key 'dataset': expected one of {', '.join(DATASETS)}, got {dataset!r}"
+                        f"{did_you_mean(str(dataset), DATASETS)}")
+    if "num_classes" not in data:
+        if dataset == "synthetic":
+            synthetic = ((data.get("data") or {}).get("synthetic") or {}) if isinstance(data.get("data"), dict) else {}
+            data["num_classes"] = synthetic.get("classes", SyntheticConfig.classes) if isinstance(synthetic, dict) \
+                else SyntheticConfig.classes
+        elif dataset in DATASET_CLASSES:
+            data["num_classes"] = DATASET_CLASSES[dataset]
+        else:
+            raise UserError(f"{where}: missing key 'num_classes'; add it to the card")
+    if "tasks" not in data:
+        n, base, step = data["num_classes"], data["base"], data["step"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, base, step)) or step < 1:
+            raise UserError(f"{where}: missing key 'tasks', and num_classes, base and step do not give it; "
+                            "add 'tasks' to the card")
+        first = base if base > 0 else step
+        if n < first or (n - first) % step:
+            raise UserError(f"{where}: {n} classes cannot be split into a first task of {first} and tasks of "
+                            f"{step}; fix base, step or num_classes")
+        data["tasks"] = 1 + (n - first) // step
+    return data
+
+
 def build_protocol(data: dict, where: str) -> Protocol:
-    return build(Protocol, data, where)
+    return build(Protocol, derive_keys(data, where), where)
 
 
 def load_protocol(name_or_path: str) -> Protocol:

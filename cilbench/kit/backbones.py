@@ -5,7 +5,7 @@ A spec is a plain dict: {"name", "in_channels", "stem", "stem_kind", "shortcut",
 generated from (name, width); pruning produces narrower specs of the same shape. A pruned spec may carry an
 optional "shortcut_index": {"<stage>.<block>": [int, ...]} giving, for a parameter-free shortcut, the input
 channel each output channel copies (-1: zero), used when pruning removed different channels on the two sides
-of a residual connection (cilbench/pruning.py).
+of a residual connection (cilbench/kit/pruning.py).
 
 - resnet32 / resnet20: the CIFAR ResNets of iCaRL/PyCIL (16-32-64, option-A shortcuts, 64-d features;
   resnet32 has 0.46M parameters);

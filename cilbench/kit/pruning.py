@@ -1,5 +1,5 @@
 """DER's channel-level masks, sparsity loss, gradient compensation and physical pruning (DER sec. 3.3,
-adapted from HAT), for the ResNets of cilbench/backbones.py.
+adapted from HAT), for the ResNets of cilbench/kit/backbones.py.
 
 Every feature map of a ResNet belongs to a *channel group*. A group that carries a mask
 `m = sigmoid(s * e)` has it multiplied onto every feature map of the group (forward hooks, so the backbone
@@ -7,7 +7,7 @@ code is untouched); after training the masks are binarised (`e > 0`) and the cha
 removed from every convolution that writes the group (output channels and the BN entries) and every
 convolution that reads it (input channels).
 
-Two scopes (spec A.9.2):
+Two scopes (the paper leaves where the masks sit open):
 - "shared" (choice B): one mask per residual stream, shared by the stem and every block output of a stage
   (identity shortcuts join the two sides into one group), plus one mask on each block's inner conv. The
   residual streams and the output dimension are pruned too. Where a stride-2 block of an option-A network
@@ -329,7 +329,8 @@ def prune(net: ResNet, graph: Graph, keep: dict[str, torch.Tensor]) -> ResNet:
 @torch.no_grad()
 def regrow(fresh: ResNet, full: ResNet, graph: Graph, keep: dict[str, torch.Tensor]) -> ResNet:
     """`fresh` (same spec as `full`) with the surviving channels' weights of `full` copied in and the pruned
-    ones left at their fresh initialisation (spec A.9.4, option 2). `graph` describes `full`."""
+    ones left at their fresh initialisation (the second way to start F_t from a pruned F_{t-1}). `graph`
+    describes `full`."""
     src, dst = full.state_dict(), fresh.state_dict()
     for key, g_in, g_out, _ in graph.convs:
         o, i = keep[g_out], keep[g_in]

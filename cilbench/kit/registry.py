@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cilbench.config import did_you_mean
 from cilbench.errors import UserError
 from cilbench.provenance import git_commit
 
@@ -176,7 +177,7 @@ def load_plugins(paths: list[str] | None = None) -> None:
 def get_method(name: str) -> Entry:
     load_plugins()
     if name not in REGISTRY:
-        raise UserError(f"unknown method '{name}'; known: {', '.join(sorted(REGISTRY))} "
+        raise UserError(f"unknown method '{name}'{did_you_mean(name, REGISTRY)}; known: {', '.join(sorted(REGISTRY))} "
                         "(a method of your own: --plugin path/to/file.py)")
     return REGISTRY[name]
 

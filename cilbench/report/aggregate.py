@@ -302,6 +302,15 @@ class RunGroup:
         text = f"epochs capped at {'/'.join(str(c) for c in sorted(set(map(str, used))))}"
         return text + (f" ({len(used)}/{len(caps)} seeds)" if len(used) < len(caps) else "")
 
+    def device_text(self) -> str:
+        """The device of the complete seeds and why it was chosen, e.g. 'device auto → cpu: no CUDA device'."""
+        seen: list[str] = []
+        for r in self.complete:
+            text = str(r.manifest.get("device_reason") or r.manifest.get("device") or "")
+            if text and text not in seen:
+                seen.append(text)
+        return ("device " + " / ".join(seen)) if seen else ""
+
     def config_mismatch(self) -> list[str]:
         """Config keys (other than seed, device and the per-seed class order) that differ between the seeds."""
         flats = [_flat(r.config) for r in self.complete]

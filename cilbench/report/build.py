@@ -201,9 +201,11 @@ class _Written:
         return path
 
     def plot(self, path: Path) -> Path:
+        from cilbench.report.plots import pdf_paths
         self.add(path)
-        if path.with_suffix(".pdf").exists():
-            self.add(path.with_suffix(".pdf"))
+        for pdf in pdf_paths(path):
+            if pdf.exists():
+                self.add(pdf)
         return path
 
 

@@ -28,7 +28,7 @@ def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[
         series = []
         for g in done:
             xs, ys, std = g.curve(metric)
-            series.append(plots.Series(f"{g.name} (n={g.n})", xs, ys, std, colours[g.run_name], g.n,
+            series.append(plots.Series(g.name, xs, ys, std, colours[g.run_name], g.n,
                                        markers[g.run_name], g.bound == "lower"))
         published = []
         for k, c in enumerate(x for x in curves if x.protocol == protocol and x.metric == metric):
@@ -51,7 +51,7 @@ def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[
         out.append(("Per-task accuracy after the last step",
                     plots.plot_per_task(plot_dir / f"{slug}_per_task.png",
                                         f"{protocol}: accuracy on each task after the last step", series)))
-    panels = [(f"{g.name} (n={g.n})", g.mean_matrix()) for g in done]
+    panels = [(g.name, g.mean_matrix()) for g in done]
     panels = [(name, m) for name, m in panels if m]
     if panels:
         scale = [g.mean_matrix() for g in done if g.bound != "lower" and g.mean_matrix()] or [m for _, m in panels]
@@ -64,7 +64,7 @@ def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[
                     plots.plot_extractors(plot_dir / f"{slug}_extractors.png",
                                           f"{protocol}: accuracy vs #extractors", ext)))
     points, backbone = _param_points(protocol, done, refs, colours, markers)
-    if points:
+    if points and params_differ(points, backbone):
         what = "backbone" if backbone else "total (ours; the published points count the backbone)"
         out.append((f"Average accuracy against parameters at inference: {what}",
                     plots.plot_params(plot_dir / f"{slug}_params.png",
@@ -72,6 +72,18 @@ def protocol_plots(protocol: str, slug: str, groups: list[RunGroup], refs: list[
                                       "average incremental accuracy (%)",
                                       f"#params at inference, {what.split(' (')[0]}, average over steps (M)")))
     return out
+
+
+PARAMS_SPREAD = 1.15    # totals (heads included) closer than this ratio: one shared backbone, no plot
+
+
+def params_differ(points: list, backbone: bool) -> bool:
+    """Whether accuracy against #params says anything. Backbone counts: they must differ at all (every method
+    on one shared backbone gives one column of markers). Totals only: by more than a head's worth."""
+    ours = [p.x for p in points if not p.published and p.x and p.x > 0]
+    if len(ours) < 2:
+        return False
+    return max(ours) / min(ours) > (1.001 if backbone else PARAMS_SPREAD)
 
 
 def _extractor_groups(done: list[RunGroup], colours: dict, markers: dict) -> list:

@@ -90,12 +90,14 @@ def _section(s: Section, out_dir: Path) -> list[str]:
         parts.append("<details><summary>Accuracy after each step (table)</summary>" + s.steps_html
                      + '<p class="links">as ' + _links(s.steps_files, out_dir) + "</p></details>")
     if s.plots:
+        from cilbench.report.plots import pdf_paths  # matplotlib only when there are plots
         parts.append('<div class="plots">')
         for caption, path in s.plots:
             src = esc(rel(path, out_dir))
-            pdf = esc(rel(path.with_suffix(".pdf"), out_dir))
+            pdf, pdf1 = (esc(rel(p, out_dir)) for p in pdf_paths(path))
             parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{esc(caption)}" loading="lazy"></a>'
-                         f'<figcaption>{esc(caption)} (<a href="{pdf}">pdf</a>)</figcaption></figure>')
+                         f'<figcaption>{esc(caption)} (pdf: <a href="{pdf}">double column</a>, '
+                         f'<a href="{pdf1}">single column</a>)</figcaption></figure>')
         parts.append("</div>")
     return parts
 
@@ -151,10 +153,11 @@ def write_html(out_dir: Path, made: str, sections: list[Section], summary: dict 
     parts.extend(_runs_table(runs, training, out_dir))
     parts.append(f'<p class="links"><a href="{esc(rel(runs_csv, out_dir))}">runs.csv</a></p>')
     parts.append('<h2 id="reference">Published reference data</h2>')
-    parts.append("<p>Numbers transcribed from the seed papers (DER, SEED, HPCR, EXACFS) with their source, "
-                 "backbone, class order and number of runs; † = value the transcription flags as garbled or a "
-                 "likely typo (kept as printed), ‡ = not in the provided paper text (external listing, unverified), "
-                 "n/a = the number was lost from the text, – = not reported by the paper.</p>")
+    parts.append("<p>Numbers copied from the published papers (DER, SEED, HPCR, EXACFS) with their source, "
+                 "backbone, class order and number of runs; † = value flagged as garbled or a "
+                 "likely typo (kept as printed), ‡ = not readable in the paper, taken from an outside listing "
+                 "(unverified), "
+                 "n/a = the number could not be read from the paper, – = not reported by the paper.</p>")
     parts.append('<p class="links">' + _links(ref_files, out_dir, lambda p: p.name) + "</p>")
     parts.append("</body></html>")
     index = out_dir / "index.html"

@@ -2,15 +2,20 @@
 
 Every function takes plain numbers (already aggregated over seeds by cilbench.report) and writes one PNG of
 exactly pixel_size(kind) pixels (SIZES[kind] CSS pixels at SCALE times the density, so legends stay sharp
-where the page shows the figure at its CSS size) and the same figure as a vector PDF beside it.
+where the page shows the figure at its CSS size) and the same figure as vector PDFs beside it, sized for a
+paper: `<name>.pdf` 6.9 in wide (double column) and `<name>_1col.pdf` 3.3 in wide (single column), without
+the title (the page and the paper's caption say it) and with TrueType (Type 42) fonts, which IEEE and ACM
+checkers accept where they flag Type 3. Error bars and bands are clipped to [0, 100].
 Every text given is drawn literally: a '$' in a run name never starts matplotlib's math mode.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -107,12 +112,44 @@ def _figure(kind: str, nrows: int = 1, ncols: int = 1, rows_scale: int = 1):
     return fig, axes
 
 
+PDF_RC = {"pdf.fonttype": 42, "ps.fonttype": 42}      # TrueType, not Type 3
+PDF_WIDTHS = {"": 6.9, "_1col": 3.3}                  # inches: double- and single-column figures
+PDF_MIN_HEIGHT = 2.4                                  # inches: a single-column figure keeps room for its axes
+
+
+def _title(fig: Figure, artist):
+    """Mark a figure's main title: the PNG (shown under its caption on the page) keeps it, the PDFs do not."""
+    fig._cilbench_titles = getattr(fig, "_cilbench_titles", []) + [artist]
+    return artist
+
+
+def pdf_paths(path: Path) -> list[Path]:
+    """The PDFs written beside a PNG: double column first."""
+    return [path.with_name(path.stem + suffix + ".pdf") for suffix in PDF_WIDTHS]
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    """PNG at the fixed pixel size, and the same figure as a PDF (vector) beside it."""
+    """PNG at the fixed pixel size, and the same figure as PDFs (vector) at paper column widths, untitled."""
     path.parent.mkdir(parents=True, exist_ok=True)   # the report made its folders link-free already
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI * SCALE))
-    atomic_write(path.with_suffix(".pdf"), lambda fh: fig.savefig(fh, format="pdf"))
+    for artist in getattr(fig, "_cilbench_titles", []):
+        artist.set_visible(False)
+    w, h = fig.get_size_inches()
+    for target, width in zip(pdf_paths(path), PDF_WIDTHS.values()):
+        fig.set_size_inches(width, max(width * h / w, PDF_MIN_HEIGHT))
+        with matplotlib.rc_context(PDF_RC), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)     # constrained layout on a narrow page may give up
+            atomic_write(target, lambda fh: fig.savefig(fh, format="pdf"))
     return path
+
+
+def clip_err(y: list[float], err: list[float] | None) -> list[list[float]] | None:
+    """Asymmetric error bars that stay inside [0, 100]: accuracy never leaves it, nor should its bar."""
+    if not err:
+        return None
+    lower = [max(0.0, min(e, v)) for v, e in zip(y, err)]
+    upper = [max(0.0, min(e, 100.0 - v)) for v, e in zip(y, err)]
+    return [lower, upper]
 
 
 def _legend(ax, count: int, **kwargs) -> None:
@@ -123,8 +160,8 @@ def _legend(ax, count: int, **kwargs) -> None:
 
 def _band(ax, s: Series) -> None:
     if s.std and s.n > 1:
-        lo = [m - d for m, d in zip(s.y, s.std)]
-        hi = [m + d for m, d in zip(s.y, s.std)]
+        lo = [max(0.0, m - d) for m, d in zip(s.y, s.std)]
+        hi = [min(100.0, m + d) for m, d in zip(s.y, s.std)]
         ax.fill_between(s.x, lo, hi, color=s.colour, alpha=0.15, linewidth=0)
 
 
@@ -135,8 +172,8 @@ def _zoom_limits(series: list[Series], published: list[Published]) -> tuple[floa
         if s.lower_bound:
             continue
         std = s.std if s.std and s.n > 1 else [0.0] * len(s.y)
-        lows += [y - d for y, d in zip(s.y, std)]
-        highs += [y + d for y, d in zip(s.y, std)]
+        lows += [max(0.0, y - d) for y, d in zip(s.y, std)]
+        highs += [min(100.0, y + d) for y, d in zip(s.y, std)]
     if not lows:
         return None
     lo, hi = min(lows), max(highs)
@@ -168,7 +205,7 @@ def plot_steps(path: Path, title: str, series: list[Series], published: list[Pub
     if limits:
         axes[1].set_ylim(*limits)
     axes[1].set_title("zoom: without the lower bound's range", fontsize=10)
-    fig.suptitle(literal(title), fontsize=12)
+    _title(fig, fig.suptitle(literal(title), fontsize=12))
     handles, labels = axes[0].get_legend_handles_labels()
     if labels:
         fig.legend(handles, labels, loc="outside right upper", fontsize=8, framealpha=0.85)
@@ -187,7 +224,7 @@ def plot_per_task(path: Path, title: str, series: list[Series]) -> Path:
     for k, s in enumerate(series):
         offset = (k - (k_series - 1) / 2) * width
         xs = [x + offset for x in s.x]
-        err = s.std if s.std and s.n > 1 else None
+        err = clip_err(s.y, s.std) if s.std and s.n > 1 else None
         if bars:
             ax.bar(xs, s.y, width=width * 0.95, color=s.colour, label=literal(s.label), yerr=err, capsize=2,
                    error_kw={"elinewidth": 0.8})
@@ -196,16 +233,16 @@ def plot_per_task(path: Path, title: str, series: list[Series]) -> Path:
         else:
             ax.errorbar(xs, s.y, yerr=err, marker=s.marker, markersize=4, linestyle="none", color=s.colour,
                         label=literal(s.label), elinewidth=0.8)
-        tops += [y + (err[i] if err else 0) for i, y in enumerate(s.y)]
-        bottoms += [y - (err[i] if err else 0) for i, y in enumerate(s.y)]
-    ax.set_xlabel("task (0 = first task)")
-    ax.set_ylabel("top-1 accuracy after the last step (%)")
-    if n_tasks <= 26:
-        ax.set_xticks(range(n_tasks))
+        tops += [y + (err[1][i] if err else 0) for i, y in enumerate(s.y)]
+        bottoms += [y - (err[0][i] if err else 0) for i, y in enumerate(s.y)]
+    ax.set_xlabel("task")
+    ax.set_ylabel("top-1 after the last task (%)")
+    if n_tasks <= 26:       # tasks are numbered from 1
+        ax.set_xticks(range(n_tasks), [str(k + 1) for k in range(n_tasks)])
     ax.set_ylim(min(bottoms) - 4, max(tops) + 4)
     ax.axhline(0, color="#888888", linewidth=0.6)
     ax.axhline(100, color="#888888", linewidth=0.6, linestyle=":")
-    ax.set_title(literal(title), fontsize=11)
+    _title(fig, ax.set_title(literal(title), fontsize=11))
     ax.grid(True, axis="y", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if labels:
@@ -249,8 +286,8 @@ def plot_heatmaps(path: Path, title: str, panels: list[tuple[str, list[list[floa
                     ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7 if T > 6 else 8,
                             color="white" if v < (vmin + vmax) / 2 else "black")
         ticks = list(range(T)) if T <= 12 else list(range(0, T, max(1, T // 6)))
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
+        ax.set_xticks(ticks, [str(k + 1) for k in ticks])      # tasks are numbered from 1
+        ax.set_yticks(ticks, [str(k + 1) for k in ticks])
         ax.tick_params(labelsize=7)
         ax.set_title(literal(name), fontsize=9)
     for ax in axes[len(panels):]:
@@ -261,7 +298,7 @@ def plot_heatmaps(path: Path, title: str, panels: list[tuple[str, list[list[floa
         ax.set_xlabel("evaluated on task j", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes, label="accuracy (%)", shrink=0.9, extend="min" if vmin > 0 else "neither")
-    fig.suptitle(literal(title), fontsize=11)
+    _title(fig, fig.suptitle(literal(title), fontsize=11))
     return _save(fig, path)
 
 
@@ -283,15 +320,15 @@ def plot_extractors(path: Path, title: str, groups: list[Group]) -> Path:
             errs = g.avg_std if key == "avg" else g.last_std
             yerr = [e if e is not None else 0.0 for e in errs]
             xs = [x + dx for x in g.x]
-            ax.errorbar(xs, ys, yerr=yerr if any(yerr) else None, marker=g.marker, capsize=3, color=g.colour,
-                        label=literal(g.label), linestyle="-" if len(g.x) > 1 else "none")
+            ax.errorbar(xs, ys, yerr=clip_err(ys, yerr) if any(yerr) else None, marker=g.marker, capsize=3,
+                        color=g.colour, label=literal(g.label), linestyle="-" if len(g.x) > 1 else "none")
         ax.set_xlabel("#extractors at inference (last step)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         xs = sorted({x for g in groups for x in g.x})
         if xs and all(float(x).is_integer() for x in xs) and len(xs) <= 20:
             ax.set_xticks(xs)
-    fig.suptitle(literal(title), fontsize=12)
+    _title(fig, fig.suptitle(literal(title), fontsize=12))
     handles, labels = axes[0].get_legend_handles_labels()
     if labels:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=8)
@@ -317,11 +354,11 @@ def plot_params(path: Path, title: str, points: list[Point], ylabel: str,
                 ax.annotate(literal(p.text), (p.x, p.y), xytext=(5, 3), textcoords="offset points", fontsize=7,
                             color="#444444")
         else:
-            ax.errorbar([p.x], [p.y], yerr=[p.yerr] if p.yerr else None, marker=p.marker, markersize=7,
+            ax.errorbar([p.x], [p.y], yerr=clip_err([p.y], [p.yerr]) if p.yerr else None, marker=p.marker, markersize=7,
                         capsize=3, color=p.colour, label=label, linestyle="none")
     ax.set_xlabel(literal(xlabel))
     ax.set_ylabel(literal(ylabel))
-    ax.set_title(literal(title), fontsize=11)
+    _title(fig, ax.set_title(literal(title), fontsize=11))
     ax.grid(True, alpha=0.3, which="both")
     _legend(ax, len(seen))
     return _save(fig, path)
@@ -340,22 +377,37 @@ def plot_training(path: Path, title: str, events: list[dict]) -> Path:
             segments.append((key[0], []))
         previous = key
         segments[-1][1].append((x, float(e["loss"]), float(e["lr"])))
+    phases = []
+    previous = None
+    for e in events:
+        key = (int(e["task"]), e.get("phase"))
+        if key != previous:
+            phases.append(key)
+        previous = key
     by_task: dict[int, list] = {}
     for task, pts in segments:
         c = colour(tasks.index(task))
         first = task not in by_task
         by_task.setdefault(task, []).extend(pts)
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=c,
-                     label=f"task {task}" if first else None)
+                     label=f"task {task + 1}" if first else None)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=".", color=c)
     if all(p[1] > 0 for pts in by_task.values() for p in pts):
         axes[0].set_yscale("log")
     axes[0].set_ylabel("training loss (epoch mean)")
     axes[1].set_ylabel("learning rate")
-    for ax in axes:
-        ax.set_xlabel("epoch (tasks and phases in order; one line per phase)")
+    starts = [pts[0][0] for _, pts in segments]
+    for ax in axes:        # each phase starts at a dotted line, named at the top when there are few enough
         ax.grid(True, alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle(literal(title), fontsize=11)
+        for x0, (task, phase) in zip(starts, phases):
+            if x0 > 1:
+                ax.axvline(x0 - 0.5, color="#999999", linewidth=0.6, linestyle=":")
+            if len(starts) <= 16:
+                ax.annotate(literal(f"{task + 1}: {phase}" if phase else f"task {task + 1}"), (x0 - 0.4, 1.0),
+                            xycoords=("data", "axes fraction"), xytext=(1, -2), textcoords="offset points",
+                            rotation=90, va="top", ha="left", fontsize=6, color="#555555")
+    fig.supxlabel("epoch (tasks and phases in order; one line per phase)", fontsize=9)
+    _title(fig, fig.suptitle(literal(title), fontsize=11))
     _legend(axes[0], len(tasks) if len(tasks) <= 12 else 0)
     return _save(fig, path)

@@ -3,6 +3,7 @@ the per-step table, then the run's row as `cilbench report` shows it, with the p
 method and protocol and the differences where protocol, backbone and memory match."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -34,23 +35,31 @@ def _steps(path: Path) -> list[dict]:
 
 def steps_table(title: str, steps: list[dict]) -> Table:
     """Accuracy and footprint after each step of one run."""
-    cols = [Column("step", "Step"), Column("classes", "Classes"), Column("top1", "Top-1"), Column("top5", "Top-5"),
+    cols = [Column("step", "Task"), Column("classes", "Classes"), Column("top1", "Top-1"), Column("top5", "Top-5"),
             Column("ext", "#Ext"), Column("params", "#Params M"), Column("train", "Train s"),
             Column("eval", "Eval s")]
     rows = []
-    for s in steps:
+    for s in steps:   # tasks are numbered from 1 wherever a person reads them
         params = s["params"] / 1e6
         rows.append(Row("ours", {
-            "step": Stat(s["step"], digits=0), "classes": Stat(s["classes_seen"], digits=0),
+            "step": Stat(s["step"] + 1, digits=0), "classes": Stat(s["classes_seen"], digits=0),
             "top1": Stat(s["top1"]), "top5": Stat(s["top5"]), "ext": Stat(s["extractors"], digits=0),
             "params": Stat(params, digits=2 if params >= 1 else 3),
             "train": Stat(s["train_seconds"], digits=1), "eval": Stat(s["eval_seconds"], digits=1)}))
     return Table(title, cols, rows)
 
 
+WIDTH = 100    # the one-run tables fit a 100-column terminal
+
+# For one run: one value per footprint column (seeds, averages of one seed and the backbone are said once).
+ONE_RUN_LABELS = {"ext_last": "#Ext", "params_last": "#Params M", "params_bb_avg": "#Params M (backbone, avg)"}
+ONE_RUN_DROP = {"seeds", "backbone", "ext_avg", "params_avg", "source"}
+
+
 def print_run_summary(path: Path, console: Console | None = None) -> None:
-    if console is None:    # piped into a log (sweeps, CI): rich would squeeze the tables into 80 columns
-        console = Console() if Console().is_terminal else Console(width=200)
+    if console is None:    # a terminal narrower than WIDTH keeps its width; a pipe (sweeps, CI) gets WIDTH
+        terminal = Console()
+        console = Console(width=min(terminal.width, WIDTH)) if terminal.is_terminal else Console(width=WIDTH)
     path = Path(path)
     digits = path.name[4:]
     run = read_run(path, path.parent.parent.name, path.parent.name, int(digits) if digits.isdigit() else 0)
@@ -72,9 +81,24 @@ def print_run_summary(path: Path, console: Console | None = None) -> None:
     table = protocol_table(run.protocol, [group], refs,
                            metrics + ([] if "forgetting" in metrics else ["forgetting"]))
     table.title = "Result (as in `cilbench report`)"
-    table.columns = [c for c in table.columns       # the terminal is narrow: drop columns with nothing in them
-                     if any(table.cell_text(r, c) not in ("", "–") for r in table.rows)]
+    sources = [(table.cell_text(r, c), table.cell_text(r, next(c for c in table.columns if c.key == "source")))
+               for r in table.rows for c in table.columns[:1]]
+    columns = []
+    for c in table.columns:   # the terminal is narrow: one value per idea, no empty columns
+        if c.key in ONE_RUN_DROP or not any(table.cell_text(r, c) not in ("", "–") for r in table.rows):
+            continue
+        if c.key in ONE_RUN_LABELS:
+            c = replace(c, label=ONE_RUN_LABELS[c.key])
+        columns.append(c)
+    if any(c.key == "params_bb_avg" for c in columns) and any(c.key == "params_last" for c in columns) \
+            and all(r.kind != "published" for r in table.rows):
+        columns = [c for c in columns if c.key != "params_bb_avg"]   # ours alone: the total says it
+    table.columns = columns
     console.print(to_rich(table))
+    console.print(f"  backbone: {group.backbone}", markup=False, highlight=False)
+    for name, source in sources:
+        if source:
+            console.print(f"  {name}: {source}", markup=False, highlight=False)
     for note in table.notes[1:]:
         console.print(f"  {note}", style="dim", markup=False, highlight=False)
     console.print(f"results: {path}", markup=False, highlight=False)

@@ -389,7 +389,7 @@ def our_row(group: RunGroup, metrics: list[str], p_digits: int = 2, spread: str 
         cells[key] = Stat(mean, s)
         if 0 < n < group.n:
             partial.append(f"{METRICS[key].label} from {n}/{group.n} seeds")
-    parts = ["cilbench", group.epochs_cap_text(), *partial]
+    parts = ["cilbench", group.epochs_cap_text(), *partial, group.device_text()]
     mismatch = group.config_mismatch()
     if mismatch:
         parts.append(f"seeds differ in {', '.join(mismatch[:3])}" + ("…" if len(mismatch) > 3 else ""))
@@ -572,7 +572,8 @@ def summary_table(protocols: list[str], groups: dict[str, list[RunGroup]], refs:
     rows += [Row("published", c) for c in pub.values()]
     notes = ["Mean ± sample std over complete seeds; best and second best of our rows (bounds excluded) in bold "
              "and underlined; published rows shown only where a run of ours matches their protocol, backbone and "
-             "memory. † flagged as garbled or a likely typo in the source text, ‡ not in the provided paper text "
+             "memory. † flagged as garbled or a likely typo in the source text, ‡ not readable in the paper, "
+             "from an outside listing "
              "(unverified); details in the protocol tables."]
     table = Table("Summary across protocols", cols, rows, notes)
     rank_rows(table)

@@ -31,7 +31,7 @@ from cilbench.run.lock import RunLock
 from cilbench.run.metrics import summarize
 from cilbench.run.rundir import RunStore, check_out_root, damaged, run_dir
 from cilbench.safeio import check_component
-from cilbench.train.engine import Engine, RuntimeOptions, resolve_device, set_deterministic, tune_malloc
+from cilbench.train.engine import Engine, RuntimeOptions, explain_device, set_deterministic, tune_malloc
 from cilbench.train.memory import ExemplarMemory, make_memory
 
 
@@ -202,7 +202,7 @@ class Reporter:
         if self.bar is None or self.bar[0] != key:
             if self.bar is not None:
                 self.progress.remove_task(self.bar[1])
-            bar = self.progress.add_task(f"task {event['task']} {event['phase']}", total=event["epochs"], info="")
+            bar = self.progress.add_task(f"task {event['task'] + 1} {event['phase']}", total=event["epochs"], info="")
             self.bar = (key, bar)
         self.progress.update(self.bar[1], completed=event["epoch"] + 1,
                              info=f"loss {event['loss']:.3f} lr {event['lr']:.4f}")
@@ -265,7 +265,9 @@ class RunSession:
     def __init__(self, request: RunRequest, resolved: Resolved, store: RunStore):
         self.request, self.resolved, self.store = request, resolved, store
         self.started = time.perf_counter()
-        self.device = resolve_device(resolved.runtime.device)
+        self.device, self.device_reason = explain_device(resolved.runtime.device)
+        if not request.quiet:
+            print(f"device: {self.device_reason}", file=sys.stderr, flush=True)
         self.steps: list[dict] = []
         self.acc: list[list[float]] = []
         self.acc5: list[list[float]] = []
@@ -351,6 +353,7 @@ class RunSession:
             "protocol": self.resolved.protocol.name, "seed": request.seed, "tag": request.tag,
             "cilbench_version": __version__, "cilbench_commit": git_commit(Path(__file__)) or "unknown",
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "device_reason": self.device_reason,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or "cpu",
             "deterministic": self.resolved.runtime.deterministic, "started": _now(), "finished": None,
@@ -508,3 +511,54 @@ def _check_same_config(stored: dict, current: dict) -> None:
         if a.get(key) != b.get(key):
             raise UserError(f"--resume: '{key}' is {b.get(key)!r} now but {a.get(key)!r} in the stored run; "
                             "resume with the same options or start over with --force")
+
+
+# What each memory policy and data set reads; `show-protocol` prints only these.
+_MEMORY_KEYS = {"fixed_total": ("policy", "total", "selection"), "per_class": ("policy", "per_class", "selection"),
+                "reservoir": ("policy", "size"), "none": ("policy",)}
+_DATA_KEYS = {"cifar10": ("verify_checksums", "resident"), "cifar100": ("verify_checksums", "resident"),
+              "imagenet100": ("image_size", "resident"), "digits": ("test_fraction", "resident"),
+              "synthetic": ("synthetic", "resident")}
+
+
+def resolved_card(protocol_name: str, method: str | None = None, overrides: list[str] | None = None,
+                  seed: int = 0) -> dict:
+    """The card as a run with `method` and `seed` would use it: overrides and method augmentation applied,
+    the class order resolved to its class ids, and only the fields that apply to its memory policy, regime
+    and data set; with a method, its resolved options."""
+    from cilbench.data.protocol import DATASET_CLASSES, resolve_class_order
+    from cilbench.kit.registry import known_methods
+    overrides = list(overrides or [])
+    method_cfg = None
+    if method:
+        resolved = resolve(RunRequest(method=method, protocol=protocol_name, seed=seed, overrides=overrides))
+        protocol, order, method_cfg = resolved.protocol, resolved.config["class_order"], resolved.method_cfg
+    else:
+        card = load_card(protocol_name)
+        where = str(card_path(protocol_name)) + (" (with --set)" if overrides else "")
+        for text in overrides:
+            path, value = parse_override(text)
+            if path[0] == "runtime" or path[0] in known_methods():
+                raise UserError(f"--set {text}: a method or runtime option; add --method to show-protocol")
+            apply_override(card, path, value)
+        protocol, order = order_for_seed(build_protocol(card, where), seed, where)
+    out = to_dict(protocol)
+    out["memory"] = {k: out["memory"][k] for k in _MEMORY_KEYS[protocol.memory.policy]}
+    out["data"] = {k: out["data"][k] for k in _DATA_KEYS.get(protocol.dataset, ())}
+    if protocol.regime != "online":
+        out.pop("online")
+    if not protocol.class_orders:
+        out.pop("class_orders")
+    dataset_classes = DATASET_CLASSES.get(protocol.dataset, protocol.data.synthetic.classes)
+    classes = resolve_class_order(protocol.class_order, protocol.num_classes, dataset_classes)
+    out["class_order"] = {"name": order["name"], "rule": order["rule"] + (f" (seed {seed})" if seed else ""),
+                          "classes": classes}
+    out["task_sizes"] = protocol.task_sizes
+    out.pop("method_augment")
+    if method_cfg is not None:
+        out.pop("methods")
+        out["method"] = method
+        out["method_config"] = to_dict(method_cfg)
+    elif not out["methods"]:
+        out.pop("methods")
+    return out

@@ -35,8 +35,10 @@ class SweepSpec:
     data_root: str | None = None
     tag: str | None = None
     grids: list[dict] = field(default_factory=list)     # parts of the grid, each overriding the keys above
+    skip_invalid: bool = False                          # skip (and list) cells that do not validate
     slurm: dict = field(default_factory=dict)           # Slurm options (see backends.SlurmOptions)
     source: str = field(default="", init=False)        # the file it came from (for messages)
+    skipped: list[tuple[str, str]] = field(default_factory=list, init=False)   # (cell, reason) under skip_invalid
 
 
 @dataclass
@@ -199,7 +201,18 @@ def validate(spec: SweepSpec, cells: list[Cell]) -> list[Cell]:
         raise UserError(f"sweep {spec.name}: epochs must be >= 1, got {spec.epochs}")
     if any(c.seed < 0 for c in cells):
         raise UserError(f"sweep {spec.name}: seeds must be >= 0, got {spec.seeds}")
-    located = [_locate(spec, c) for c in cells]
+    if spec.skip_invalid:    # a grid pairing, say, an offline-only method with an online card: run the rest
+        located, spec.skipped = [], []
+        for c in cells:
+            try:
+                located.append(_locate(spec, c))
+            except UserError as exc:
+                spec.skipped.append((c.label, str(exc).split(f"cell {c.label}: ", 1)[-1]))
+        if not located:
+            raise UserError(f"sweep {spec.name}: no cell validates (first: {spec.skipped[0][0]}: "
+                            f"{spec.skipped[0][1]})" if spec.skipped else f"sweep {spec.name}: the grid is empty")
+    else:
+        located = [_locate(spec, c) for c in cells]
     groups: dict[Path, list[int]] = {}
     for i, cell in enumerate(located):
         groups.setdefault(cell.run_dir, []).append(i)

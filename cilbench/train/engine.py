@@ -58,6 +58,20 @@ def max_threads() -> int:
 CPU_INFERENCE_PIXELS = 64 * 32 * 32   # images x height x width per CPU forward chunk (64 CIFAR images)
 
 
+def explain_device(name: str) -> tuple[torch.device, str]:
+    """The device a run uses and why, in one line: 'auto → cpu: no CUDA device', 'cuda: NVIDIA H100'."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        what = f"cuda: {torch.cuda.get_device_name(device)}"
+        return device, (f"auto → {what}" if name == "auto" else what)
+    if name != "auto":
+        return device, "cpu (asked for)"
+    if torch.version.cuda is None:
+        return device, "auto → cpu: no CUDA device (this torch is a CPU-only build)"
+    return device, (f"auto → cpu: no CUDA device (torch built for CUDA {torch.version.cuda}; "
+                    "no GPU visible, or the driver is too old for it)")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
