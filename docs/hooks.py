@@ -78,31 +78,6 @@ def cli_markdown() -> str:
 
 # --- method option tables --------------------------------------------------------------------------------
 
-def _comments(cls) -> dict[str, str]:
-    """The comment beside each field of a dataclass body (and its continuation comment lines)."""
-    found: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            lines = inspect.getsource(klass).splitlines()
-        except (OSError, TypeError):
-            continue
-        current = None
-        for line in lines[1:]:
-            m = re.match(r"^    (\w+)\s*:[^#]*?(?:#\s?(.*))?$", line)
-            if m and not line.lstrip().startswith("#"):
-                current = m.group(1)
-                found[current] = (m.group(2) or "").strip()
-                continue
-            c = re.match(r"^\s*#\s{8,}(\S.*)$", line)   # a continuation: the comment column, on a line of its own
-            if c and current and found.get(current) is not None:
-                found[current] = (found[current] + " " + c.group(1).strip()).strip()
-            else:
-                current = None
-    return found
-
-
 def _type_name(tp) -> str:
     if isinstance(tp, str):
         return tp
@@ -133,33 +108,32 @@ def _format_default(f: dataclasses.Field) -> str:
 
 
 def options_markdown(method: str) -> str:
-    from cilbench.kit.contract import get_method
+    """The option table of one method, from its options' own help, unit and bounds (cilbench.kit.option)."""
+    from cilbench.kit import describe_options
+    from cilbench.kit.registry import get_method
     entry = get_method(method)
     cls = entry.cls.Config
-    if not dataclasses.is_dataclass(cls):
+    rows_in = describe_options(cls) if dataclasses.is_dataclass(cls) else []
+    if not rows_in:
         return f"`{method}` has no options."
     hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
-    bounds = getattr(cls, "BOUNDS", {}) or {}
     fixed = dict(entry.defaults or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     rows = ["| option | type | default | meaning |", "|---|---|---|---|"]
-    for f in dataclasses.fields(cls):
-        meta = f.metadata or {}
-        text = meta.get("help") or comments.get(f.name, "")
-        extra = []
-        if meta.get("unit"):
-            extra.append(f"unit: {meta['unit']}")
-        b = meta.get("bounds") or bounds.get(f.name)
-        if b:
-            lo, hi = b
+    for row in rows_in:
+        name, text, extra = row["name"], row["help"], []
+        if row["unit"]:
+            extra.append(f"unit: {row['unit']}")
+        if row["bounds"]:
+            lo, hi = row["bounds"]
             extra.append("range: " + (f"[{lo}, {hi}]" if hi is not None else f">= {lo}") if lo is not None
                          else f"range: <= {hi}")
         if extra:
             text = f"{text} ({'; '.join(extra)})" if text else "; ".join(extra)
-        default = _format_default(f)
-        if f.name in fixed:
-            default = f"{fixed[f.name]} (set by `{method}`)"
-        rows.append(f"| `{f.name}` | {_type_name(hints.get(f.name, f.type))} | `{default}` | {_cell(text)} |")
+        default = _format_default(fields[name])
+        if name in fixed:
+            default = f"{fixed[name]} (set by `{method}`)"
+        rows.append(f"| `{name}` | {_type_name(hints.get(name, fields[name].type))} | `{default}` | {_cell(text)} |")
     head = f"**`{method}` options** (`--set {entry.cls.family or method}.<key>=<value>`; generated from the code)"
     return head + "\n\n" + "\n".join(rows) + "\n"
 
