@@ -473,11 +473,16 @@ def test_autoaugment_batched_equals_per_sample_reference():
 
 
 def test_seed_adds_the_official_augmentation_on_paper_cards():
-    ctx = make_ctx()
-    make_method(ctx, autoaugment="auto", cutout=16)
-    aug = ctx.engine.augmenter.cfg
+    """SEED's AutoAugment + Cutout are resolved with the config, so config.yaml records what SEED trained with."""
+    from cilbench.run.runner import RunRequest, resolve
+    resolved = resolve(RunRequest(method="seed", protocol=CARD, overrides=["seed.autoaugment=auto", "seed.cutout=16"]))
+    aug = resolved.protocol.augment
     assert (aug.autoaugment, aug.cutout, aug.crop_padding) == ("cifar10", 16, 1)      # on top of the card's
-    ctx.engine.begin_task(0, 0)
-    batch = ctx.engine.augmenter.train(ctx.stream.train.images[:8])
+    assert resolved.config["protocol"]["augment"]["autoaugment"] == "cifar10"       # recorded in config.yaml
+    stream = Stream(resolved.protocol, load_dataset(resolved.protocol, None), torch.device("cpu"))
+    engine = Engine(stream, RuntimeOptions(device="cpu"), torch.device("cpu"))
+    engine.begin_task(0, 0)
+    batch = engine.train_transform(stream.train.images[:8])
     assert batch.shape == (8, 1, 8, 8) and torch.isfinite(batch).all()
-    assert make_method(make_ctx()).ctx.engine.augmenter.cfg.autoaugment == "none"    # reduced card: none
+    plain = resolve(RunRequest(method="seed", protocol="digits_b0s2"))
+    assert plain.protocol.augment.autoaugment == "none"                               # reduced card: none

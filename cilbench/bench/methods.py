@@ -473,8 +473,8 @@ def bench_method(name: str, device: str, per_class: int, epochs: int, out: Path)
 def run_specs(run: Path) -> list[dict] | None:
     """The extractors a DER-family run ended with (pruned ones are smaller), from its checkpoint."""
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["method"]
-    extra = state.get("stack_extra") if isinstance(state, dict) else None
-    return extra["specs"] if extra else None
+    stack = state.get("stack") if isinstance(state, dict) else None     # pack_module of an ExtractorStack
+    return stack["specs"] if isinstance(stack, dict) and stack.get("kind") == "stack" else None
 
 
 def run_method_bench(methods: list[str], device: str = "auto", per_class: int = 32, epochs: int = 3) -> list[dict]:
