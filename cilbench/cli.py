@@ -32,12 +32,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="print the version and exit")):
-    """Class-incremental learning benchmark: one protocol, one trainer, one metric path."""
-
-
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -56,7 +50,9 @@ def _load_plugins(paths: list[str]) -> None:
 
 
 @app.callback()
-def _main(plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP)):
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit"),
+          plugin: List[str] = typer.Option([], "--plugin", help=PLUGIN_HELP)):
     """Class-incremental learning benchmark: one protocol, one trainer, one metric path."""
     if plugin:
         _load_plugins(plugin)
