@@ -149,6 +149,8 @@ class DER(ConcatExtractorMethod):
     uses_exemplars = True
     regimes = ("offline",)
     summary = "dynamically expandable representation: one frozen extractor per task, aux loss, balanced head"
+    paper = ("Yan, Xie, He. DER: Dynamically Expandable Representation for Class Incremental Learning."
+             " CVPR 2021, arXiv:2103.16788")
 
     def __init__(self, cfg: DERConfig, ctx: Context):
         super().__init__(cfg, ctx)

@@ -18,6 +18,7 @@ class ExperienceReplay(SingleNetwork):
     uses_exemplars = True
     regimes = ("online",)
     summary = "online experience replay with a reservoir buffer"
+    paper = "Chaudhry et al. On Tiny Episodic Memories in Continual Learning. 2019, arXiv:1902.10486"
 
     def __init__(self, cfg, ctx: Context):
         if not isinstance(ctx.memory, ReservoirMemory):

@@ -135,6 +135,7 @@ class EXACFS(OneNetworkMethod):
     uses_exemplars = True
     regimes = ("offline",)
     summary = "class-wise feature-significance distillation of stage maps, PODNet LSC, balanced fine-tuning"
+    paper = "Balasubramanian et al. EXACFS - A CIL Method to Mitigate Catastrophic Forgetting. 2024"
 
     def __init__(self, cfg: EXACFSConfig, ctx: Context):
         super().__init__(cfg, ctx)

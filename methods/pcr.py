@@ -102,6 +102,7 @@ class PCR(OneNetworkMethod):
     uses_exemplars = True
     regimes = ("online", "offline")
     summary = "proxy-based contrastive replay (online; offline variant on exemplar memory)"
+    paper = "Lin et al. PCR: Proxy-based Contrastive Replay for Online Class-Incremental Continual Learning. CVPR 2023"
     stores_payload = False
 
     def __init__(self, cfg: PCRConfig, ctx: Context):
@@ -232,6 +233,7 @@ class HPCR(PCR):
     family = "hpcr"
     Config = HPCRConfig
     summary = "holistic PCR: + conditional anchor-to-sample pairs, cyclic loss scale, PCD + SCD distillation"
+    paper = "Lin et al. HPCR: Holistic Proxy-based Contrastive Replay for Online Continual Learning. IEEE TNNLS"
     stores_payload = True
 
     def validate(self, cfg: HPCRConfig, ctx: Context) -> None:

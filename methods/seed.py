@@ -174,6 +174,8 @@ class SEED(Method):
     uses_exemplars = False
     regimes = ("offline",)
     summary = "exemplar-free ensemble of K experts, per-class Gaussians, KL-selected expert fine-tuned per task"
+    paper = ("Rypeść et al. Divide and not forget: Ensemble of selectively trained experts in Continual Learning."
+             " ICLR 2024, arXiv:2401.10191")
 
     def __init__(self, cfg: SEEDConfig, ctx: Context):
         super().__init__(cfg, ctx)
