@@ -401,8 +401,8 @@ class TSDBase(ConcatExtractorMethod):
 class TSDGRC(TSDBase):
     Config = GRCConfig
     summary = "TSD grouped rolling consolidation: N groups of tasks share one distilled extractor each"
-    paper = (""
-             "Mitigating the Stability-Plasticity Trade-Off in Neural Networks via Shared Extractors in Class-Incremental Learning. Appl. Sci. 2025, doi:10.3390/app151910757")
+    paper = ("Mitigating the Stability-Plasticity Trade-Off in Neural Networks via Shared Extractors in "
+             "Class-Incremental Learning. Appl. Sci. 2025, doi:10.3390/app151910757")
 
     def __init__(self, cfg: GRCConfig, ctx: Context):
         super().__init__(cfg, ctx)
@@ -488,8 +488,8 @@ class TSDGRC(TSDBase):
 class TSDFixed(TSDBase):
     Config = FixedConfig
     summary = "TSD fixed-size pool: N extractors, later tasks distilled into the most similar one"
-    paper = (""
-             "Mitigating the Stability-Plasticity Trade-Off in Neural Networks via Shared Extractors in Class-Incremental Learning. Appl. Sci. 2025, doi:10.3390/app151910757")
+    paper = ("Mitigating the Stability-Plasticity Trade-Off in Neural Networks via Shared Extractors in "
+             "Class-Incremental Learning. Appl. Sci. 2025, doi:10.3390/app151910757")
 
     def __init__(self, cfg: FixedConfig, ctx: Context):
         super().__init__(cfg, ctx)
