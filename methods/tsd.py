@@ -39,6 +39,7 @@ from cilbench.kit import (
     aux_labels,
     freeze,
     frozen_forward,
+    is_frozen,
     kd_soft_ce,
     linear_head,
     option,
@@ -180,10 +181,6 @@ def select_target(scores: list[float] | None, prev: int, n: int, balanced: bool,
     return best, candidates
 
 
-def _frozen(module: nn.Module) -> bool:
-    return not any(p.requires_grad for p in module.parameters())
-
-
 def _offsets(dims: list[int]) -> list[int]:
     out, acc = [], 0
     for d in dims:
@@ -254,7 +251,7 @@ class TSDBase(ConcatExtractorMethod):
         for m in modules:
             key = id(m)
             if key not in cache:
-                cache[key] = frozen_forward(m, x, self.ctx.engine.frozen_chunk) if _frozen(m) else m(x)
+                cache[key] = frozen_forward(m, x, self.ctx.engine.frozen_chunk) if is_frozen(m) else m(x)
             out.append(cache[key])
         return out
 
@@ -334,7 +331,7 @@ class TSDBase(ConcatExtractorMethod):
         between student and teacher logits at temperature kd_temperature, weight decay kd_weight_decay, over
         D_t + M. The teacher (frozen) runs in eval mode; frozen extractors shared by both run once per batch."""
         cfg, ctx = self.cfg, self.ctx
-        trainable = [m for m in student if not _frozen(m)]
+        trainable = [m for m in student if not is_frozen(m)]
 
         def loss_fn(batch):
             cache: dict = {}

@@ -51,6 +51,7 @@ from cilbench.kit.nets import (
     expand_head,
     freeze,
     frozen_forward,
+    is_frozen,
     kmeans,
     linear_head,
     pack_module,
@@ -85,7 +86,7 @@ __all__ = [
     # backbones and nets
     "STANDARD", "build_backbone", "count_params", "stage_channels", "stage_outputs", "standard_spec",
     "ExtractorStack", "HeadInit", "LocalSimilarityHead", "ProjectionHead", "drop_columns", "expand_head",
-    "freeze", "frozen_forward", "kmeans", "linear_head", "proxy_head", "snapshot", "trainable_copy",
+    "freeze", "frozen_forward", "is_frozen", "kmeans", "linear_head", "proxy_head", "snapshot", "trainable_copy",
     "tie_parameters", "pack_module", "unpack_module",
     # losses
     "aux_labels", "batch_class_counts", "ht_multiplier", "kd_soft_ce", "nca_margin_loss", "pcd_loss",

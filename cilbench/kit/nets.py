@@ -327,9 +327,9 @@ def tie_parameters(dst: nn.Module, src: nn.Module) -> None:
 # Checkpoints of modules that grow across tasks: one format for backbones, linear heads, projection heads and
 # extractor stacks, so a method's state_dict lists its modules instead of hand-writing how each is rebuilt.
 
-def _is_frozen(module: nn.Module) -> bool:
-    params = list(module.parameters())
-    return bool(params) and not any(p.requires_grad for p in params)
+def is_frozen(module: nn.Module) -> bool:
+    """No parameter of `module` trains (a frozen extractor, teacher or head)."""
+    return not any(p.requires_grad for p in module.parameters())
 
 
 def pack_module(module: nn.Module | None) -> dict | None:
@@ -343,12 +343,12 @@ def pack_module(module: nn.Module | None) -> dict | None:
     if isinstance(module, ProjectionHead):
         first, last = module.net[0], module.net[-1]
         args = [first.in_features, last.out_features, first.out_features]
-        return {"kind": "projection", "args": args, "state": state, "frozen": _is_frozen(module)}
+        return {"kind": "projection", "args": args, "state": state, "frozen": is_frozen(module)}
     if isinstance(module, nn.Linear):
         args = [module.in_features, module.out_features, module.bias is not None]
-        return {"kind": "linear", "args": args, "state": state, "frozen": _is_frozen(module)}
+        return {"kind": "linear", "args": args, "state": state, "frozen": is_frozen(module)}
     if hasattr(module, "spec"):
-        return {"kind": "backbone", "spec": module.spec, "state": state, "frozen": _is_frozen(module)}
+        return {"kind": "backbone", "spec": module.spec, "state": state, "frozen": is_frozen(module)}
     raise TypeError(f"pack_module: no packed form for {type(module).__name__}")
 
 
