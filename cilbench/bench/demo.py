@@ -7,7 +7,6 @@ CPU cores. The paper cards are untouched.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cilbench.errors import UserError
-from cilbench.run.rundir import run_dir
+from cilbench.run.rundir import manifest_of, read_metrics, run_dir
 from cilbench.run.runner import RunRequest, execute
 
 RUNS = Path(os.environ.get("DEMO_RUNS", "results/runs"))
@@ -45,11 +44,7 @@ DEMO_RUNS = [
 
 
 def _complete(path: Path) -> bool:
-    manifest = path / "manifest.json"
-    try:
-        return json.loads(manifest.read_text()).get("status") == "complete"
-    except (OSError, ValueError):
-        return False
+    return (manifest_of(path) or {}).get("status") == "complete"
 
 
 def _run_all(console: Console, force: bool, epochs: int | None) -> list[tuple[str, str, dict]] | None:
@@ -69,7 +64,7 @@ def _run_all(console: Console, force: bool, epochs: int | None) -> list[tuple[st
                 console.print(f"\nerror: {escape(str(exc))}")
                 return None
             console.print(f" {time.perf_counter() - t0:.0f}s")
-        rows.append((protocol, name, json.loads((path / "metrics.json").read_text())))
+        rows.append((protocol, name, read_metrics(path / "metrics.json")))
     return rows
 
 

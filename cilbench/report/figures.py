@@ -1,13 +1,11 @@
 """The plots of one protocol, and one run's training curves, from run groups (drawing is in cilbench.report.plots)."""
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 from cilbench.report.aggregate import RunGroup, family
 from cilbench.report.reference import RefCurve, RefRow
-from cilbench.run.rundir import MAX_FILE_BYTES, SeedRun, read_text
+from cilbench.run.rundir import SeedRun, read_events
 
 PUBLISHED_GREYS = ["#444444", "#999999", "#8c564b", "#bcbd22", "#17becf", "#7f7f7f"]
 
@@ -131,26 +129,6 @@ def _param_points(protocol: str, done: list[RunGroup], refs: list[RefRow], colou
                                   None, PUBLISHED_GREYS[papers.index(ref.paper) % len(PUBLISHED_GREYS)],
                                   published=True, text=ref.method))
     return points, key == "params_bb_avg"
-
-
-def read_events(path: Path) -> list[dict]:
-    """Per-epoch events of a run with finite loss and lr; a torn or foreign line is skipped."""
-    try:
-        text = read_text(path, 8 * MAX_FILE_BYTES)
-    except (OSError, ValueError):
-        return []
-    events = []
-    for line in text.splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(e, dict):
-            continue
-        values = [e.get("task"), e.get("loss"), e.get("lr")]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            events.append(e)
-    return events
 
 
 def training_plot(run: SeedRun, name: str, path: Path) -> Path | None:

@@ -463,3 +463,36 @@ def scan_runs(runs_dir: Path, include: Callable[[Path], bool] | None = None) -> 
             continue
         found.append(read_run(seed_dir, seed_dir.parent.parent.name, seed_dir.parent.name, int(m.group(1))))
     return found
+
+
+def manifest_of(path: Path) -> dict | None:
+    """A run's manifest for status readers (sweep, demo): None when it has none, {} when it cannot be read."""
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.exists():
+        return None
+    try:
+        data = json.loads(read_text(manifest_path))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_events(path: Path) -> list[dict]:
+    """The per-epoch events of events.jsonl with finite task, loss and lr (method messages and a torn or
+    foreign line are skipped)."""
+    try:
+        text = read_text(path, 8 * MAX_FILE_BYTES)
+    except (OSError, ValueError):
+        return []
+    events = []
+    for line in text.splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(e, dict):
+            continue
+        values = [e.get("task"), e.get("loss"), e.get("lr")]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            events.append(e)
+    return events

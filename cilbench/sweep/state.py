@@ -8,14 +8,13 @@ recorded (squeue/sacct).
 """
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from cilbench.run.lock import lock_owner
+from cilbench.run.rundir import manifest_of, read_steps
 from cilbench.sweep import slurm
 from cilbench.sweep.grid import Cell, SweepSpec, log_folder
 
@@ -38,23 +37,16 @@ def _elapsed(path: Path, manifest: dict) -> float | None:
     if manifest.get("status") == "running" and manifest.get("started"):
         started = dt.datetime.fromisoformat(manifest["started"])
         return (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
-    steps = path / "steps.csv"
-    if not steps.exists():
+    try:
+        steps = read_steps(path / "steps.csv")
+    except (OSError, ValueError):
         return None
-    with open(steps) as fh:
-        return sum(float(r["train_seconds"]) + float(r["eval_seconds"]) for r in csv.DictReader(fh))
+    return sum(s["train_seconds"] + s["eval_seconds"] for s in steps)
 
 
 def read_manifest(path: Path) -> dict | None:
     """The run's manifest; None when it has none; {} when it cannot be read."""
-    manifest_path = Path(path) / "manifest.json"
-    if not manifest_path.exists():
-        return None
-    try:
-        data = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return manifest_of(path)
 
 
 def remote_job(manifest: dict | None) -> str | None:
