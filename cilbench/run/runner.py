@@ -31,7 +31,7 @@ from cilbench.run.lock import RunLock
 from cilbench.run.metrics import summarize
 from cilbench.run.rundir import RunStore, check_out_root, damaged, run_dir
 from cilbench.safeio import check_component
-from cilbench.train.engine import Engine, RuntimeOptions, resolve_device, set_deterministic, tune_malloc
+from cilbench.train.engine import Engine, FitRecorder, RuntimeOptions, resolve_device, set_deterministic, tune_malloc
 from cilbench.train.memory import ExemplarMemory, make_memory
 
 
@@ -235,14 +235,15 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def execute(request: RunRequest) -> Path:
-    """One run, in named steps: resolve, restore (on --resume), set up, learn task by task, finish."""
+def execute(request: RunRequest, recorder: FitRecorder | None = None) -> Path:
+    """One run, in named steps: resolve, restore (on --resume), set up, learn task by task, finish. A
+    `recorder` sees every epoch of every fit call (`cilbench bench --method`); runs have none."""
     resolved = resolve(request)
     root = check_out_root(request.out)
     store = RunStore(run_dir(root, resolved.protocol.name, resolved.run_name, request.seed), root=root)
     store.check_inside_root()   # before the lock file is written: a linked-away run directory is refused
     with RunLock(store.path), sigterm_as_interrupt():   # one process per run directory
-        session = RunSession(request, resolved, store)
+        session = RunSession(request, resolved, store, recorder)
         checkpoint = session.restore()
         session.set_up(checkpoint)
         return session.learn_all()
@@ -251,8 +252,9 @@ def execute(request: RunRequest) -> Path:
 class RunSession:
     """The state of one run while it executes. The manifest's status changes only in `mark`."""
 
-    def __init__(self, request: RunRequest, resolved: Resolved, store: RunStore):
+    def __init__(self, request: RunRequest, resolved: Resolved, store: RunStore, recorder: FitRecorder | None = None):
         self.request, self.resolved, self.store = request, resolved, store
+        self.recorder = recorder
         self.started = time.perf_counter()
         self.device = resolve_device(resolved.runtime.device)
         self.steps: list[dict] = []
@@ -302,6 +304,7 @@ class RunSession:
         self.memory = make_memory(resolved.protocol.memory, self.storage) if cls.uses_exemplars else None
         self.reporter = Reporter(request.quiet, stream.num_tasks)
         self.engine = Engine(stream, runtime, self.device, on_epoch=self._on_epoch)
+        self.engine.recorder = self.recorder
         self.ctx = Context(resolved.protocol, stream, self.engine, self.memory, self.device, request.seed,
                            log_sink=self._on_message)
         self.engine.begin_task(request.seed, 0)
@@ -392,8 +395,11 @@ class RunSession:
         stream, engine, memory, method, store = self.stream, self.engine, self.memory, self.method, self.store
         task = stream.task(t)
         engine.begin_task(self.request.seed, t)
-        t0, fit0 = time.perf_counter(), engine.fit_seconds
+        t0, fit0, aside0 = time.perf_counter(), engine.fit_seconds, engine.recorder_seconds
         method.learn(task, self.ctx)
+        aside = engine.recorder_seconds - aside0       # a recorder's bare windows (bench) are not the run's time
+        self.started += aside
+        t0 += aside
         learn_s, fit_s = time.perf_counter() - t0, engine.fit_seconds - fit0
         if isinstance(memory, ExemplarMemory):
             method.eval()
