@@ -128,12 +128,15 @@ def _now() -> str:
 
 @torch.no_grad()
 def evaluate(method: Method, stream: Stream, engine: Engine, task: Task):
-    """Top-1/top-5 over all seen classes, and one row of the accuracy matrices (percent)."""
+    """Top-1/top-5 over all seen classes, one row of the accuracy matrices (percent) and, for a method with a
+    task-aware view, {"top1_task_aware": ...}: every view from one forward of each network over the test set."""
     method.eval()
     idx = task.test_idx
-    scores = engine.apply(method.scores, idx, split="test")
-    if scores.shape[1] != task.n_seen:
-        raise RuntimeError(f"{method.name}.scores returned {scores.shape[1]} columns, expected {task.n_seen}")
+    bounds = list(stream.bounds[: task.index + 2])
+    scores, aware = engine.apply(lambda x: method.scores_with_task_aware(x, bounds), idx, split="test")
+    if scores.shape[1] != task.n_seen or (aware is not None and aware.shape != scores.shape):
+        raise RuntimeError(f"{method.name}.scores_with_task_aware returned {scores.shape[1]} columns, expected "
+                           f"{task.n_seen} (and task-aware scores of the same shape)")
     labels = stream.test.labels[idx].to(scores.device)
     k = min(5, task.n_seen)
     topk = scores.topk(k, dim=1).indices
@@ -145,27 +148,20 @@ def evaluate(method: Method, stream: Stream, engine: Engine, task: Task):
         mask = task_ids == j
         row.append(100 * float(correct1[mask].mean()))
         row5.append(100 * float(correct5[mask].mean()))
-    return 100 * float(correct1.mean()), 100 * float(correct5.mean()), row, row5
+    extras = {} if aware is None else {"top1_task_aware": task_aware_top1(aware, labels, task_ids, bounds)}
+    return 100 * float(correct1.mean()), 100 * float(correct5.mean()), row, row5, extras
 
 
-@torch.no_grad()
-def evaluate_task_aware(method: Method, stream: Stream, engine: Engine, task: Task) -> dict:
-    """Task-aware top-1 (each test sample scored only among its own task's classes) for methods that offer
-    `task_aware_scores(x, classes)`; {} for the others."""
-    scorer = getattr(method, "task_aware_scores", None)
-    if scorer is None:
-        return {}
-    method.eval()
-    correct, total = 0.0, 0
-    labels = stream.test.labels
-    for j in range(task.index + 1):
-        lo, hi = stream.bounds[j], stream.bounds[j + 1]
-        idx = task.test_idx[(labels[task.test_idx] >= lo) & (labels[task.test_idx] < hi)]
-        scores = engine.apply(lambda x, lo=lo, hi=hi: scorer(x, range(lo, hi)), idx, split="test")
-        pred = scores.argmax(dim=1) + lo
-        correct += float((pred == labels[idx].to(pred.device)).sum())
-        total += len(idx)
-    return {"top1_task_aware": round(100 * correct / max(total, 1), 4)}
+def task_aware_top1(aware: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, bounds: list[int]) -> float:
+    """Percent of samples whose best column within their own task's block is their label (ties: the lowest
+    label, as an argmax over the block alone)."""
+    edges = torch.tensor(bounds, device=aware.device)
+    lo, hi = edges[task_ids], edges[task_ids + 1]
+    columns = torch.arange(aware.shape[1], device=aware.device)
+    own = (columns >= lo[:, None]) & (columns < hi[:, None])
+    pred = aware.masked_fill(~own, float("-inf")).argmax(dim=1)
+    correct = float((pred == labels).sum())
+    return round(100 * correct / max(len(labels), 1), 4)
 
 
 class Reporter:
@@ -408,8 +404,8 @@ class RunSession:
             method.after_memory_update(task, self.ctx)
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        top1, top5, row, row5 = evaluate(method, stream, engine, task)
-        extras = {**evaluate_task_aware(method, stream, engine, task), **method.step_record()}
+        top1, top5, row, row5, aware = evaluate(method, stream, engine, task)
+        extras = {**aware, **method.step_record()}
         eval_s = time.perf_counter() - t1
         parts = {"fit": fit_s, "statistics": learn_s - fit_s, "herding": train_s - learn_s, "eval": eval_s}
         footprint = method.inference_footprint()

@@ -380,21 +380,25 @@ class Engine:
 
     # --- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tensor, split: str = "train",
-              batch_size: int | None = None) -> torch.Tensor:
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor | tuple], indices: torch.Tensor, split: str = "train",
+              batch_size: int | None = None) -> torch.Tensor | tuple:
         """fn over test-transformed images of `split` at `indices`, batched, concatenated, computed in float32
         even where training uses bf16 autocast: bf16 scores tie (an exact top-1 tie goes to the lowest label,
-        an old class) and bf16 features change which exemplars herding picks."""
+        an old class) and bf16 features change which exemplars herding picks. A tuple from fn (several views of
+        one forward) gives a tuple of concatenations; a None in it stays None."""
         data = getattr(self.stream, split)
         batch_size = self.inference_batch_size(batch_size)
         outs = []
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]
             with torch.autocast(self.device.type, enabled=False):
-                outs.append(fn(self.augmenter.test(data.images[idx])).float())
+                outs.append(fn(self.augmenter.test(data.images[idx])))
         if not outs:
             return torch.empty(0, device=self.device)
-        return torch.cat(outs)
+        if isinstance(outs[0], tuple):
+            return tuple(None if part is None else torch.cat([out[i].float() for out in outs])
+                         for i, part in enumerate(outs[0]))
+        return torch.cat([out.float() for out in outs])
 
 
 def phase_config(base: TrainConfig, **changes) -> TrainConfig:
