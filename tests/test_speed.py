@@ -3,6 +3,7 @@ shortcuts that must not change data or behaviour, and `cilbench bench --method`.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from cilbench.kit.registry import known_methods
 from cilbench.train import engine as engine_module
 from cilbench.train.engine import Engine, RuntimeOptions, set_deterministic
 
-SPLIT_KEYS = {"fit", "statistics", "herding", "eval", "checkpoint", "other", "wall"}
+SPLIT_KEYS = {"fit", "statistics", "herding", "eval", "checkpoint", "other", "wall", "first_step"}
+PARTS = SPLIT_KEYS - {"wall", "first_step"}
 
 
 def _run_dir(root, protocol, method):
@@ -34,7 +36,8 @@ def test_time_split_accounts_for_the_run(tmp_path, run_cli):
     split = json.loads((run / "metrics.json").read_text())["time_split"]
     assert set(split) == SPLIT_KEYS
     assert all(v >= 0 for v in split.values())
-    parts = sum(v for k, v in split.items() if k != "wall")
+    assert 0 < split["first_step"]                 # the age of this (test) process at the run's first step
+    parts = sum(split[k] for k in PARTS)
     assert parts == pytest.approx(split["wall"], abs=0.01)   # other = wall - the named parts
     assert split["fit"] > 0 and split["herding"] > 0 and split["eval"] > 0 and split["checkpoint"] > 0
     steps = (run / "steps.csv").read_text().splitlines()
@@ -66,6 +69,16 @@ def test_time_split_of_a_resumed_run_covers_both_processes(tmp_path, run_cli):
     assert split["fit"] == pytest.approx(sum(float(r["fit_seconds"]) for r in rows), abs=0.01)
     resumed = sum(float(r["train_seconds"]) + float(r["eval_seconds"]) for r in rows[2:])
     assert split["wall"] >= first["wall"] + resumed
+
+
+def test_process_age_counts_from_the_process_start():
+    import subprocess
+    import sys
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", "import time; time.sleep(0.3); from cilbench.train.engine import "
+                          "process_age; print(process_age())"], capture_output=True, text=True, check=True)
+    age = float(out.stdout)
+    assert 0.3 <= age <= time.perf_counter() - t0 + 0.02      # /proc counts in 10 ms ticks
 
 
 # --- inference chunk ---------------------------------------------------------------------------------------
@@ -145,8 +158,20 @@ def test_phase_figures_are_medians_over_windows_after_warm_up():
     assert only["windows"] == 1 and only["ratio"] == pytest.approx(0.8) and only["bare_spread"] == 0
 
 
+@pytest.fixture
+def tiny_bench_cards(monkeypatch):
+    """The bench cards at 8x8 pixels: the same phases at a sixteenth of the compute."""
+    real = speed.offline_card
+
+    def small(per_class):
+        card = real(per_class)
+        card["data"]["synthetic"]["image_size"] = 8
+        return card
+    monkeypatch.setattr(speed, "offline_card", small)
+
+
 @pytest.mark.parametrize("name", known_methods())
-def test_every_recorded_phase_of_every_method_gets_a_bare_figure(name, tmp_path):
+def test_every_recorded_phase_of_every_method_gets_a_bare_figure(name, tmp_path, tiny_bench_cards):
     """A tiny bench card: each phase the run trains (events.jsonl) has a row with harness and bare figures."""
     result = speed.bench_method(name, "cpu", per_class=2, epochs=2, out=tmp_path)
     card = speed.bench_card(name, 2)
@@ -169,7 +194,7 @@ def test_no_recorder_in_a_normal_run(tmp_path, run_cli, monkeypatch):
     assert res.exit_code == 0, res.stderr
 
 
-def test_the_bare_loop_runs_the_methods_own_loss(tmp_path, monkeypatch):
+def test_the_bare_loop_runs_the_methods_own_loss(tmp_path, monkeypatch, tiny_bench_cards):
     """A spy on finetune's loss: a bench run calls it more often than the same run without a recorder, by
     exactly the bare windows' steps."""
     from cilbench.methods.baselines import SingleNetwork

@@ -300,5 +300,5 @@ def print_result(result: dict) -> None:
               f"{row['ratio']:4.0%} "
               f"[{row['ratio_min']:.0%}-{row['ratio_max']:.0%}] over {row['windows']} window(s)", flush=True)
     split = result["time_split"]
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "wall")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k not in ("wall", "first_step"))
     print(f"{result['method']:<10} short run {split['wall']:.1f} s: {parts}", flush=True)

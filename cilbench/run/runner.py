@@ -452,7 +452,8 @@ class RunSession:
                        extractors_last=steps[-1]["extractors"], **param_counts(steps),
                        train_seconds=sum(s["train_seconds"] for s in steps),
                        eval_seconds=sum(s["eval_seconds"] for s in steps),
-                       time_split=time_split(self.timing, self.wall_before + time.perf_counter() - self.started))
+                       time_split=time_split(self.timing, self.wall_before + time.perf_counter() - self.started,
+                                             self.engine.first_step_age))
         self.store.write_metrics(metrics)
         self.mark("complete", finished=True)
 
@@ -460,13 +461,16 @@ class RunSession:
 TIME_PARTS = ("wall", "fit", "statistics", "herding", "eval", "checkpoint")
 
 
-def time_split(timing: dict, wall: float) -> dict:
+def time_split(timing: dict, wall: float, first_step: float | None = None) -> dict:
     """Where a run's wall time went (seconds): fit (training phases), statistics (the rest of learn():
     Gaussians, significance, prototypes, pruning), herding (exemplar selection and payload), eval,
-    checkpoint (state, steps and matrices written), other (data loading, set-up, reporting)."""
+    checkpoint (state, steps and matrices written), other (data loading, set-up, reporting). Beside the parts,
+    not one of them: first_step, seconds from the start of the process (the last one, on a resume) to its first
+    training step (imports, data, set-up, the first optimiser; None where the OS does not say)."""
     split = {k: round(timing[k], 3) for k in TIME_PARTS if k != "wall"}
     split["other"] = round(max(wall - sum(timing[k] for k in split), 0.0), 3)
     split["wall"] = round(wall, 3)
+    split["first_step"] = first_step
     return split
 
 

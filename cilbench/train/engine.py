@@ -91,6 +91,16 @@ def tune_malloc() -> bool:
     return False
 
 
+def process_age() -> float | None:
+    """Seconds since this process started, from Linux's /proc (10 ms ticks); None where there is none."""
+    try:
+        after_name = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return round(uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK"), 3)   # field 22: start time
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def set_deterministic(enabled: bool) -> None:
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -212,6 +222,7 @@ class Engine:
         self.fit_seconds = 0.0       # time inside fit() since the run started (the rest of learn() is statistics)
         self.recorder: FitRecorder | None = None   # off in runs: one `is None` test per epoch is its whole cost
         self.recorder_seconds = 0.0  # time the recorder took, which is not the run's
+        self.first_step_age: float | None = None   # process age when the first training step began (start-up)
 
     @property
     def frozen_chunk(self) -> int:
@@ -308,6 +319,8 @@ class Engine:
         flat = flat_params(params)
         epochs = self.epochs_for(cfg)
         steps = math.ceil(len(indices) / cfg.batch_size) if not drop_last else max(len(indices) // cfg.batch_size, 1)
+        if self.first_step_age is None:   # after the first optimiser: its one-off import is start-up too
+            self.first_step_age = process_age()
         call = None
         if self.recorder is not None:
             call = FitCall(self.task, phase, params, loss_fn, indices, cfg, views, modules, before_step,
