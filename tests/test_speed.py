@@ -174,9 +174,7 @@ def tiny_bench_cards(monkeypatch):
 def test_every_recorded_phase_of_every_method_gets_a_bare_figure(name, tmp_path, tiny_bench_cards):
     """A tiny bench card: each phase the run trains (events.jsonl) has a row with harness and bare figures."""
     result = speed.bench_method(name, "cpu", per_class=2, epochs=2, out=tmp_path)
-    card = speed.bench_card(name, 2)
-    run = tmp_path / card["name"] / name / "seed0"
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (result["run"] / "events.jsonl").read_text().splitlines()]
     trained = {e["phase"] for e in events if "epoch" in e}
     rows = result["phases"]
     assert trained and {row["name"] for row in rows} == trained

@@ -225,7 +225,7 @@ class BareLoopRecorder:
         self.seen.add(call.phase)
         last_task = call.task == engine.stream.num_tasks - 1
         if call.epochs == 1:      # online: one pass per task, pooled over the tasks
-            key, label = (call.phase,), f"{call.phase}, one pass per task ({describe_call(call)})"
+            key, label = (call.phase,), f"{call.phase}, one epoch per task, pooled ({describe_call(call)})"
         elif first or last_task:
             nth = f" #{n}" if n > 1 else ""
             key = (call.phase, call.task, n)
@@ -270,7 +270,7 @@ def bench_method(name: str, device: str, per_class: int, epochs: int, out: Path)
     run = execute(RunRequest(method=name, protocol=str(card_file), epochs=epochs, device=device, out=str(out),
                              quiet=True, force=True, overrides=["runtime.divergence_factor=0"]), recorder=recorder)
     metrics = json.loads((run / "metrics.json").read_text())
-    return {"method": name, "phases": recorder.rows(name), "time_split": metrics["time_split"]}
+    return {"method": name, "phases": recorder.rows(name), "time_split": metrics["time_split"], "run": run}
 
 
 def run_method_bench(methods: list[str], device: str = "auto", per_class: int = 32, epochs: int = 6) -> list[dict]:
