@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Literal, Protocol
 
 import torch
@@ -94,8 +95,8 @@ def tune_malloc() -> bool:
 def process_age() -> float | None:
     """Seconds since this process started, from Linux's /proc (10 ms ticks); None where there is none."""
     try:
-        after_name = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
-        uptime = float(open("/proc/uptime").read().split()[0])
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()   # a name may hold spaces
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         return round(uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK"), 3)   # field 22: start time
     except (OSError, ValueError, IndexError):
         return None
