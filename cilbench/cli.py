@@ -337,9 +337,11 @@ def bench(device: str = typer.Option("auto", help="auto | cpu | cuda"),
                                            help="bench these methods' training phases against bare loops "
                                                 "(repeat the option; 'all' for every method)"),
           per_class: int = typer.Option(32, help="--method: training images per class of the generated set"),
-          epochs: int = typer.Option(3, help="--method: epochs per phase (the first is not timed)")):
+          epochs: int = typer.Option(6, help="--method: epochs per phase; the first is warm-up, each later one is a "
+                                                       "harness window followed by a bare window")):
     """Throughput of the engine's data pipeline and training step against reference paths; with --method, each
-    method's training phases against bare loops over the same networks, and a short run's time split."""
+    method's training phases against bare loops of the same phases (its own loss and networks), with median
+    and spread over interleaved windows, and a short run's time split."""
     try:
         if method:
             from cilbench.bench.methods import run_method_bench

@@ -320,20 +320,32 @@ class SEED(Method):
     def networks(self):
         return list(self.experts)
 
-    def expert_probabilities(self, x: torch.Tensor, classes: range | None = None):
-        """Per expert that holds any of `classes` (all seen when None): (column index, softmax(l / tau)) over
-        those classes, in float64."""
+    def expert_log_likelihoods(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per expert that holds a class: (its labels, log-likelihoods of x under each of them), one forward each,
+        in float32 even under autocast. Every inference view is derived from these."""
         out = []
         with full_precision(x.device):
             for expert, store in zip(self.experts, self.gaussians):
-                labels = torch.tensor(store.labels, device=x.device)
+                if store.labels:
+                    labels = torch.tensor(store.labels, device=x.device)
+                    out.append((labels, store.log_likelihood(expert(x.float()))))
+        return out
+
+    def restrict(self, lls, classes: range | None, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per expert that holds any of `classes` (all seen when None): (labels, softmax(l / tau)) over those
+        classes, in float64."""
+        out = []
+        with full_precision(device):
+            for labels, ll in lls:
                 keep = torch.ones_like(labels, dtype=torch.bool) if classes is None else \
                     (labels >= classes.start) & (labels < classes.stop)
-                if not bool(keep.any()):
-                    continue
-                ll = store.log_likelihood(expert(x.float()))[:, keep.to(store.device)]
-                out.append((labels[keep], torch.softmax(ll / self.cfg.tau, dim=1).to(x.device)))
+                if bool(keep.any()):
+                    probs = torch.softmax(ll[:, keep.to(ll.device)] / self.cfg.tau, dim=1)
+                    out.append((labels[keep], probs.to(device)))
         return out
+
+    def expert_probabilities(self, x: torch.Tensor, classes: range | None = None):
+        return self.restrict(self.expert_log_likelihoods(x), classes, x.device)
 
     def combine(self, per_expert, n_classes: int, offset: int, batch: int, device) -> torch.Tensor:
         total = torch.zeros(batch, n_classes, dtype=torch.float64, device=device)
@@ -350,6 +362,15 @@ class SEED(Method):
     def task_aware_scores(self, x, classes: range):
         """Scores over one task's classes only (the task-aware variant)."""
         return self.combine(self.expert_probabilities(x, classes), len(classes), classes.start, len(x), x.device)
+
+    def scores_with_task_aware(self, x, bounds):
+        """Both views from one forward of each expert: the ensemble over every seen class, and per task block the
+        ensemble of each expert's softmax over that task's classes alone."""
+        lls, n, device = self.expert_log_likelihoods(x), len(x), x.device
+        scores = self.combine(self.restrict(lls, None, device), self.n_seen, 0, n, device)
+        blocks = [self.combine(self.restrict(lls, range(lo, hi), device), hi - lo, lo, n, device)
+                  for lo, hi in zip(bounds, bounds[1:])]
+        return scores, torch.cat(blocks, dim=1)
 
     def features(self, x):
         return torch.cat([expert(x) for expert in self.experts], dim=1)

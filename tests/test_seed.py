@@ -402,6 +402,53 @@ def test_no_exemplar_ever_reaches_the_method(tmp_path, monkeypatch):
     assert all(int(s["memory_size"]) == 0 for s in steps)
 
 
+def two_pass_reference(method, stream, engine, task):
+    """What evaluation computed before it shared forwards: scores over the test set, then every task's samples
+    again through task_aware_scores (top-1, top-5, task-aware top-1, percent)."""
+    idx = task.test_idx
+    labels = stream.test.labels[idx]
+    topk = engine.apply(method.scores, idx, split="test").topk(min(5, task.n_seen), dim=1).indices
+    top1 = 100 * float((topk[:, 0] == labels).float().mean())
+    top5 = 100 * float((topk == labels[:, None]).any(dim=1).float().mean())
+    correct = 0.0
+    for j in range(task.index + 1):
+        lo, hi = stream.bounds[j], stream.bounds[j + 1]
+        own = idx[(labels >= lo) & (labels < hi)]
+        aware = engine.apply(lambda x, lo=lo, hi=hi: method.task_aware_scores(x, range(lo, hi)), own, split="test")
+        correct += float((aware.argmax(dim=1) + lo == stream.test.labels[own]).sum())
+    return top1, top5, 100 * correct / max(len(idx), 1)
+
+
+def test_evaluation_forwards_each_expert_once_with_the_two_pass_metrics(tmp_path, monkeypatch):
+    """Every view (top-1, top-5, task-aware) comes from one forward of each expert over the test set: half the
+    expert images of the two-pass path, and steps.csv holds exactly the two-pass path's figures."""
+    from cilbench.run import runner
+    real_evaluate, per_step = runner.evaluate, []
+
+    def spying_evaluate(method, stream, engine, task):
+        images = []
+        hooks = [e.register_forward_hook(lambda m, args, out: images.append(len(args[0]))) for e in method.experts]
+        try:
+            result = real_evaluate(method, stream, engine, task)
+            one_pass = sum(images)
+            images.clear()
+            reference = two_pass_reference(method, stream, engine, task)
+            per_step.append((one_pass, sum(images), len(task.test_idx) * len(method.experts), reference))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return result
+
+    monkeypatch.setattr(runner, "evaluate", spying_evaluate)
+    run = cli_run(tmp_path, "seed", CARD, "--epochs", "1", "--set", "seed.experts=2")
+    steps = read_steps(run)
+    assert len(steps) == len(per_step) == 5
+    for step, (one_pass, two_pass, test_images_x_experts, (top1, top5, aware)) in zip(steps, per_step):
+        assert one_pass == test_images_x_experts and two_pass == 2 * one_pass
+        assert float(step["top1"]) == round(top1, 4) and float(step["top5"]) == round(top5, 4)
+        assert float(step["top1_task_aware"]) == round(aware, 4)
+
+
 @pytest.mark.parametrize("card", ["digits_b0s2", "synthetic_b0s2"])
 def test_cli_beats_finetune_on_reduced_cards(tmp_path, card):
     runs = {m: cli_run(tmp_path, m, card, "--epochs", "3") for m in ("seed", "finetune")}

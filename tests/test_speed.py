@@ -3,13 +3,15 @@ shortcuts that must not change data or behaviour, and `cilbench bench --method`.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cilbench.bench import methods as speed
-from cilbench.bench.methods import PHASES, Phase, Shapes, harness_speed
+from cilbench.bench.methods import PhaseFigures, Window, phase_row
 from cilbench.data.datasets import _digits_table
 from cilbench.data.protocol import load_protocol
 from cilbench.data.stream import Stream
@@ -17,7 +19,8 @@ from cilbench.kit.registry import known_methods
 from cilbench.train import engine as engine_module
 from cilbench.train.engine import Engine, RuntimeOptions, set_deterministic
 
-SPLIT_KEYS = {"fit", "statistics", "herding", "eval", "checkpoint", "other", "wall"}
+SPLIT_KEYS = {"fit", "statistics", "herding", "eval", "checkpoint", "other", "wall", "first_step"}
+PARTS = SPLIT_KEYS - {"wall", "first_step"}
 
 
 def _run_dir(root, protocol, method):
@@ -33,7 +36,8 @@ def test_time_split_accounts_for_the_run(tmp_path, run_cli):
     split = json.loads((run / "metrics.json").read_text())["time_split"]
     assert set(split) == SPLIT_KEYS
     assert all(v >= 0 for v in split.values())
-    parts = sum(v for k, v in split.items() if k != "wall")
+    assert 0 < split["first_step"]                 # the age of this (test) process at the run's first step
+    parts = sum(split[k] for k in PARTS)
     assert parts == pytest.approx(split["wall"], abs=0.01)   # other = wall - the named parts
     assert split["fit"] > 0 and split["herding"] > 0 and split["eval"] > 0 and split["checkpoint"] > 0
     steps = (run / "steps.csv").read_text().splitlines()
@@ -65,6 +69,16 @@ def test_time_split_of_a_resumed_run_covers_both_processes(tmp_path, run_cli):
     assert split["fit"] == pytest.approx(sum(float(r["fit_seconds"]) for r in rows), abs=0.01)
     resumed = sum(float(r["train_seconds"]) + float(r["eval_seconds"]) for r in rows[2:])
     assert split["wall"] >= first["wall"] + resumed
+
+
+def test_process_age_counts_from_the_process_start():
+    import subprocess
+    import sys
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", "import time; time.sleep(0.3); from cilbench.train.engine import "
+                          "process_age; print(process_age())"], capture_output=True, text=True, check=True)
+    age = float(out.stdout)
+    assert 0.3 <= age <= time.perf_counter() - t0 + 0.02      # /proc counts in 10 ms ticks
 
 
 # --- inference chunk ---------------------------------------------------------------------------------------
@@ -131,36 +145,74 @@ def test_set_deterministic_only_touches_torch_when_the_mode_changes(monkeypatch)
 
 # --- bench --method ------------------------------------------------------------------------------------------
 
-def test_every_registered_method_has_bench_phases():
-    assert set(PHASES) == set(known_methods())
+def test_phase_figures_are_medians_over_windows_after_warm_up():
+    figures = PhaseFigures("der", "der, task 5", [Window(50.0, 10.0, True), Window(90.0, 100.0, False),
+                                                   Window(110.0, 100.0, False), Window(100.0, 125.0, False)])
+    row = phase_row("der", figures)
+    assert row["windows"] == 3 and row["name"] == "der"
+    assert row["harness"] == 100.0 and row["bare"] == 100.0
+    assert row["ratio"] == pytest.approx(0.9) and row["ratio_min"] == pytest.approx(0.8)
+    assert row["ratio_max"] == pytest.approx(1.1)
+    assert row["harness_spread"] == pytest.approx(0.1)
+    only = phase_row("x", PhaseFigures("x", "x", [Window(40.0, 50.0, True)]))   # warm-up is all there is
+    assert only["windows"] == 1 and only["ratio"] == pytest.approx(0.8) and only["bare_spread"] == 0
 
 
-def test_harness_speed_is_the_best_epoch_after_the_first():
-    events = [{"task": 1, "phase": "der", "epoch": 0, "seconds": 4.0, "images_per_s": 100.0},
-              {"task": 1, "phase": "der", "epoch": 1, "seconds": 2.0, "images_per_s": 300.0},
-              {"task": 1, "phase": "der", "epoch": 2, "seconds": 3.0, "images_per_s": 200.0},
-              {"task": 1, "phase": "der_classifier", "epoch": 0, "seconds": 1.0, "images_per_s": 50.0},
-              {"task": 0, "phase": "der", "epoch": 1, "seconds": 1.0, "images_per_s": 999.0}]
-    phase = Phase("der", 1, "stage 1", speed.bare_one_network)
-    rate, images = harness_speed(events, phase)
-    assert rate == 300.0 and images == 600          # the best epoch after the first (epoch 1)
-    only = Phase("der_classifier", 1, "stage 2", speed.bare_one_network)
-    assert harness_speed(events, only) == (pytest.approx(50.0), 50)   # a single epoch is all there is
-    with pytest.raises(RuntimeError, match="no 'kd' epochs in task 2"):
-        harness_speed(events, Phase("kd", 1, "kd", speed.bare_one_network))
+@pytest.fixture
+def tiny_bench_cards(monkeypatch):
+    """The bench cards at 8x8 pixels: the same phases at a sixteenth of the compute."""
+    real = speed.offline_card
+
+    def small(per_class):
+        card = real(per_class)
+        card["data"]["synthetic"]["image_size"] = 8
+        return card
+    monkeypatch.setattr(speed, "offline_card", small)
 
 
-@pytest.mark.parametrize("name", sorted(PHASES))
-def test_every_bare_loop_runs_at_its_shapes(name):
-    """Each declared bare loop builds its networks for the task it is measured at and runs training steps."""
-    online = name in speed.ONLINE_METHODS
-    step = speed.CLASSES // (speed.ONLINE_TASKS if online else speed.TASKS)
-    for phase in PHASES[name]:
-        shapes = Shapes(10 if online else 16, step * (phase.task + 1), step * phase.task, torch.device("cpu"))
-        torch.manual_seed(0)
-        run = phase.bare(shapes, 2)
-        run(0)
-        run(1)
+@pytest.mark.parametrize("name", known_methods())
+def test_every_recorded_phase_of_every_method_gets_a_bare_figure(name, tmp_path, tiny_bench_cards):
+    """A tiny bench card: each phase the run trains (events.jsonl) has a row with harness and bare figures."""
+    result = speed.bench_method(name, "cpu", per_class=2, epochs=2, out=tmp_path)
+    events = [json.loads(line) for line in (result["run"] / "events.jsonl").read_text().splitlines()]
+    trained = {e["phase"] for e in events if "epoch" in e}
+    rows = result["phases"]
+    assert trained and {row["name"] for row in rows} == trained
+    assert all(row["harness"] > 0 and row["bare"] > 0 and row["windows"] >= 1 for row in rows)
+    assert set(result["time_split"]) == SPLIT_KEYS
+
+
+def test_no_recorder_in_a_normal_run(tmp_path, run_cli, monkeypatch):
+    """A run never builds a FitCall: the recorder is off unless bench attaches one."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a FitCall was recorded in a normal run")
+    monkeypatch.setattr(engine_module, "FitCall", refuse)
+    assert _engine("digits_b0s2").recorder is None
+    res = run_cli("der", "digits_b0s2", tmp_path, "--epochs", "2")
+    assert res.exit_code == 0, res.stderr
+
+
+def test_the_bare_loop_runs_the_methods_own_loss(tmp_path, monkeypatch, tiny_bench_cards):
+    """A spy on finetune's loss: a bench run calls it more often than the same run without a recorder, by
+    exactly the bare windows' steps."""
+    from cilbench.methods.baselines import SingleNetwork
+
+    from cilbench.run.runner import RunRequest, execute
+    calls = []
+    real = SingleNetwork.loss
+    monkeypatch.setattr(SingleNetwork, "loss", lambda self, batch: (calls.append(len(batch.y)), real(self, batch))[1])
+    windows = []
+    real_window = speed.bare_window
+    monkeypatch.setattr(speed, "bare_window", lambda engine, call, batches, epoch: (
+        windows.append(len(batches) + 1), real_window(engine, call, batches, epoch))[1])   # + its untimed step
+    speed.bench_method("finetune", "cpu", per_class=2, epochs=2, out=tmp_path)
+    bench_calls = len(calls)
+    calls.clear()
+    card = tmp_path / "card.yaml"
+    card.write_text(yaml.safe_dump(speed.offline_card(2)))
+    execute(RunRequest(method="finetune", protocol=str(card), epochs=2, device="cpu", out=str(tmp_path / "plain"),
+                       quiet=True, overrides=["runtime.divergence_factor=0"]))
+    assert windows and bench_calls == len(calls) + sum(windows)
 
 
 def test_bench_method_cli_prints_phases_and_split(cli):
@@ -198,39 +250,23 @@ def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(tmp_path, run_cli,
 
 def test_a_run_from_before_a_new_runtime_option_resumes(tmp_path, run_cli):
     """Runtime options added later (at their defaults) and speed-only ones do not block --resume."""
-    import yaml
     assert run_cli("replay", "digits_b0s2", tmp_path, "--stop-after", "2").exit_code == 0
-    config_file = tmp_path / "digits_b0s2" / "replay" / "seed0" / "config.yaml"
-    config = yaml.safe_load(config_file.read_text())
+    run = tmp_path / "digits_b0s2" / "replay" / "seed0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
     del config["runtime"]["inference_batch"], config["runtime"]["tune_malloc"]
-    config_file.write_text(yaml.safe_dump(config))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    # a run from before those options also predates run identities: neither file records one
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.pop("identity")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state.pop("identity")
+    torch.save(state, run / "checkpoint.pt")
     assert run_cli("replay", "digits_b0s2", tmp_path, "--resume", "--set", "runtime.tune_malloc=false").exit_code == 0
     res = run_cli("replay", "digits_b0s2", tmp_path / "c", "--stop-after", "2")
     assert res.exit_code == 0
     res = run_cli("replay", "digits_b0s2", tmp_path / "c", "--resume", "--set", "runtime.inference_batch=16")
     assert res.exit_code == 2                         # can change which exemplars herding picks
-
-
-@pytest.mark.parametrize("name", sorted(PHASES))
-def test_every_declared_phase_occurs_in_the_bench_run(name, tmp_path):
-    """The (phase, task) pairs PHASES names are where the method really trains (a tiny bench-card run)."""
-    import yaml
-
-    from cilbench.run.runner import RunRequest, execute
-    card = speed.online_card(2) if name in speed.ONLINE_METHODS else speed.offline_card(2)
-    path = tmp_path / "card.yaml"
-    path.write_text(yaml.safe_dump(card))
-    run = execute(RunRequest(method=name, protocol=str(path), epochs=1, device="cpu", out=str(tmp_path),
-                             quiet=True, overrides=["runtime.divergence_factor=0"]))
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    for phase in PHASES[name]:
-        rate, images = harness_speed(events, phase)
-        assert rate > 0 and images > 0
-    specs = speed.run_specs(run)          # DER's bare loops rebuild the run's own (pruned) extractors
-    if name in ("der", "der_prune"):
-        assert len(specs) == speed.TASKS and all("stages" in spec for spec in specs)
-    else:
-        assert specs is None
 
 
 # --- frozen networks in chunks -----------------------------------------------------------------------------

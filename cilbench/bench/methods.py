@@ -1,46 +1,53 @@
-"""`cilbench bench --method M`: a method's training phases through the harness against bare loops, and where
-the time of a short run goes.
+"""`cilbench bench --method M`: a method's training phases through the harness against bare loops built from the
+same phase, and where the time of a short run goes.
 
 For each method, one short run goes through the real runner (`cilbench run`'s code path) on a generated
 CIFAR-100-shaped set (3x32x32, 100 classes, B0 with 5 tasks of 20 classes, ResNet-32, batch 128, herding;
-the online methods: 10 tasks of 10 classes, stream batch 10 + replay 10, reduced ResNet-18). Every phase is
-capped at `epochs` epochs. A phase's harness speed is its best epoch after the first (the first pays one-off
-costs) in the task where it is measured; the bare loop's is its best of three windows of as many steps
-(best-of timing, as timeit: interference on a shared machine only slows a window down).
+methods whose first regime is online: 10 tasks of 10 classes, stream batch 10 + replay 10, reduced ResNet-18).
+Every phase is capped at `epochs` epochs.
 
-The bare loop runs the same networks (architectures, frozen/trainable split, heads, loss terms, optimiser)
-at the same batch shapes over pre-made tensors already on the device: no batching, augmentation, memory,
-events or method glue, and frozen networks over the whole batch, as one would write it. Loss terms come
-from cilbench's loss functions, so the ratio measures what the harness and the method code add around the
-networks' own compute, not the maths of the losses. Images count stream samples, as the harness does
-(replayed samples and second views are extra work inside a step).
+Nothing about a method is written here. A recorder attached to the run's engine sees every `Engine.fit` call (the
+parameters, the method's own loss function, the modules, the views, the TrainConfig) and, right after each epoch
+of a measured call, runs a bare window of that same phase: the same `loss_fn` over pre-made batches already on
+the device (views augmented beforehand, labels, indices, epoch and step fields), a fresh optimiser of the
+call's kind over the same parameters, forward, backward, the method's gradient surgery (`before_step`),
+clipping, step. No batching, augmentation of the stream batch, events or `after_step` bookkeeping (online
+buffer inserts). What the loss itself does (a replay draw, a second augmentation) is the method's work and is in
+both. The networks, parameters, data positions and generators are put back after each window, so the run
+continues as if no window had been run (BN statistics of networks the method puts in train mode itself
+excepted: they only change the bench run's accuracy, never its work).
 
-The run's time split (fit, statistics, herding, eval, checkpoint, other) is read from its metrics.json.
+The windows interleave: harness epoch 1, bare window 1, harness epoch 2, bare window 2, ... The first pair of a
+call is warm-up (one-off costs); a phase with one epoch per call (online) pools its calls over the tasks, the
+first call being the warm-up. Each figure is the median over the windows with its spread, and the ratio the
+median of the pairwise ratios with their range, so a ratio carries its noise. The harness figure is the epoch's
+images/s as events.jsonl records it. Measured calls: a phase's first occurrence and every phase of the last
+task (multi-epoch phases), every call (one-epoch phases).
+
+The run's time split (fit, statistics, herding, eval, checkpoint, other) is read from its metrics.json; the
+bare windows are not in it.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import yaml
-from torch import nn
 
 from cilbench.errors import UserError
-from cilbench.kit.backbones import build_backbone, standard_spec
-from cilbench.kit.losses import aux_labels, kd_soft_ce, nca_margin_loss, pcr_loss, supcon_distinct
-from cilbench.kit.nets import LocalSimilarityHead, ProjectionHead, freeze
 from cilbench.safeio import atomic_write
+from cilbench.train.engine import Batch, Engine, FitCall, flat_params, make_optimizer
 
 CIFAR_MEAN, CIFAR_STD = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]
 CLASSES, TASKS = 100, 5
 ONLINE_TASKS = 10
-ONLINE_METHODS = ("er", "pcr", "hpcr")     # benched on the online card (PCR/HPCR also run offline)
 
 
 def offline_card(per_class: int) -> dict:
@@ -73,336 +80,15 @@ def online_card(per_class: int) -> dict:
     return card
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Bare loops: each returns a step function (called with a step number) over pre-made tensors
-
-
-@dataclass
-class Shapes:
-    batch: int
-    n_seen: int
-    n_old: int
-    device: torch.device
-    specs: list[dict] | None = None    # the run's extractors as built (DER: pruned ones are smaller)
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-
-def _inputs(shapes: Shapes, steps: int, rows: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Pre-made normalised inputs and labels; a third of each batch is old classes (memory), as in the runs."""
-    rows = rows or shapes.batch
-    fmt = torch.channels_last if shapes.cuda else torch.contiguous_format   # as the harness feeds CUDA
-    xs = [torch.randn(rows, 3, 32, 32, device=shapes.device).contiguous(memory_format=fmt) for _ in range(steps)]
-    n_old_rows = rows // 3 if shapes.n_old else 0
-    ys = []
-    for _ in range(steps):
-        old = torch.randint(0, max(shapes.n_old, 1), (n_old_rows,))
-        new = torch.randint(shapes.n_old, shapes.n_seen, (rows - n_old_rows,))
-        ys.append(torch.cat([old, new]).to(shapes.device))
-    return xs, ys
-
-
-def _sgd(params, lr=0.1, momentum=0.9, weight_decay=5e-4) -> torch.optim.Optimizer:
-    return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def _on(module: nn.Module, shapes: Shapes) -> nn.Module:
-    """On the device, channels_last on CUDA (as Engine.prepare)."""
-    module = module.to(shapes.device)
-    return module.to(memory_format=torch.channels_last) if shapes.cuda else module
-
-
-def _net(shapes: Shapes, name: str = "resnet32") -> nn.Module:
-    return _on(build_backbone(name), shapes)
-
-
-def _frozen(n: int, shapes: Shapes, name: str = "resnet32") -> list[nn.Module]:
-    """n frozen extractors: the run's own architectures where known (shapes.specs), else `name`."""
-    specs = (shapes.specs or [])[:n]
-    nets = [build_backbone(spec) for spec in specs] + [build_backbone(name) for _ in range(n - len(specs))]
-    return [freeze(_on(net, shapes)) for net in nets]
-
-
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list | None = None) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
-    opt.step()
-
-
-def bare_one_network(shapes: Shapes, steps: int, name: str = "resnet32"):
-    """finetune / replay / joint: backbone + linear head, CE."""
-    net = _net(shapes, name).train()
-    head = nn.Linear(net.out_dim, shapes.n_seen).to(shapes.device)
-    opt = _sgd([*net.parameters(), *head.parameters()])
-    xs, ys = _inputs(shapes, steps)
-    return lambda i: _step(opt, F.cross_entropy(head(net(xs[i])), ys[i]))
-
-
-def bare_der(extractors: int, prune: bool = False):
-    def build(shapes: Shapes, steps: int):
-        from cilbench.kit.pruning import ChannelMasks, anneal
-        frozen = _frozen(extractors - 1, shapes)
-        new = _net(shapes).train()
-        head = nn.Linear(sum(f.out_dim for f in frozen) + new.out_dim, shapes.n_seen).to(shapes.device)
-        aux = nn.Linear(64, shapes.n_seen - shapes.n_old + 1).to(shapes.device) if shapes.n_old else None
-        params = [*new.parameters(), *head.parameters(), *(aux.parameters() if aux else [])]
-        masks = ChannelMasks(new, init_mean=1.0, init_std=0.5).attach() if prune else None
-        groups = [{"params": params}] + ([{"params": list(masks.parameters()), "weight_decay": 0.0}] if masks else [])
-        opt = _sgd(groups)
-        xs, ys = _inputs(shapes, steps)
-
-        def step(i):
-            if masks is not None:
-                masks.s = anneal(i % 5, 5, masks.s_max)
-            with torch.no_grad():
-                feats = [f(xs[i]) for f in frozen]
-            f_new = new(xs[i])
-            loss = F.cross_entropy(head(torch.cat([*feats, f_new], 1)), ys[i])
-            if aux is not None:
-                loss = loss + F.cross_entropy(aux(f_new), aux_labels(ys[i], shapes.n_old))
-            if masks is not None:
-                loss = loss + 0.75 * masks.sparsity()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if masks is not None:
-                masks.compensate("hat", 50.0)
-            opt.step()
-            if masks is not None:
-                masks.clamp_(6.0)
-        return step
-    return build
-
-
-def bare_der_classifier(extractors: int):
-    def build(shapes: Shapes, steps: int):
-        frozen = _frozen(extractors, shapes)
-        head = nn.Linear(sum(f.out_dim for f in frozen), shapes.n_seen).to(shapes.device)
-        opt = _sgd(head.parameters())
-        xs, ys = _inputs(shapes, steps)
-
-        def step(i):
-            with torch.no_grad():
-                u = torch.cat([f(xs[i]) for f in frozen], 1)
-            _step(opt, F.cross_entropy(head(u) / 5.0, ys[i]))
-        return step
-    return build
-
-
-def bare_tsd_ce(frozen_count: int):
-    """CE over [frozen; new] on view 1 + 0.1 SupCon on both views of the new extractor, frozen negatives."""
-    def build(shapes: Shapes, steps: int):
-        frozen = _frozen(frozen_count, shapes)
-        new = _net(shapes).train()
-        head = nn.Linear(64 * (frozen_count + 1), shapes.n_seen).to(shapes.device)
-        proj = ProjectionHead(64, 128).to(shapes.device)
-        opt = _sgd([*new.parameters(), *head.parameters(), *proj.parameters()])
-        xs, ys = _inputs(shapes, steps)
-        views2 = [torch.randn_like(x) for x in xs]
-
-        def step(i):
-            x1, x2, y = xs[i], views2[i], ys[i]
-            f_all = new(torch.cat([x1, x2]))
-            f1 = f_all[: len(y)]
-            with torch.no_grad():
-                feats = [f(x1) for f in frozen]
-            loss = F.cross_entropy(head(torch.cat([*feats, f1], 1)), y)
-            labels = torch.cat([y, y])
-            old = y < shapes.n_old
-            extra = proj(torch.cat([f[old] for f in feats])) if feats and shapes.n_old else None
-            loss = loss + 0.1 * supcon_distinct(proj(f_all), labels, labels >= shapes.n_old, extra, 0.07)
-            _step(opt, loss)
-        return step
-    return build
-
-
-def bare_tsd_kd(teacher_count: int):
-    """Soft-CE KD at T = 2: teacher = `teacher_count` frozen extractors; the student shares all but the last
-    of them minus one (the slot being consolidated, a trainable copy), so the frozen forwards run once."""
-    def build(shapes: Shapes, steps: int):
-        teacher = _frozen(teacher_count, shapes)
-        shared = teacher[: teacher_count - 2]
-        copy = _net(shapes).train()
-        t_head = freeze(nn.Linear(64 * teacher_count, shapes.n_seen).to(shapes.device))
-        s_head = nn.Linear(64 * (teacher_count - 1), shapes.n_seen).to(shapes.device)
-        opt = _sgd([*copy.parameters(), *s_head.parameters()], weight_decay=0.0)
-        xs, _ = _inputs(shapes, steps)
-
-        def step(i):
-            with torch.no_grad():
-                t_feats = [f(xs[i]) for f in teacher]
-                t_logits = t_head(torch.cat(t_feats, 1))
-            s_logits = s_head(torch.cat([*t_feats[: len(shared)], copy(xs[i])], 1))
-            _step(opt, kd_soft_ce(s_logits, t_logits, 2.0))
-        return step
-    return build
-
-
-def _seed_expert(shapes: Shapes) -> nn.Module:
-    spec = standard_spec("resnet32")
-    spec.update(shortcut="B", last_relu=False)
-    return _on(build_backbone(spec), shapes)
-
-
-def bare_seed(finetune: bool):
-    """An expert + a head over the task's classes, CE, gradient clipping at 1; fine-tuning: BN in eval mode and
-    0.01 CE + 0.99 MSE to the expert's frozen pre-task copy, no weight decay."""
-    def build(shapes: Shapes, steps: int):
-        expert = _seed_expert(shapes).train()
-        n_new = shapes.n_seen - shapes.n_old
-        head = nn.Linear(expert.out_dim, n_new).to(shapes.device)
-        teacher = freeze(_seed_expert(shapes)) if finetune else None
-        if finetune:
-            for m in expert.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        params = [*expert.parameters(), *head.parameters()]
-        opt = _sgd(params, lr=0.05, weight_decay=0.0 if finetune else 5e-4)
-        xs, ys = _inputs(Shapes(shapes.batch, n_new, 0, shapes.device), steps)
-
-        def step(i):
-            feats = expert(xs[i])
-            loss = F.cross_entropy(head(feats), ys[i])
-            if teacher is not None:
-                with torch.no_grad():
-                    old = teacher(xs[i])
-                loss = 0.01 * loss + 0.99 * (feats - old).pow(2).mean()
-            _step(opt, loss, clip=[params, 1.0])
-        return step
-    return build
-
-
-def bare_exacfs(balanced: bool):
-    """PODNet ResNet-32 + LSC head (10 proxies per class), NCA loss; main phase: + class-weighted distillation
-    of the four stage maps against the frozen previous model."""
-    def build(shapes: Shapes, steps: int):
-        from cilbench.kit.backbones import stage_outputs
-        from cilbench.kit.significance import significance_distillation, significance_weights
-        net = _net(shapes, "resnet32_podnet")
-        head = LocalSimilarityHead(net.out_dim, 10).to(shapes.device)
-        for _ in range(TASKS):
-            head.add_classes(CLASSES // TASKS, None)
-        previous = freeze(_net(shapes, "resnet32_podnet"))
-        sig = [torch.rand(shapes.n_old, c, device=shapes.device) for c in (16, 32, 64, 64)]
-        xs, ys = _inputs(shapes, steps)
-        if balanced:
-            freeze(net)
-            opt = _sgd([p for p in head.parameters() if p is not head.log_scale], lr=0.05)
-        else:
-            net.train()
-            opt = _sgd([*net.parameters(), *head.parameters()])
-
-        def step(i):
-            x, y = xs[i], ys[i]
-            if balanced:
-                with torch.no_grad():
-                    feats = net(x)
-                _step(opt, nca_margin_loss(head(feats), y, 0.6))
-                return
-            maps, feats = stage_outputs(net, x)
-            loss = nca_margin_loss(head(feats), y, 0.6)
-            with torch.no_grad():
-                old_maps, _ = stage_outputs(previous, x)
-            per_sample = significance_distillation(maps, old_maps, significance_weights(sig, y, shapes.n_old))
-            _step(opt, loss + per_sample.sum() / len(y))
-        return step
-    return build
-
-
-def bare_er(shapes: Shapes, steps: int):
-    """Reduced ResNet-18 + linear head, CE over stream batch + replay batch in one forward."""
-    net = _net(shapes, "resnet18_reduced").train()
-    head = nn.Linear(net.out_dim, shapes.n_seen).to(shapes.device)
-    opt = _sgd([*net.parameters(), *head.parameters()], momentum=0.0, weight_decay=0.0)
-    xs, ys = _inputs(shapes, steps, rows=2 * shapes.batch)
-    return lambda i: _step(opt, F.cross_entropy(head(net(xs[i])), ys[i]))
-
-
-def _two_forwards(net: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """PCR's separate_forward (the default, as the code): the replay rows (two views) in one pass, the stream
-    rows in another, BN statistics per pass; memory rows first."""
-    m = 2 * batch
-    return torch.cat([net(x[:m]), net(x[m:])])
-
-
-def bare_pcr(shapes: Shapes, steps: int):
-    """PCR: two views of the replay batch, then of the stream batch (two forwards), proxy logits
-    (cosine / 0.09), closed-form loss."""
-    net = _net(shapes, "resnet18_reduced").train()
-    proxies = nn.Parameter(torch.randn(CLASSES, net.out_dim, device=shapes.device))
-    opt = _sgd([*net.parameters(), proxies], momentum=0.0, weight_decay=0.0)
-    xs, ys = _inputs(shapes, steps, rows=4 * shapes.batch)
-
-    def step(i):
-        z = _two_forwards(net, xs[i], shapes.batch)
-        logits = F.linear(F.normalize(z, dim=1), F.normalize(proxies, dim=1)) / 0.09
-        _step(opt, pcr_loss(logits, ys[i]))
-    return step
-
-
-def bare_hpcr(shapes: Shapes, steps: int):
-    """HPCR on the second task and later: PCR's two forwards plus its loss scale, PCD and SCD on the replayed
-    rows against stored logits and features."""
-    from cilbench.kit.losses import ht_multiplier, pcd_loss, scd_loss
-    net = _net(shapes, "resnet18_reduced").train()
-    proxies = nn.Parameter(torch.randn(CLASSES, net.out_dim, device=shapes.device))
-    opt = _sgd([*net.parameters(), proxies], momentum=0.0, weight_decay=0.0)
-    xs, ys = _inputs(shapes, steps, rows=4 * shapes.batch)
-    stored_logits = torch.randn(shapes.batch, CLASSES, device=shapes.device)
-    stored_feats = torch.randn(shapes.batch, net.out_dim, device=shapes.device)
-
-    def step(i):
-        z = _two_forwards(net, xs[i], shapes.batch)
-        logits = F.linear(F.normalize(z, dim=1), F.normalize(proxies, dim=1)) / 0.09
-        m = 2 * shapes.batch                                   # memory anchors first: two views of B_M
-        loss = ht_multiplier(i) * pcr_loss(logits, ys[i])
-        loss = loss + pcd_loss(logits[:m], stored_logits.repeat(2, 1), ys[i])
-        loss = loss + 0.5 * scd_loss(z[:m], stored_feats.repeat(2, 1), 0.09)
-        _step(opt, loss)
-    return step
+def bench_card(method: str, per_class: int) -> dict:
+    """The online card for a method whose first regime is online (ER, PCR, HPCR), else the offline one."""
+    from cilbench.kit.registry import get_method
+    online = get_method(method).cls.regimes[0] == "online"
+    return online_card(per_class) if online else offline_card(per_class)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What is measured for each method
-
-
-@dataclass
-class Phase:
-    phase: str             # the engine's phase name (events.jsonl)
-    task: int              # 0-based task whose epochs are timed
-    label: str
-    bare: Callable[[Shapes, int], Callable[[int], None]]
-
-
-PHASES: dict[str, list[Phase]] = {
-    "finetune": [Phase("ce", 4, "CE, task 5", bare_one_network)],
-    "replay": [Phase("ce", 4, "CE over new data + memory, task 5", bare_one_network)],
-    "joint": [Phase("ce", 4, "CE over every seen class, task 5", bare_one_network)],
-    "der": [Phase("der", 0, "stage 1, 1 extractor", bare_der(1)),
-            Phase("der", 4, "stage 1, 5 extractors (4 frozen)", bare_der(5)),
-            Phase("der_classifier", 4, "stage 2 classifier, 5 extractors", bare_der_classifier(5))],
-    "der_prune": [Phase("der", 0, "stage 1 + masks, 1 extractor", bare_der(1, prune=True)),
-                  Phase("der", 4, "stage 1 + masks, 5 extractors", bare_der(5, prune=True)),
-                  Phase("der_classifier", 4, "stage 2 classifier, 5 extractors", bare_der_classifier(5))],
-    "tsd_fixed": [Phase("ce", 4, "CE + L_con, 3 frozen + 1 new (N=3)", bare_tsd_ce(3)),
-                  Phase("kd", 4, "KD, teacher 4 -> student 3", bare_tsd_kd(4))],
-    "tsd_grc": [Phase("ce", 3, "CE + L_con, 2 frozen + 1 new (N=3)", bare_tsd_ce(2)),
-                Phase("kd", 3, "KD, teacher 3 -> student 2", bare_tsd_kd(3))],
-    "seed": [Phase("seed_expert", 0, "new expert, CE (task 1)", bare_seed(False)),
-             Phase("seed_finetune", 4, "selected expert, CE + feature KD (task 5)", bare_seed(True))],
-    "exacfs": [Phase("exacfs", 4, "NCA + significance distillation (task 5)", bare_exacfs(False)),
-               Phase("exacfs_balanced", 4, "balanced classifier fine-tuning (task 5)", bare_exacfs(True))],
-    "er": [Phase("online", ONLINE_TASKS - 1, "stream 10 + replay 10 (last task)", bare_er)],
-    "pcr": [Phase("pcr", ONLINE_TASKS - 1, "two views of 10 + 10 (last task)", bare_pcr)],
-    "hpcr": [Phase("hpcr", ONLINE_TASKS - 1, "two views of 10 + 10, PCD + SCD (last task)", bare_hpcr)],
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Running
+# The bare loop: one window of a recorded phase's training step, outside the engine
 
 
 def _sync(device: torch.device) -> None:
@@ -410,82 +96,192 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_bare(phase: Phase, shapes: Shapes, steps: int, repeats: int = 3, warmup: int = 5) -> float:
-    """Images/s of the bare loop: `warmup` steps, then the best of `repeats` windows of `steps` steps (as
-    timeit does: on a shared machine interference only ever slows a window down)."""
-    bare = phase.bare(shapes, steps + warmup)
+def premade_batches(engine: Engine, call: FitCall) -> list[Batch]:
+    """One epoch of the call's batches, augmented beforehand, on the device (as the engine would make them)."""
+    order = engine.batches(call.indices, call.cfg.batch_size, call.shuffle, call.drop_last)
+    batches = []
+    for step, idx in enumerate(order):
+        views, labels = engine.train_views(idx, call.views)
+        batches.append(Batch(views, labels, idx, 0, step, call.steps_per_epoch))
+    return batches
 
-    def step(i):
-        with torch.autocast(shapes.device.type, dtype=torch.bfloat16, enabled=shapes.cuda):   # as the harness
-            bare(i)
-    for i in range(warmup):
-        step(i)
-    best = 0.0
-    for _ in range(repeats):
-        _sync(shapes.device)
+
+def _generators(engine: Engine) -> list[torch.Generator]:
+    return [engine.order_gen, engine.augmenter.gen, engine.device_gen]
+
+
+@contextlib.contextmanager
+def put_back(engine: Engine, call: FitCall):
+    """Whatever a bare window changes comes back afterwards: the parameters' values, the buffers of the call's
+    modules (BN statistics), the engine's generators and torch's global one, and no gradients are left."""
+    params = flat_params(call.params)
+    values = [p.detach().clone() for p in params]
+    buffers = [(b, b.detach().clone()) for m in call.modules for b in m.buffers()]
+    gens = [(g, g.get_state()) for g in _generators(engine)]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if engine.cuda else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
+                p.grad = None
+            for b, v in buffers:
+                b.copy_(v)
+        for g, state in gens:
+            g.set_state(state)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def bare_step(engine: Engine, call: FitCall, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    """The phase's training step with nothing around it: the method's loss, backward, gradient surgery,
+    clipping, the optimiser's step (under the engine's autocast, as the harness runs it)."""
+    with engine.autocast():
+        loss = call.loss_fn(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if call.before_step is not None:
+        call.before_step(batch)
+    if call.cfg.clip_norm:
+        torch.nn.utils.clip_grad_norm_(flat_params(call.params), call.cfg.clip_norm)
+    optimizer.step()
+
+
+def bare_window(engine: Engine, call: FitCall, batches: list[Batch], epoch: int) -> float:
+    """Images/s of one bare pass over `batches` (stream samples, as the harness counts them). One untimed step
+    first: a fresh optimiser allocates its state in its first step."""
+    batches = [dataclasses.replace(b, epoch=epoch) for b in batches]
+    with put_back(engine, call):
+        groups = [dict(g) if isinstance(g, dict) else g for g in call.params]   # the harness's groups stay its own
+        optimizer = make_optimizer(groups, call.cfg)
+        for m in call.modules:
+            m.train()
+        bare_step(engine, call, optimizer, batches[0])
+        _sync(engine.device)
         t0 = time.perf_counter()
-        for i in range(warmup, steps + warmup):
-            step(i)
-        _sync(shapes.device)
-        best = max(best, steps * shapes.batch / (time.perf_counter() - t0))
-    return best
+        for batch in batches:
+            bare_step(engine, call, optimizer, batch)
+        _sync(engine.device)
+        seconds = time.perf_counter() - t0
+    return sum(len(b.idx) for b in batches) / max(seconds, 1e-9)
 
 
-def harness_speed(events: list[dict], phase: Phase) -> tuple[float, int]:
-    """Images/s of a phase in its task, the best epoch after the first (the first pays one-off costs; the only
-    epoch when there is one), and the images of that epoch (the bare loop runs as many)."""
-    rows = [e for e in events if e.get("task") == phase.task and e.get("phase") == phase.phase]
-    if not rows:
-        raise RuntimeError(f"bench: no '{phase.phase}' epochs in task {phase.task + 1}")
-    best = max(rows[1:] or rows, key=lambda e: e["images_per_s"])
-    return best["images_per_s"], round(best["images_per_s"] * best["seconds"])
+# ---------------------------------------------------------------------------------------------------------
+# The recorder: which calls are measured, and their interleaved windows
+
+
+@dataclass
+class Window:
+    harness: float       # images/s of the harness's epoch (its events.jsonl figure)
+    bare: float          # images/s of the bare window that followed it
+    warm_up: bool        # a call's first epoch, or a one-epoch phase's first call
+
+
+@dataclass
+class PhaseFigures:
+    phase: str           # the engine's phase name (events.jsonl)
+    label: str
+    windows: list[Window] = field(default_factory=list)
+
+    def timed(self) -> list[Window]:
+        """The windows after warm-up (all of them when warm-up is all there is)."""
+        return [w for w in self.windows if not w.warm_up] or self.windows
+
+
+def describe_call(call: FitCall) -> str:
+    trained = sum(p.numel() for p in flat_params(call.params) if p.requires_grad)
+    views = f", {call.views} views" if call.views > 1 else ""
+    return f"{trained / 1e6:.2f}M trained{views}"
+
+
+class BareLoopRecorder:
+    """Attached to the engine of bench's short run (Engine.recorder): after each epoch of a measured fit call, a
+    bare window of the same call. One call is active at a time; its pre-made batches live while it does."""
+
+    def __init__(self):
+        self.phases: dict[tuple, PhaseFigures] = {}
+        self.seen: set[str] = set()            # phase names met so far
+        self.counts: dict[tuple, int] = {}     # calls per (task, phase): a phase may train twice in a task
+        self.active: tuple[FitCall, tuple, list[Batch]] | None = None
+
+    def after_epoch(self, engine: Engine, call: FitCall, event: dict) -> None:
+        if self.active is None or self.active[0] is not call:
+            self.active = self._start(engine, call)
+        _, key, batches = self.active
+        if key is None:
+            return
+        bare = bare_window(engine, call, batches, event["epoch"])
+        figures = self.phases[key]
+        warm_up = event["epoch"] == 0 and (call.epochs > 1 or len(figures.windows) == 0)
+        figures.windows.append(Window(event["images_per_s"], bare, warm_up))
+
+    def _start(self, engine: Engine, call: FitCall) -> tuple[FitCall, tuple | None, list[Batch]]:
+        """A new call: decide whether it is measured, under which row, and pre-make its batches if so."""
+        n = self.counts[(call.task, call.phase)] = self.counts.get((call.task, call.phase), 0) + 1
+        first = call.phase not in self.seen
+        self.seen.add(call.phase)
+        last_task = call.task == engine.stream.num_tasks - 1
+        if call.epochs == 1:      # online: one pass per task, pooled over the tasks
+            key, label = (call.phase,), f"{call.phase}, one epoch per task, pooled ({describe_call(call)})"
+        elif first or last_task:
+            nth = f" #{n}" if n > 1 else ""
+            key = (call.phase, call.task, n)
+            label = f"{call.phase}{nth}, task {call.task + 1} ({describe_call(call)})"
+        else:
+            return call, None, []
+        self.phases.setdefault(key, PhaseFigures(call.phase, label))
+        with put_back(engine, call):          # making the batches draws from the run's generators
+            batches = premade_batches(engine, call)
+        return call, key, batches
+
+    def rows(self, method: str) -> list[dict]:
+        return [phase_row(method, figures) for figures in self.phases.values()]
+
+
+def spread(values: list[float]) -> float:
+    """Half the range over the median: a figure's relative noise (0 for one window)."""
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / 2 / middle if middle else 0.0
+
+
+def phase_row(method: str, figures: PhaseFigures) -> dict:
+    windows = figures.timed()
+    harness, bare = [w.harness for w in windows], [w.bare for w in windows]
+    ratios = [w.harness / w.bare for w in windows]
+    return {"method": method, "phase": figures.label, "name": figures.phase, "windows": len(windows),
+            "harness": statistics.median(harness), "harness_spread": spread(harness),
+            "bare": statistics.median(bare), "bare_spread": spread(bare),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running
 
 
 def bench_method(name: str, device: str, per_class: int, epochs: int, out: Path) -> dict:
-    from cilbench.kit.registry import get_method
     from cilbench.run.runner import RunRequest, execute
-    from cilbench.train.engine import resolve_device
-    get_method(name)
-    if name not in PHASES:
-        raise UserError(f"bench: no phases declared for method '{name}'; add them to cilbench/bench/methods.py PHASES")
-    online = name in ONLINE_METHODS
-    card = online_card(per_class) if online else offline_card(per_class)
+    card = bench_card(name, per_class)
     card_file = out / f"{card['name']}.yaml"
     atomic_write(card_file, yaml.safe_dump(card, sort_keys=False))
+    recorder = BareLoopRecorder()
     run = execute(RunRequest(method=name, protocol=str(card_file), epochs=epochs, device=device, out=str(out),
-                             quiet=True, force=True, overrides=["runtime.divergence_factor=0"]))
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
+                             quiet=True, force=True, overrides=["runtime.divergence_factor=0"]), recorder=recorder)
     metrics = json.loads((run / "metrics.json").read_text())
-    dev = resolve_device(device)
-    step = card["step"]
-    specs = run_specs(run)
-    rows = []
-    for phase in PHASES[name]:
-        harness, images = harness_speed(events, phase)
-        batch = card["train"]["batch_size"]
-        shapes = Shapes(batch, step * (phase.task + 1), step * phase.task, dev, specs)
-        bare = time_bare(phase, shapes, max(images // batch, 5 if not online else 50))
-        rows.append({"method": name, "phase": phase.label, "harness": harness, "bare": bare,
-                     "ratio": harness / bare})
-    return {"method": name, "phases": rows, "time_split": metrics["time_split"]}
+    return {"method": name, "phases": recorder.rows(name), "time_split": metrics["time_split"], "run": run}
 
 
-def run_specs(run: Path) -> list[dict] | None:
-    """The extractors a DER-family run ended with (pruned ones are smaller), from its checkpoint."""
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["method"]
-    stack = state.get("stack") if isinstance(state, dict) else None     # pack_module of an ExtractorStack
-    return stack["specs"] if isinstance(stack, dict) and stack.get("kind") == "stack" else None
-
-
-def run_method_bench(methods: list[str], device: str = "auto", per_class: int = 32, epochs: int = 3) -> list[dict]:
+def run_method_bench(methods: list[str], device: str = "auto", per_class: int = 32, epochs: int = 6) -> list[dict]:
     from cilbench.kit.registry import known_methods
-    names = sorted(PHASES) if "all" in methods else list(dict.fromkeys(methods))
+    names = sorted(known_methods()) if "all" in methods else list(dict.fromkeys(methods))
     unknown = [m for m in names if m not in known_methods()]
     if unknown:
         raise UserError(f"bench --method {unknown[0]}: unknown method; known: {', '.join(known_methods())} "
                         "(or all)")
     if epochs < 2:
-        raise UserError(f"bench --epochs {epochs}: need >= 2 (the first epoch of a phase is not timed)")
+        raise UserError(f"bench --epochs {epochs}: need >= 2 (the first epoch of a phase is warm-up)")
     if per_class < 1:
         raise UserError(f"bench --per-class {per_class}: need >= 1 training image per class")
     results = []
@@ -499,8 +295,10 @@ def run_method_bench(methods: list[str], device: str = "auto", per_class: int = 
 
 def print_result(result: dict) -> None:
     for row in result["phases"]:
-        print(f"{row['method']:<10} {row['phase']:<48} harness {row['harness']:7.1f} img/s   bare loop "
-              f"{row['bare']:7.1f} img/s   {100 * row['ratio']:4.0f}%", flush=True)
+        print(f"{row['method']:<10} {row['phase']:<52} harness {row['harness']:7.1f} img/s "
+              f"±{row['harness_spread']:4.0%}   bare loop {row['bare']:7.1f} img/s ±{row['bare_spread']:4.0%}   "
+              f"{row['ratio']:4.0%} "
+              f"[{row['ratio_min']:.0%}-{row['ratio_max']:.0%}] over {row['windows']} window(s)", flush=True)
     split = result["time_split"]
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "wall")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k not in ("wall", "first_step"))
     print(f"{result['method']:<10} short run {split['wall']:.1f} s: {parts}", flush=True)

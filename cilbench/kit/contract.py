@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -205,6 +205,14 @@ class Method:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Features herding selects exemplars on (DER: the concatenated super-feature)."""
         raise NotImplementedError
+
+    def scores_with_task_aware(self, x: torch.Tensor,
+                               bounds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What evaluation reads, from one forward of each network: the scores over all seen classes and the
+        task-aware scores, where column block j (bounds[j]:bounds[j + 1]) scores the batch among task j's classes
+        alone (SEED: each expert's softmax over that task's classes). The harness reads each sample's own task's
+        block for `top1_task_aware`. None (the default): the method has no task-aware view."""
+        return self.scores(x), None
 
     def inference_footprint(self) -> Footprint:
         raise NotImplementedError

@@ -31,7 +31,7 @@ from cilbench.run.lock import RunLock
 from cilbench.run.metrics import summarize
 from cilbench.run.rundir import RunStore, check_out_root, damaged, run_dir
 from cilbench.safeio import check_component
-from cilbench.train.engine import Engine, RuntimeOptions, explain_device, set_deterministic, tune_malloc
+from cilbench.train.engine import Engine, FitRecorder, RuntimeOptions, explain_device, set_deterministic, tune_malloc
 from cilbench.train.memory import ExemplarMemory, make_memory
 
 
@@ -139,12 +139,15 @@ def _now() -> str:
 
 @torch.no_grad()
 def evaluate(method: Method, stream: Stream, engine: Engine, task: Task):
-    """Top-1/top-5 over all seen classes, and one row of the accuracy matrices (percent)."""
+    """Top-1/top-5 over all seen classes, one row of the accuracy matrices (percent) and, for a method with a
+    task-aware view, {"top1_task_aware": ...}: every view from one forward of each network over the test set."""
     method.eval()
     idx = task.test_idx
-    scores = engine.apply(method.scores, idx, split="test")
-    if scores.shape[1] != task.n_seen:
-        raise RuntimeError(f"{method.name}.scores returned {scores.shape[1]} columns, expected {task.n_seen}")
+    bounds = list(stream.bounds[: task.index + 2])
+    scores, aware = engine.apply(lambda x: method.scores_with_task_aware(x, bounds), idx, split="test")
+    if scores.shape[1] != task.n_seen or (aware is not None and aware.shape != scores.shape):
+        raise RuntimeError(f"{method.name}.scores_with_task_aware returned {scores.shape[1]} columns, expected "
+                           f"{task.n_seen} (and task-aware scores of the same shape)")
     labels = stream.test.labels[idx].to(scores.device)
     k = min(5, task.n_seen)
     topk = scores.topk(k, dim=1).indices
@@ -156,27 +159,20 @@ def evaluate(method: Method, stream: Stream, engine: Engine, task: Task):
         mask = task_ids == j
         row.append(100 * float(correct1[mask].mean()))
         row5.append(100 * float(correct5[mask].mean()))
-    return 100 * float(correct1.mean()), 100 * float(correct5.mean()), row, row5
+    extras = {} if aware is None else {"top1_task_aware": task_aware_top1(aware, labels, task_ids, bounds)}
+    return 100 * float(correct1.mean()), 100 * float(correct5.mean()), row, row5, extras
 
 
-@torch.no_grad()
-def evaluate_task_aware(method: Method, stream: Stream, engine: Engine, task: Task) -> dict:
-    """Task-aware top-1 (each test sample scored only among its own task's classes) for methods that offer
-    `task_aware_scores(x, classes)`; {} for the others."""
-    scorer = getattr(method, "task_aware_scores", None)
-    if scorer is None:
-        return {}
-    method.eval()
-    correct, total = 0.0, 0
-    labels = stream.test.labels
-    for j in range(task.index + 1):
-        lo, hi = stream.bounds[j], stream.bounds[j + 1]
-        idx = task.test_idx[(labels[task.test_idx] >= lo) & (labels[task.test_idx] < hi)]
-        scores = engine.apply(lambda x, lo=lo, hi=hi: scorer(x, range(lo, hi)), idx, split="test")
-        pred = scores.argmax(dim=1) + lo
-        correct += float((pred == labels[idx].to(pred.device)).sum())
-        total += len(idx)
-    return {"top1_task_aware": round(100 * correct / max(total, 1), 4)}
+def task_aware_top1(aware: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, bounds: list[int]) -> float:
+    """Percent of samples whose best column within their own task's block is their label (ties: the lowest
+    label, as an argmax over the block alone)."""
+    edges = torch.tensor(bounds, device=aware.device)
+    lo, hi = edges[task_ids], edges[task_ids + 1]
+    columns = torch.arange(aware.shape[1], device=aware.device)
+    own = (columns >= lo[:, None]) & (columns < hi[:, None])
+    pred = aware.masked_fill(~own, float("-inf")).argmax(dim=1)
+    correct = float((pred == labels).sum())
+    return round(100 * correct / max(len(labels), 1), 4)
 
 
 class Reporter:
@@ -246,14 +242,15 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def execute(request: RunRequest) -> Path:
-    """One run, in named steps: resolve, restore (on --resume), set up, learn task by task, finish."""
+def execute(request: RunRequest, recorder: FitRecorder | None = None) -> Path:
+    """One run, in named steps: resolve, restore (on --resume), set up, learn task by task, finish. A
+    `recorder` sees every epoch of every fit call (`cilbench bench --method`); runs have none."""
     resolved = resolve(request)
     root = check_out_root(request.out)
     store = RunStore(run_dir(root, resolved.protocol.name, resolved.run_name, request.seed), root=root)
     store.check_inside_root()   # before the lock file is written: a linked-away run directory is refused
     with RunLock(store.path), sigterm_as_interrupt():   # one process per run directory
-        session = RunSession(request, resolved, store)
+        session = RunSession(request, resolved, store, recorder)
         checkpoint = session.restore()
         session.set_up(checkpoint)
         return session.learn_all()
@@ -262,8 +259,9 @@ def execute(request: RunRequest) -> Path:
 class RunSession:
     """The state of one run while it executes. The manifest's status changes only in `mark`."""
 
-    def __init__(self, request: RunRequest, resolved: Resolved, store: RunStore):
+    def __init__(self, request: RunRequest, resolved: Resolved, store: RunStore, recorder: FitRecorder | None = None):
         self.request, self.resolved, self.store = request, resolved, store
+        self.recorder = recorder
         self.started = time.perf_counter()
         self.device, self.device_reason = explain_device(resolved.runtime.device)
         if not request.quiet:
@@ -315,6 +313,7 @@ class RunSession:
         self.memory = make_memory(resolved.protocol.memory, self.storage) if cls.uses_exemplars else None
         self.reporter = Reporter(request.quiet, stream.num_tasks)
         self.engine = Engine(stream, runtime, self.device, on_epoch=self._on_epoch)
+        self.engine.recorder = self.recorder
         self.ctx = Context(resolved.protocol, stream, self.engine, self.memory, self.device, request.seed,
                            log_sink=self._on_message)
         self.engine.begin_task(request.seed, 0)
@@ -406,8 +405,11 @@ class RunSession:
         stream, engine, memory, method, store = self.stream, self.engine, self.memory, self.method, self.store
         task = stream.task(t)
         engine.begin_task(self.request.seed, t)
-        t0, fit0 = time.perf_counter(), engine.fit_seconds
+        t0, fit0, aside0 = time.perf_counter(), engine.fit_seconds, engine.recorder_seconds
         method.learn(task, self.ctx)
+        aside = engine.recorder_seconds - aside0       # a recorder's bare windows (bench) are not the run's time
+        self.started += aside
+        t0 += aside
         learn_s, fit_s = time.perf_counter() - t0, engine.fit_seconds - fit0
         if isinstance(memory, ExemplarMemory):
             method.eval()
@@ -416,8 +418,8 @@ class RunSession:
             method.after_memory_update(task, self.ctx)
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        top1, top5, row, row5 = evaluate(method, stream, engine, task)
-        extras = {**evaluate_task_aware(method, stream, engine, task), **method.step_record()}
+        top1, top5, row, row5, aware = evaluate(method, stream, engine, task)
+        extras = {**aware, **method.step_record()}
         eval_s = time.perf_counter() - t1
         parts = {"fit": fit_s, "statistics": learn_s - fit_s, "herding": train_s - learn_s, "eval": eval_s}
         footprint = method.inference_footprint()
@@ -464,7 +466,8 @@ class RunSession:
                        extractors_last=steps[-1]["extractors"], **param_counts(steps),
                        train_seconds=sum(s["train_seconds"] for s in steps),
                        eval_seconds=sum(s["eval_seconds"] for s in steps),
-                       time_split=time_split(self.timing, self.wall_before + time.perf_counter() - self.started))
+                       time_split=time_split(self.timing, self.wall_before + time.perf_counter() - self.started,
+                                             self.engine.first_step_age))
         self.store.write_metrics(metrics)
         self.mark("complete", finished=True)
 
@@ -472,13 +475,16 @@ class RunSession:
 TIME_PARTS = ("wall", "fit", "statistics", "herding", "eval", "checkpoint")
 
 
-def time_split(timing: dict, wall: float) -> dict:
+def time_split(timing: dict, wall: float, first_step: float | None = None) -> dict:
     """Where a run's wall time went (seconds): fit (training phases), statistics (the rest of learn():
     Gaussians, significance, prototypes, pruning), herding (exemplar selection and payload), eval,
-    checkpoint (state, steps and matrices written), other (data loading, set-up, reporting)."""
+    checkpoint (state, steps and matrices written), other (data loading, set-up, reporting). Beside the parts,
+    not one of them: first_step, seconds from the start of the process (the last one, on a resume) to its first
+    training step (imports, data, set-up, the first optimiser; None where the OS does not say)."""
     split = {k: round(timing[k], 3) for k in TIME_PARTS if k != "wall"}
     split["other"] = round(max(wall - sum(timing[k] for k in split), 0.0), 3)
     split["wall"] = round(wall, 3)
+    split["first_step"] = first_step
     return split
 
 

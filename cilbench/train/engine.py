@@ -12,7 +12,8 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, ClassVar, Iterable, Literal
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Literal, Protocol
 
 import torch
 from torch import nn
@@ -105,6 +106,16 @@ def tune_malloc() -> bool:
     return False
 
 
+def process_age() -> float | None:
+    """Seconds since this process started, from Linux's /proc (10 ms ticks); None where there is none."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()   # a name may hold spaces
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK"), 3)   # field 22: start time
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def set_deterministic(enabled: bool) -> None:
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -132,6 +143,38 @@ class Batch:
 
 
 LossFn = Callable[[Batch], torch.Tensor]
+StepHook = Callable[[Batch], None]
+
+
+@dataclass
+class FitCall:
+    """One `Engine.fit` call as a recorder sees it: enough to run the phase's training step again outside the
+    engine, over the same parameters and the method's own loss (`cilbench bench --method`)."""
+    task: int
+    phase: str
+    params: list                  # as handed to fit: tensors or param-group dicts
+    loss_fn: LossFn
+    indices: torch.Tensor
+    cfg: TrainConfig
+    views: int
+    modules: list[nn.Module]
+    before_step: StepHook | None
+    drop_last: bool
+    shuffle: bool
+    epochs: int
+    steps_per_epoch: int
+
+
+class FitRecorder(Protocol):
+    """Sees every finished epoch of every fit call (attached by `cilbench bench --method` only). Its time is
+    not the phase's: fit's seconds and the epoch's own figures leave it out."""
+
+    def after_epoch(self, engine: "Engine", call: FitCall, event: dict) -> None: ...
+
+
+def flat_params(params: list) -> list[torch.Tensor]:
+    """The tensors of a parameter list that may hold param-group dicts."""
+    return [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
 
 
 @dataclass
@@ -192,6 +235,9 @@ class Engine:
         self.on_epoch = on_epoch
         self.task = 0
         self.fit_seconds = 0.0       # time inside fit() since the run started (the rest of learn() is statistics)
+        self.recorder: FitRecorder | None = None   # off in runs: one `is None` test per epoch is its whole cost
+        self.recorder_seconds = 0.0  # time the recorder took, which is not the run's
+        self.first_step_age: float | None = None   # process age when the first training step began (start-up)
 
     @property
     def frozen_chunk(self) -> int:
@@ -271,8 +317,7 @@ class Engine:
     # --- training -----------------------------------------------------------------------------------
     def fit(self, params: Iterable, loss_fn: LossFn, indices: torch.Tensor, cfg: TrainConfig, *,
             phase: str = "train", views: int = 1, modules: Iterable[nn.Module] = (),
-            before_step: Callable[[Batch], None] | None = None,
-            after_step: Callable[[Batch], None] | None = None, drop_last: bool = False,
+            before_step: StepHook | None = None, after_step: StepHook | None = None, drop_last: bool = False,
             shuffle: bool = True, epoch_extras: Callable[[], dict] | None = None) -> FitResult:
         """Train `params` to minimise `loss_fn` over `indices` (into the stream's train split).
 
@@ -284,10 +329,17 @@ class Engine:
         """
         start = time.perf_counter()    # the optimiser's construction is part of the phase (the first one in a
         params = list(params)          # process imports torch._dynamo: about 1.5 s)
+        modules = list(modules)
         optimizer = make_optimizer(params, cfg)
-        flat = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+        flat = flat_params(params)
         epochs = self.epochs_for(cfg)
         steps = math.ceil(len(indices) / cfg.batch_size) if not drop_last else max(len(indices) // cfg.batch_size, 1)
+        if self.first_step_age is None:   # after the first optimiser: its one-off import is start-up too
+            self.first_step_age = process_age()
+        call = None
+        if self.recorder is not None:
+            call = FitCall(self.task, phase, params, loss_fn, indices, cfg, views, modules, before_step,
+                           drop_last, shuffle, epochs, steps)
         result = FitResult(epochs=epochs, final_loss=float("nan"), seconds=0.0)
         initial_loss = None     # the first batch's loss, before any update: the phase's reference level
         for epoch in range(epochs):
@@ -324,14 +376,24 @@ class Engine:
             result.history.append(mean_loss)
             result.images += seen
             extras = epoch_extras() if epoch_extras is not None else {}
+            event = {"task": self.task, "phase": phase, "epoch": epoch, "epochs": epochs, "loss": mean_loss,
+                     "lr": cfg.lr * factor, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), **extras}
             if self.on_epoch is not None:
-                self.on_epoch({"task": self.task, "phase": phase, "epoch": epoch, "epochs": epochs,
-                               "loss": mean_loss, "lr": cfg.lr * factor, "seconds": seconds,
-                               "images_per_s": seen / max(seconds, 1e-9), **extras})
+                self.on_epoch(event)
+            if call is not None:
+                start += self._hand_to_recorder(call, event)
         result.final_loss = result.history[-1] if result.history else float("nan")
         result.seconds = time.perf_counter() - start
         self.fit_seconds += result.seconds
         return result
+
+    def _hand_to_recorder(self, call: FitCall, event: dict) -> float:
+        """Show the recorder a finished epoch; its seconds, which the caller leaves out of the phase's."""
+        t0 = time.perf_counter()
+        self.recorder.after_epoch(self, call, event)
+        seconds = time.perf_counter() - t0
+        self.recorder_seconds += seconds
+        return seconds
 
     def check_divergence(self, mean_loss: float, initial_loss: float | None, epoch: int, phase: str) -> None:
         """A finite loss that explodes (e.g. 1e28 with an lr too large) leaves chance accuracy behind, which
@@ -346,21 +408,25 @@ class Engine:
 
     # --- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tensor, split: str = "train",
-              batch_size: int | None = None) -> torch.Tensor:
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor | tuple], indices: torch.Tensor, split: str = "train",
+              batch_size: int | None = None) -> torch.Tensor | tuple:
         """fn over test-transformed images of `split` at `indices`, batched, concatenated, computed in float32
         even where training uses bf16 autocast: bf16 scores tie (an exact top-1 tie goes to the lowest label,
-        an old class) and bf16 features change which exemplars herding picks."""
+        an old class) and bf16 features change which exemplars herding picks. A tuple from fn (several views of
+        one forward) gives a tuple of concatenations; a None in it stays None."""
         data = getattr(self.stream, split)
         batch_size = self.inference_batch_size(batch_size)
         outs = []
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]
             with full_precision(self.device):
-                outs.append(fn(self.augmenter.test(data.images[idx])).float())
+                outs.append(fn(self.augmenter.test(data.images[idx])))
         if not outs:
             return torch.empty(0, device=self.device)
-        return torch.cat(outs)
+        if isinstance(outs[0], tuple):
+            return tuple(None if part is None else torch.cat([out[i].float() for out in outs])
+                         for i, part in enumerate(outs[0]))
+        return torch.cat([out.float() for out in outs])
 
 
 def phase_config(base: TrainConfig, **changes) -> TrainConfig:
