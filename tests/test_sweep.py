@@ -534,7 +534,7 @@ def test_skip_invalid_skips_and_lists_the_cells_that_do_not_validate(cli, tmp_pa
         ("er", "digits_online_b0s2"), ("finetune", "digits_b0s2"), ("finetune", "digits_online_b0s2")]
     assert [label for label, _ in spec.skipped] == ["er on digits_b0s2, seed 0"]
     assert "online" in spec.skipped[0][1]
-    plain = write_sweep(tmp_path / "plain.yaml", **grid)
+    plain = write_sweep(tmp_path / "plain.yaml", **cells_grid)
     result = cli("sweep", plain, "--out", tmp_path / "runs", "--status", "--skip-invalid")
     assert result.exit_code == 0, result.output
     assert "skipped (invalid): er on digits_b0s2, seed 0" in result.stderr
