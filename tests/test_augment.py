@@ -140,6 +140,17 @@ def test_cutout_zeroes_one_square(side):
     assert full > 0
 
 
+def test_cutout_before_normalisation_cuts_a_black_hole():
+    """cutout_normalised false: Cutout on the [0, 1] image, then Normalize (the hole is black, not the mean)."""
+    cfg = AugmentConfig(cutout=4, cutout_normalised=False, mean=[0.5] * 3, std=[0.25] * 3)
+    aug = Augmenter(cfg, 3, CPU)
+    aug.seed(0)
+    out = aug.train(torch.full((8, 3, 16, 16), 255, dtype=torch.uint8))     # 1.0 -> 2.0 after normalising
+    black = (out == -2.0).all(1).flatten(1).sum(1)
+    assert (black > 0).all() and (black <= 16).all()
+    assert ((out == -2.0) | (out == 2.0)).all()
+
+
 def test_cutout_in_the_augmenter_zeroes_the_normalised_output():
     cfg = AugmentConfig(cutout=4, mean=[0.5] * 3, std=[0.5] * 3)
     aug = Augmenter(cfg, 3, CPU)

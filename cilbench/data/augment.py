@@ -238,8 +238,10 @@ class Augmenter:
         if cfg.autoaugment != "none":
             from cilbench.data.autoaugment import auto_augment
             x = auto_augment(x, cfg.autoaugment, g)
+        if cfg.cutout and not cfg.cutout_normalised:
+            x = cutout(x, cfg.cutout, g)      # black hole, then normalised with the rest
         x = (x - self.mean) / self.std
-        if cfg.cutout:
+        if cfg.cutout and cfg.cutout_normalised:
             x = cutout(x, cfg.cutout, g)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
