@@ -6,9 +6,9 @@ Per task t (the paper's Algorithm 2):
    old-class proxies frozen (option).
 2. Train on D^t u E^{0~t-1} with
        L^t = CL^t + alpha * tau * sum_j DL_j^t,    tau = sqrt(r^t / c^t)                         (Eq. 4)
-   CL = LSC's NCA loss (margin 0.6, learned scale); DL_j = significance-weighted squared change of the
-   Frobenius-normalised stage-j maps of M^{t-1} and M^t (Eq. 3); old-class samples weigh their channels by
-   S~^{t-1, y}, new-class samples by 1. No DL at t = 0.
+   CL = LSC's NCA loss (learned scale; PODNet's released form by default); DL_j = significance-weighted
+   squared change of the Frobenius-normalised stage-j maps of M^{t-1} and M^t (Eq. 3); old-class samples
+   weigh their channels by S~^{t-1, y}, new-class samples by 1. No DL at t = 0.
 3. Class-balanced fine-tuning of the classifier only (20 epochs; PODNet's undersampling recipe).
 4. (harness) herding, 20 exemplars per class.
 5. Significance (Algorithm 1): per class, mean squared spatially-averaged gradient of CL w.r.t. every stage
@@ -84,11 +84,13 @@ class EXACFSConfig:
     scale_init: float = option(1.0, bounds=(1e-6, None),
                                help="initial value of the learned scale eta (PODNet's learned_scaling "
                                     "post-processor)")
-    nca_form: Literal["paper", "code"] = option(
-        "paper", help="NCA loss: paper = the paper's formula with hinge; code = PODNet's released nca")
-    margin_placement: Literal["code", "paper"] = option(
-        "code", help="code: eta y - delta (PODNet's learned_scaling, then nca with margin 0.6); paper: "
-                     "eta (y - delta), the margin grows with eta")
+    nca_form: Literal["code", "paper"] = option(
+        "code", help="NCA loss: code = PODNet's released nca (eta (y - delta) on every class, positive zeroed in "
+                     "the denominator, no hinge: delta cancels); paper = PODNet's printed LSC loss, margin on the "
+                     "positive only, hinged")
+    margin_placement: Literal["scaled", "paper"] = option(
+        "scaled", help="with nca_form paper only: scaled = eta y_y - delta (the margin outside the learned scale; "
+                       "ours, neither PODNet's code nor paper); paper = eta (y_y - delta), the margin grows with eta")
     freeze_old_proxies: bool = option(True, help="old classes' proxies frozen (PODNet's CIFAR config: old_weights "
                                                  "lr factor 0)")
     imprint: bool = option(True, help="new classes' proxies imprinted by k-means of normalised features (t >= 1)")

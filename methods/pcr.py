@@ -51,6 +51,9 @@ PAYLOAD = ("logits", "features")
 @dataclass
 class PCRConfig:
     tau: float = option(0.09, bounds=(1e-6, None), help="proxy-classifier temperature: logits = cos(z, w_c) / tau")
+    backbone_init: Literal["torch", "kaiming_fan_out"] = option(
+        "torch", help="conv weights of the backbone at the start: torch = PyTorch's nn.Conv2d default, as the "
+                      "code's reduced ResNet-18; kaiming_fan_out = kaiming_normal(fan_out), the other methods' init")
     two_views: bool = option(True, help="each sample as its raw view plus one strong augmentation (code)")
     crop_scale_min: float = option(0.2, bounds=(1e-6, 1),
                                    help="the strong view's RandomResizedCrop area range is [crop_scale_min, 1]")
@@ -109,7 +112,7 @@ class PCR(OneNetworkMethod):
         super().__init__(cfg, ctx)
         self.validate(cfg, ctx)
         self.online = ctx.protocol.regime == "online"
-        self.backbone = ctx.new_backbone()
+        self.backbone = ctx.new_backbone(init=cfg.backbone_init)
         self.head = ctx.engine.prepare(proxy_head(self.backbone.out_dim, ctx.protocol.num_classes, cfg.tau))
         self.strong = strong_augmenter(ctx, cfg.crop_scale_min)
         self.n_seen = 0

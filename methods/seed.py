@@ -86,6 +86,9 @@ class SEEDConfig:
     cutout: int = option(16, unit="px", bounds=(0, None),
                          help="code: Cutout (1 hole of this side) after AutoAugment; 0: none added (a cutout on the "
                               "card itself stays)")
+    cutout_fill: Literal["black", "mean"] = option(
+        "black", help="black: the hole is cut before normalisation (code: Cutout between ToTensor and "
+                      "Normalize); mean: after it, a hole of 0 = the mean colour")
     # --- fine-tuning the selected expert (tasks > K)
     ft_epochs: int = option(100, unit="epochs", bounds=(0, None),
                             help="epochs of fine-tuning the selected expert (paper: 200); 0 = no fine-tuning "
@@ -209,10 +212,13 @@ class SEED(Method):
 
     @classmethod
     def augmentation(cls, cfg: SEEDConfig, card: AugmentConfig, image_side: int) -> AugmentConfig:
-        """The card's augmentation plus SEED's own (code: AutoAugment, then Cutout after normalisation)."""
+        """The card's augmentation plus SEED's own (code: AutoAugment, then Cutout on the [0, 1] image before
+        normalisation, so the hole is black; `cutout_fill: mean` cuts after normalisation instead)."""
         policy = {"none": card.autoaugment, "auto": "cifar10" if image_side <= 64
                   else "imagenet"}.get(cfg.autoaugment, cfg.autoaugment)
-        return replace(card, autoaugment=policy, cutout=cfg.cutout or card.cutout)
+        if not cfg.cutout:           # no cutout of SEED's own: the card's stays as the card has it
+            return replace(card, autoaugment=policy)
+        return replace(card, autoaugment=policy, cutout=cfg.cutout, cutout_normalised=cfg.cutout_fill == "mean")
 
     def new_expert(self, ctx: Context) -> nn.Module:
         """Expert 1 from scratch; experts 2..K a copy of expert 1 ('first') or fresh ('random'), shared layers

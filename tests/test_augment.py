@@ -13,6 +13,8 @@ from cilbench.data.augment import (
     random_flip,
     random_grayscale,
     random_resized_crop,
+    resized_crop,
+    rrc_boxes,
 )
 from cilbench.data.protocol import AugmentConfig
 
@@ -138,6 +140,17 @@ def test_cutout_zeroes_one_square(side):
     assert full > 0
 
 
+def test_cutout_before_normalisation_cuts_a_black_hole():
+    """cutout_normalised false: Cutout on the [0, 1] image, then Normalize (the hole is black, not the mean)."""
+    cfg = AugmentConfig(cutout=4, cutout_normalised=False, mean=[0.5] * 3, std=[0.25] * 3)
+    aug = Augmenter(cfg, 3, CPU)
+    aug.seed(0)
+    out = aug.train(torch.full((8, 3, 16, 16), 255, dtype=torch.uint8))     # 1.0 -> 2.0 after normalising
+    black = (out == -2.0).all(1).flatten(1).sum(1)
+    assert (black > 0).all() and (black <= 16).all()
+    assert ((out == -2.0) | (out == 2.0)).all()
+
+
 def test_cutout_in_the_augmenter_zeroes_the_normalised_output():
     cfg = AugmentConfig(cutout=4, mean=[0.5] * 3, std=[0.5] * 3)
     aug = Augmenter(cfg, 3, CPU)
@@ -158,6 +171,52 @@ def test_random_resized_crop_output_size_and_full_view_identity():
     assert torch.allclose(same, x, atol=1e-5)
     # a crop keeps values in the input range (bilinear interpolation)
     assert out.min() >= x.min() - 1e-6 and out.max() <= x.max() + 1e-6
+
+
+def _box_stats(boxes: torch.Tensor, height: int, width: int) -> dict:
+    top, left, h, w = boxes.double().unbind(1)
+    return {"area": float((h * w).mean()) / (height * width), "full_width": float((w == width).double().mean()),
+            "ratio": float((w / h).log().mean()), "top": float(top.mean()), "left": float(left.mean())}
+
+
+@pytest.mark.parametrize("scale,height,width", [((0.2, 1.0), 32, 32), ((0.6, 1.0), 8, 8), ((0.08, 1.0), 24, 40)])
+def test_random_resized_crop_boxes_match_torchvision_get_params(scale, height, width):
+    """Retries then the central fallback, as torchvision: a clamped box would make the crop weaker (larger
+    areas, many more full-width crops)."""
+    from torchvision.transforms import RandomResizedCrop
+    ratio = (3 / 4, 4 / 3)
+    torch.manual_seed(0)
+    image = torch.zeros(1, height, width)
+    ref = torch.tensor([RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(6000)])
+    ours = rrc_boxes(20000, height, width, scale, ratio, _gen(5))
+    assert ((ours[:, 2] >= 1) & (ours[:, 0] + ours[:, 2] <= height)).all()
+    assert ((ours[:, 3] >= 1) & (ours[:, 1] + ours[:, 3] <= width)).all()
+    a, b = _box_stats(ours, height, width), _box_stats(ref, height, width)
+    assert a["area"] == pytest.approx(b["area"], abs=0.012)
+    assert a["full_width"] == pytest.approx(b["full_width"], abs=0.02)
+    assert a["ratio"] == pytest.approx(b["ratio"], abs=0.02)
+    assert a["top"] == pytest.approx(b["top"], abs=0.03 * height)
+    assert a["left"] == pytest.approx(b["left"], abs=0.03 * width)
+
+
+@pytest.mark.parametrize("ratio,height,width", [((2.0, 3.0), 10, 10), ((0.2, 0.4), 10, 10), ((0.9, 1.1), 6, 12)])
+def test_random_resized_crop_falls_back_to_torchvision_central_crop(ratio, height, width):
+    """No draw fits: every image gets torchvision's deterministic fallback box."""
+    from torchvision.transforms import RandomResizedCrop
+    scale = (1.0, 1.0)
+    expected = RandomResizedCrop.get_params(torch.zeros(1, height, width), list(scale), list(ratio))
+    boxes = rrc_boxes(50, height, width, scale, ratio, _gen(2))
+    if ratio == (0.9, 1.1):      # a 6x12 image, whole area but ratio ~1: never fits, clamped ratio 1.1 -> w 7
+        assert expected == (0, 2, 6, 7)
+    assert [tuple(b) for b in boxes.tolist()] == [tuple(expected)] * 50
+
+
+def test_resized_crop_copies_a_box_of_its_own_size():
+    x = torch.rand(3, 2, 12, 10, generator=_gen(4))
+    boxes = torch.tensor([[0, 0, 5, 5], [7, 5, 5, 5], [3, 2, 5, 5]])
+    out = resized_crop(x, boxes, 5)
+    for k, (top, left, h, w) in enumerate(boxes.tolist()):
+        assert torch.allclose(out[k], x[k, :, top:top + h, left:left + w], atol=1e-6)
 
 
 def test_color_jitter_brightness_scales_each_image_within_range():

@@ -525,6 +525,8 @@ def test_seed_adds_the_official_augmentation_on_paper_cards():
     resolved = resolve(RunRequest(method="seed", protocol=CARD, overrides=["seed.autoaugment=auto", "seed.cutout=16"]))
     aug = resolved.protocol.augment
     assert (aug.autoaugment, aug.cutout, aug.crop_padding) == ("cifar10", 16, 1)      # on top of the card's
+    assert aug.cutout_normalised is False       # the code's Cutout sits before Normalize: a black hole
+    assert resolved.config["protocol"]["augment"]["cutout_normalised"] is False
     assert resolved.config["protocol"]["augment"]["autoaugment"] == "cifar10"       # recorded in config.yaml
     stream = Stream(resolved.protocol, load_dataset(resolved.protocol, None), torch.device("cpu"))
     engine = Engine(stream, RuntimeOptions(device="cpu"), torch.device("cpu"))

@@ -2,8 +2,9 @@
 
 Each op takes a float batch in [0, 1] (N, C, H, W) and returns one of the same kind; no per-sample Python.
 Semantics follow torchvision's transforms of the same name (RandomCrop with zero padding, ColorJitter
-factors drawn uniformly in [1-b, 1+b]); ColorJitter's ops are applied in a fixed order rather than a random
-one, which is the one documented difference.
+factors drawn uniformly in [1-b, 1+b], RandomResizedCrop's box drawn as its get_params: up to 10 tries,
+then the central fallback); ColorJitter's ops are applied in a fixed order rather than a random one, and
+RandomResizedCrop resamples without antialiasing, which are the documented differences.
 """
 from __future__ import annotations
 
@@ -36,21 +37,58 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def rrc_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+              gen: torch.Generator, device=None, tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop.get_params, batched: per image up to `tries` draws of an area fraction in `scale`
+    and a log-uniform aspect ratio in `ratio`, rounded to whole pixels; the first draw that fits the image wins,
+    at a uniform integer offset; an image with none that fits gets torchvision's fallback, the central crop of
+    the largest box whose ratio is clamped into `ratio`. Returns (n, 4) int64 rows (top, left, h, w)."""
+    area = _uniform(n * tries, scale[0], scale[1], gen, device).view(n, tries) * (height * width)
+    aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen, device)).view(n, tries)
+    w = torch.round(torch.sqrt(area * aspect)).long()     # round half to even, as Python's round()
+    h = torch.round(torch.sqrt(area / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(fits.any(1), fits.long().argmax(1), torch.zeros(n, dtype=torch.long, device=device))
+    w, h = w.gather(1, first[:, None])[:, 0], h.gather(1, first[:, None])[:, 0]
+    u_top = torch.rand(n, device=device, generator=gen)
+    u_left = torch.rand(n, device=device, generator=gen)
+    top = (u_top * (height - h + 1)).long().clamp(max=height - h)
+    left = (u_left * (width - w + 1)).long().clamp(max=width - w)
+    # fallback: torchvision's central crop
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    ok = fits.any(1)
+    h = torch.where(ok, h, torch.full_like(h, fh))
+    w = torch.where(ok, w, torch.full_like(w, fw))
+    top = torch.where(ok, top, torch.full_like(top, (height - fh) // 2))
+    left = torch.where(ok, left, torch.full_like(left, (width - fw) // 2))
+    return torch.stack((top, left, h, w), 1)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each image's pixel box (top, left, h, w) resampled to size x size, bilinear (no antialiasing): one
+    affine grid over the batch. A box of the output's own size is copied exactly."""
+    n, c, height, width = x.shape
+    top, left, h, w = boxes.to(x.dtype).unbind(1)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = w / width, h / height
+    theta[:, 0, 2] = (2 * left + w) / width - 1        # box centre in [-1, 1] (pixel edges, align_corners=False)
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], gen: torch.Generator,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """RandomResizedCrop: a random area fraction and aspect ratio per image, bilinear resample."""
-    n = x.shape[0]
-    area = _uniform(n, scale[0], scale[1], gen, x.device)
-    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen, x.device)
-    aspect = torch.exp(log_r)
-    w = torch.sqrt(area * aspect).clamp(max=1.0)
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (torch.rand(n, device=x.device, generator=gen) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, device=x.device, generator=gen) * 2 - 1) * (1 - h)
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    """RandomResizedCrop(size, scale, ratio): a box drawn as torchvision's get_params (up to 10 tries per
+    image, then the central fallback), bilinear resample to size x size."""
+    boxes = rrc_boxes(x.shape[0], x.shape[-2], x.shape[-1], scale, ratio, gen, x.device)
+    return resized_crop(x, boxes, size)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +238,10 @@ class Augmenter:
         if cfg.autoaugment != "none":
             from cilbench.data.autoaugment import auto_augment
             x = auto_augment(x, cfg.autoaugment, g)
+        if cfg.cutout and not cfg.cutout_normalised:
+            x = cutout(x, cfg.cutout, g)      # black hole, then normalised with the rest
         x = (x - self.mean) / self.std
-        if cfg.cutout:
+        if cfg.cutout and cfg.cutout_normalised:
             x = cutout(x, cfg.cutout, g)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -84,6 +84,8 @@ class AugmentConfig:
     jitter_p: float = 1.0                 # RandomApply([ColorJitter(...)], p) (SimCLR / PCR: 0.8)
     grayscale_p: float = 0.0
     cutout: int = 0                       # square side in pixels
+    cutout_normalised: bool = True        # true: the hole is cut after normalisation (0 = the mean colour);
+                                          # false: before it, in [0, 1] (black), as a ToTensor-Cutout-Normalize chain
     autoaugment: Literal["none", "cifar10", "imagenet", "svhn"] = "none"   # AutoAugment policy, per sample
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])

@@ -39,6 +39,8 @@ STANDARD = {
     "resnet18_reduced": (2, 20, (1, 2, 4, 8), "cifar", "B"),
     "resnet32_podnet": (5, 16, (1, 2, 4), "cifar", "A"),
 }
+# Conv initialisations of ResNet: kaiming_normal(fan_out) over every conv, or PyTorch's nn.Conv2d default.
+INITS = ("kaiming_fan_out", "torch")
 # Architectures that append single-block stages at stride 1: name -> width multipliers of those stages.
 EXTRA_STAGES = {"resnet32_podnet": (4,)}
 # Architectures whose stages differ from the uniform `blocks`: name -> blocks per stage (before the extras).
@@ -129,8 +131,10 @@ class ResNet(nn.Module):
     `forward_stages` returns the output of the stem and of every stage (EXACFS-style methods use them).
     """
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, init: str = "kaiming_fan_out"):
         super().__init__()
+        if init not in INITS:
+            raise UserError(f"unknown backbone init '{init}'; known: {', '.join(INITS)}")
         self.spec = copy.deepcopy(spec)
         stem = spec["stem"]
         if spec["stem_kind"] == "imagenet":
@@ -156,7 +160,7 @@ class ResNet(nn.Module):
         self.latent = None
         self._seed_variant(spec)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and init == "kaiming_fan_out":
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -200,9 +204,13 @@ def stage_channels(net: nn.Module) -> list[int]:
     return [blocks[-1][1] for blocks in net.spec["stages"]]
 
 
-def build_backbone(name_or_spec: str | dict, in_channels: int = 3, width: int = 0) -> ResNet:
+def build_backbone(name_or_spec: str | dict, in_channels: int = 3, width: int = 0,
+                   init: str = "kaiming_fan_out") -> ResNet:
+    """`init`: "kaiming_fan_out" draws every conv weight from kaiming_normal(fan_out, relu) (the default);
+    "torch" keeps PyTorch's own nn.Conv2d initialisation (kaiming_uniform with a = sqrt(5)). BatchNorm starts
+    at weight 1, bias 0 either way."""
     spec = name_or_spec if isinstance(name_or_spec, dict) else standard_spec(name_or_spec, in_channels, width)
-    return ResNet(spec)
+    return ResNet(spec, init)
 
 
 def count_params(*modules: nn.Module) -> int:

@@ -74,10 +74,11 @@ class Context:
         if self.log_sink is not None:
             self.log_sink(message)
 
-    def new_backbone(self, name: str | None = None) -> nn.Module:
-        """The card's backbone, or the factory architecture `name` at the card's width."""
+    def new_backbone(self, name: str | None = None, init: str = "kaiming_fan_out") -> nn.Module:
+        """The card's backbone, or the factory architecture `name` at the card's width; `init` as
+        build_backbone's (conv weights from kaiming_normal fan_out, or PyTorch's default)."""
         spec = self.protocol.backbone
-        return self.engine.prepare(build_backbone(name or spec.name, self.stream.image_shape[0], spec.width))
+        return self.engine.prepare(build_backbone(name or spec.name, self.stream.image_shape[0], spec.width, init))
 
     # --- data ---------------------------------------------------------------------------------------
     def train_indices(self, task: Task) -> torch.Tensor:
