@@ -122,6 +122,30 @@ def test_per_class_memory_grows_with_the_classes():
     assert sizes == [20, 28, 36]
 
 
+def test_replay_draws_follow_every_change_of_the_memory():
+    """draw() concatenates the exemplars once per memory state; an update, new payload or a loaded state must
+    show in the very next draw (labels, indices and payload aligned)."""
+    toy = ToyStream(n=10)
+    mem = ExemplarMemory(MemoryConfig(policy="fixed_total", total=20))
+    mem.update(range(0, 2), toy.class_indices, toy.feats, _gen())
+    for c in range(2):
+        mem.write_payload(c, {"logits": torch.full((10, 1), float(c))})
+    first = mem.draw(100, _gen(), payload=("logits",))
+    assert sorted(first.labels.tolist()) == [0] * 10 + [1] * 10
+    assert torch.equal(first.payload["logits"].flatten(), first.labels.float())
+    mem.update(range(2, 4), toy.class_indices, toy.feats, _gen())      # quota 10 -> 5, two more classes
+    for c in range(2, 4):
+        mem.write_payload(c, {"logits": torch.full((10, 1), float(c))})
+    after = mem.draw(100, _gen(), payload=("logits",))
+    assert sorted(after.labels.tolist()) == sorted([0, 1, 2, 3] * 5)
+    assert torch.equal(after.payload["logits"].flatten(), after.labels.float())
+    assert torch.equal(after.labels, after.idx // 10)                   # each index is its class's sample
+    restored = ExemplarMemory(MemoryConfig(policy="fixed_total", total=20))
+    restored.draw(5, _gen())
+    restored.load_state_dict(mem.state_dict(), torch.device("cpu"))
+    assert len(restored.draw(100, _gen()).idx) == 20
+
+
 def test_small_classes_are_kept_whole():
     toy = ToyStream(n=3)
     mem = ExemplarMemory(MemoryConfig(policy="per_class", per_class=5))

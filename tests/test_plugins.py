@@ -107,3 +107,10 @@ def test_a_plugin_that_fails_to_import_is_one_line(tmp_path):
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "failed to import" in lines[0] and "ModuleNotFoundError" in lines[0]
+
+
+def test_a_plugin_path_that_is_not_a_python_file_is_one_line(tmp_path):
+    for bad in (tmp_path / "missing.py", tmp_path):                      # absent; a folder without __init__.py
+        res = cilbench("--plugin", bad, "list")
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and str(bad) in lines[0], res.stderr

@@ -54,6 +54,7 @@ class ExemplarMemory:
         self.quota = 0
         # key -> label -> per-exemplar payload aligned with order[label] (HPCR offline: logits, features)
         self.payload: dict[str, dict[int, torch.Tensor]] = {}
+        self._flat: dict = {}     # payload keys -> (indices, labels, payload) while the memory is unchanged
 
     def per_class(self, n_seen: int) -> int:
         if self.cfg.policy == "fixed_total":
@@ -64,6 +65,7 @@ class ExemplarMemory:
                features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> None:
         """Select exemplars for the new classes `labels`, then shrink every class to the new quota."""
         self.quota = self.per_class(labels.stop)
+        self._flat = {}
         for label in labels:
             idx = class_indices(label)
             if self.cfg.selection == "herding":
@@ -95,9 +97,10 @@ class ExemplarMemory:
         """n kept exemplars drawn uniformly without replacement (None while empty), with the payload `keys`."""
         if not len(self):
             return None
-        idx, labels = self.indices(), self.exemplar_labels()
+        if payload not in self._flat:   # a replay batch per training step: concatenate once per memory state
+            self._flat[payload] = (self.indices(), self.exemplar_labels(), {k: self.payload_tensor(k) for k in payload})
+        idx, labels, stored = self._flat[payload]
         pos = torch.randperm(len(idx), generator=generator, device=generator.device)[:n].to(idx.device)
-        stored = {k: self.payload_tensor(k) for k in payload}
         return ReplayBatch(idx[pos], labels[pos], {k: v[pos.to(v.device)] for k, v in stored.items()})
 
     def __len__(self) -> int:
@@ -108,6 +111,7 @@ class ExemplarMemory:
         shrinking the quota truncates it together with the exemplars."""
         for key, value in values.items():
             self.payload.setdefault(key, {})[label] = value.detach()
+        self._flat = {}
 
     def labels_without(self, key: str) -> list[int]:
         return [c for c in sorted(self.order) if c not in self.payload.get(key, {})]
@@ -132,6 +136,7 @@ class ExemplarMemory:
     def load_state_dict(self, state: dict, device) -> None:
         self.quota = state["quota"]
         self.order = {c: idx.to(device) for c, idx in zip(state["labels"], state["order"])}
+        self._flat = {}
         self.payload = {k: {c: v.to(device) for c, v in zip(p["labels"], p["values"])}
                         for k, p in state.get("payload", {}).items()}
 
