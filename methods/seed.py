@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilbench.kit import (
+    EPS_START,
     AugmentConfig,
     Context,
     Footprint,
@@ -63,8 +64,10 @@ class SEEDConfig:
     latent_dim: int | None = option(None, unit="channels", bounds=(1, None),
                                     help="S, the feature size; null: 64 (24 with backbone resnet20_low); a 1x1 conv "
                                          "maps the last stage to S channels where its width differs")
-    backbone: Literal["card", "resnet20_low"] = option(
-        "card", help="card = the card's backbone; resnet20_low = ResNet-20 with a 48-wide last stage (App. A.4)")
+    backbone: Literal["card", "resnet20_low", "resnet18_imagenet", "resnet18_cifar", "resnet32"] = option(
+        "card", help="card = the card's backbone; resnet20_low = ResNet-20 with a 48-wide last stage (App. A.4); "
+                     "or a backbone by name (Table 2 cards: resnet18_imagenet, torchvision's ResNet-18 as "
+                     "table2.sh runs it)")
     shortcut: Literal["conv", "card"] = option(
         "conv", help="conv = 1x1 conv + BN projection shortcuts (code: FACIL ResNet-32); card = the factory's own "
                      "(ResNet-32/20: parameter-free option A)")
@@ -89,6 +92,20 @@ class SEEDConfig:
     cutout_fill: Literal["black", "mean"] = option(
         "black", help="black: the hole is cut before normalisation (code: Cutout between ToTensor and "
                       "Normalize); mean: after it, a hole of 0 = the mean colour")
+    autoaugment_ops: Literal["pil", "torchvision"] = option(
+        "pil", help="AutoAugment's operations: pil = the code's PIL port (grey 128 fill, bicubic shears, "
+                    "fractional translations, solarize thresholds from 256); torchvision = "
+                    "torchvision.transforms.AutoAugment's (fill 0, nearest, cilbench before this option)")
+    normalisation: Literal["code", "card"] = option(
+        "code", help="code: on a card with the CIFAR-100 statistics, the code's (FACIL's dataset_config: mean "
+                     "(0.5071, 0.4866, 0.4409), std (0.2009, 0.1984, 0.2023)); card: the card's (std (0.2675, "
+                     "0.2565, 0.2761)); other cards keep theirs either way")
+    # --- Gaussians (the eps regulariser, cilbench/kit/gaussians.py)
+    eps_test: Literal["inverse", "cholesky"] = option(
+        "inverse", help="eps x10 until: inverse = the float32 covariance's inverse has a Cholesky factor (code); "
+                        "cholesky = the float32 covariance has one (cilbench before this option)")
+    eps_carry: bool = option(True, help="a class starts at the eps the previous class of the task ended with in "
+                                        "that expert (code); false: every class starts at 1e-8")
     # --- fine-tuning the selected expert (tasks > K)
     ft_epochs: int = option(100, unit="epochs", bounds=(0, None),
                             help="epochs of fine-tuning the selected expert (paper: 200); 0 = no fine-tuning "
@@ -119,6 +136,17 @@ class SEEDConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers (tested directly)
+
+# the cards' CIFAR-100 statistics (DER's / PyCIL's) and the ones SEED's code normalises with (FACIL's
+# dataset_config 'cifar100*' entries)
+CARD_CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+FACIL_CIFAR100_MEAN = (0.5071, 0.4866, 0.4409)
+FACIL_CIFAR100_STD = (0.2009, 0.1984, 0.2023)
+
+
+def is_cifar100_statistics(card: AugmentConfig) -> bool:
+    """Whether a card normalises with the CIFAR-100 statistics the shipped CIFAR-100 cards use."""
+    return len(card.std) == 3 and all(abs(a - b) < 1e-4 for a, b in zip(card.std, CARD_CIFAR100_STD))
 
 
 def select_expert(overlaps: list[float], rule: str, task_index: int, generator: torch.Generator | None = None) -> int:
@@ -195,7 +223,9 @@ class SEED(Method):
     def expert_spec(self, ctx: Context) -> dict:
         cfg, card = self.cfg, ctx.protocol.backbone
         low = cfg.backbone == "resnet20_low"
-        spec = standard_spec("resnet20" if low else card.name, ctx.stream.image_shape[0], card.width)
+        name = {"card": card.name, "resnet20_low": "resnet20"}.get(cfg.backbone, cfg.backbone)
+        base_width = card.width if cfg.backbone in ("card", "resnet20_low") else 0   # named: its standard width
+        spec = standard_spec(name, ctx.stream.image_shape[0], base_width)
         if low:    # App. A.4: the third stage's kernels reduced 64 -> 48 (at base width 16)
             spec["stages"][-1] = [[3 * spec["stem"], 3 * spec["stem"]] for _ in spec["stages"][-1]]
         if cfg.shortcut == "conv":
@@ -212,13 +242,17 @@ class SEED(Method):
 
     @classmethod
     def augmentation(cls, cfg: SEEDConfig, card: AugmentConfig, image_side: int) -> AugmentConfig:
-        """The card's augmentation plus SEED's own (code: AutoAugment, then Cutout on the [0, 1] image before
-        normalisation, so the hole is black; `cutout_fill: mean` cuts after normalisation instead)."""
+        """The card's augmentation plus SEED's own (code: AutoAugment with its PIL operations, then Cutout on
+        the [0, 1] image before normalisation, so the hole is black; `cutout_fill: mean` cuts after normalisation
+        instead) and, on CIFAR-100 cards, the code's normalisation statistics."""
         policy = {"none": card.autoaugment, "auto": "cifar10" if image_side <= 64
                   else "imagenet"}.get(cfg.autoaugment, cfg.autoaugment)
+        aug = replace(card, autoaugment=policy, autoaugment_ops=cfg.autoaugment_ops)
+        if cfg.normalisation == "code" and is_cifar100_statistics(card):
+            aug = replace(aug, mean=list(FACIL_CIFAR100_MEAN), std=list(FACIL_CIFAR100_STD))
         if not cfg.cutout:           # no cutout of SEED's own: the card's stays as the card has it
-            return replace(card, autoaugment=policy)
-        return replace(card, autoaugment=policy, cutout=cfg.cutout, cutout_normalised=cfg.cutout_fill == "mean")
+            return aug
+        return replace(aug, cutout=cfg.cutout, cutout_normalised=cfg.cutout_fill == "mean")
 
     def new_expert(self, ctx: Context) -> nn.Module:
         """Expert 1 from scratch; experts 2..K a copy of expert 1 ('first') or fresh ('random'), shared layers
@@ -319,8 +353,17 @@ class SEED(Method):
         features = features_with_flips(ctx.engine, expert, idx)
         labels = ctx.stream.train.labels[idx].to(features.device).repeat(2)
         store = GaussianStore(features.shape[1], ctx.device)
-        eps = [store.fit(c, features[labels == c]) for c in task.classes]
+        eps = self.fit_classes(store, features, labels, task.classes)
         return store, eps
+
+    def fit_classes(self, store: GaussianStore, features, labels, classes) -> list[float]:
+        """Fit each class in order; with `eps_carry` a class's eps starts where the previous one's ended (code:
+        eps is set once per expert and task in create_distributions)."""
+        used, start = [], EPS_START
+        for c in classes:
+            used.append(store.fit(c, features[labels == c], start, self.cfg.eps_test))
+            start = used[-1] if self.cfg.eps_carry else EPS_START
+        return used
 
     # --- inference ---------------------------------------------------------------------------------------
     def networks(self):

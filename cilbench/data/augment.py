@@ -32,6 +32,29 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     return padded.flatten(2).gather(2, index).view(n, c, h, w)
 
 
+def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Resize to side x side, bilinear at pixel centres (antialiased when shrinking), rounded to the 1/255 steps
+    of a uint8 image: torchvision's Resize on a PIL image, within one step (tests/test_seed_fidelity.py)."""
+    if x.shape[-2:] == (side, side):
+        return x
+    out = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    return out.mul_(255).round_().clamp_(0, 255).div_(255)
+
+
+def crop_windows(x: torch.Tensor, side: int, gen: torch.Generator | None) -> torch.Tensor:
+    """RandomCrop(side) without padding (a window at a uniform offset per image, one gather); gen None: the
+    central window (CenterCrop)."""
+    n, c, h, w = x.shape
+    if gen is None:
+        top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+        return x[..., top:top + side, left:left + side]
+    dy = torch.randint(0, h - side + 1, (n,), device=x.device, generator=gen)
+    dx = torch.randint(0, w - side + 1, (n,), device=x.device, generator=gen)
+    window = (torch.arange(side, device=x.device)[:, None] * w + torch.arange(side, device=x.device)).flatten()
+    index = (window[None, :] + (dy * w + dx)[:, None])[:, None, :].expand(n, c, side * side)
+    return x.flatten(2).gather(2, index).view(n, c, side, side)
+
+
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = torch.rand(x.shape[0], device=x.device, generator=gen) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -213,6 +236,10 @@ class Augmenter:
         """Test transform: normalise; images larger than the training crop (ImageNet train images kept at
         256 for herding and prototypes) are centre-cropped to it, as Resize(256) + CenterCrop(224)."""
         x = self.to_float(images)
+        if self.cfg.resize:
+            x = resize(x, self.cfg.resize)
+        if self.cfg.crop:
+            return self._finish(crop_windows(x, self.cfg.crop, None))
         size = self.cfg.random_resized_crop
         if size and (x.shape[-2] > size or x.shape[-1] > size):
             top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
@@ -222,6 +249,10 @@ class Augmenter:
     def train(self, images: torch.Tensor) -> torch.Tensor:
         cfg, g = self.cfg, self.gen
         x = self.to_float(images)
+        if cfg.resize:
+            x = resize(x, cfg.resize)
+        if cfg.crop:
+            x = crop_windows(x, cfg.crop, g)
         if cfg.random_resized_crop:
             x = random_resized_crop(x, cfg.random_resized_crop, tuple(cfg.rrc_scale), g)
         if cfg.crop_padding:
@@ -237,7 +268,7 @@ class Augmenter:
             x = random_grayscale(x, cfg.grayscale_p, g)
         if cfg.autoaugment != "none":
             from cilbench.data.autoaugment import auto_augment
-            x = auto_augment(x, cfg.autoaugment, g)
+            x = auto_augment(x, cfg.autoaugment, g, cfg.autoaugment_ops)
         if cfg.cutout and not cfg.cutout_normalised:
             x = cutout(x, cfg.cutout, g)      # black hole, then normalised with the rest
         x = (x - self.mean) / self.std

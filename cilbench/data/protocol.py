@@ -73,6 +73,10 @@ class MemoryConfig:
 @dataclass
 class AugmentConfig:
     """Batched on-device augmentation, applied in this order. A zero / false value turns an op off."""
+    resize: int = 0                       # every image (train and test) resized to this side first, bilinear
+                                          # (SEED Table 2: CIFAR at 256, as torchvision's Resize(256))
+    crop: int = 0                         # train: a random window of this side, no padding; test: the centre one
+                                          # (SEED Table 2: 224 out of 256)
     random_resized_crop: int = 0          # output side; 0 = off (ImageNet: 224)
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_padding: int = 0                 # random crop with zero padding (CIFAR: 4)
@@ -87,9 +91,13 @@ class AugmentConfig:
     cutout_normalised: bool = True        # true: the hole is cut after normalisation (0 = the mean colour);
                                           # false: before it, in [0, 1] (black), as a ToTensor-Cutout-Normalize chain
     autoaugment: Literal["none", "cifar10", "imagenet", "svhn"] = "none"   # AutoAugment policy, per sample
+    autoaugment_ops: Literal["torchvision", "pil"] = "torchvision"       # torchvision's operations (fill 0,
+                                          # nearest) or the PIL port of SEED's / PyCIL's code (grey fill, bicubic
+                                          # shears, solarize from 256): cilbench/data/autoaugment.py
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    BOUNDS: ClassVar[dict] = {"random_resized_crop": (0, MAX_SIDE), "rrc_scale": (0, 1),
+    BOUNDS: ClassVar[dict] = {"resize": (0, MAX_SIDE), "crop": (0, MAX_SIDE), "random_resized_crop": (0, MAX_SIDE),
+                              "rrc_scale": (0, 1),
                               "crop_padding": (0, MAX_SIDE), "brightness": (0, None), "contrast": (0, None),
                               "saturation": (0, None), "hue": (0, 0.5), "jitter_p": (0, 1), "grayscale_p": (0, 1),
                               "cutout": (0, MAX_SIDE), "std": (1e-12, None)}

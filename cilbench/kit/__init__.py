@@ -29,7 +29,7 @@ from cilbench.kit.contract import (
     describe_options,
     option,
 )
-from cilbench.kit.gaussians import GaussianStore
+from cilbench.kit.gaussians import EPS_START, GaussianStore
 from cilbench.kit.losses import (
     aux_labels,
     batch_class_counts,
@@ -92,7 +92,7 @@ __all__ = [
     "aux_labels", "batch_class_counts", "ht_multiplier", "kd_soft_ce", "nca_margin_loss", "pcd_loss",
     "pcr_hc_loss", "pcr_loss", "scd_loss", "supcon_distinct",
     # pruning, Gaussians, feature significance
-    "ChannelMasks", "anneal", "describe", "prune", "regrow", "GaussianStore",
+    "ChannelMasks", "anneal", "describe", "prune", "regrow", "EPS_START", "GaussianStore",
     "class_gradient_significance", "ema_significance", "normalise_significance", "significance_distillation",
     "significance_summary", "significance_weights", "uniform_like",
 ]

@@ -2,11 +2,24 @@
 generative-classifier method).
 
 A class is fitted by full-covariance maximum likelihood (mean, covariance divided by N) plus eps * I, where
-eps starts at 1e-8 and grows x10 until the Cholesky factorisation succeeds (SEED's official code). The store
-keeps the Cholesky factors and log-determinants, so log-likelihoods of a batch against every class are one
-batched triangular solve on the device, never a Python loop over classes. Statistics and likelihoods are
-float64 (a covariance regularised by eps * I = 1e-8 is too ill-conditioned for float32 solves); whether a
-factorisation succeeds is decided in float32, as in the official code, so eps grows exactly as far as there.
+eps starts at 1e-8 and grows x10 until the regularised covariance passes a test (SEED's official code,
+grypesc/SEED `src/approach/seed.py` create_distributions and `src/approach/gmm.py`). The test, `eps_test`:
+
+- `inverse` (the official code's): cov + eps * I in float32 has an inverse (torch.inverse) and that inverse
+  has a Cholesky factor; the code's GaussianMixture takes its log-determinant from the Cholesky factor of the
+  float32 precision matrix and raises there otherwise.
+- `cholesky`: cov + eps * I in float32 has a Cholesky factor (cilbench before the option existed).
+
+They part where the covariance is singular or ill-conditioned, e.g. a class with fewer feature rows than
+dimensions (<= 32 images + their flips at S = 64): the float32 inverse is inaccurate long after the Cholesky
+factor exists. On random 64-d features with 8-48 rows, `inverse` ends at 1000x (up to 10^4x) the eps of
+`cholesky`; with 128+ rows they mostly agree (tests/test_seed_fidelity.py).
+
+The official code also starts a class at the eps the previous class of the same expert and task ended with
+(callers pass the start as `eps`; SEED's `eps_carry`). The store keeps the Cholesky factors and log-determinants,
+so log-likelihoods of a batch against every class are one batched triangular solve on the device, never a
+Python loop over classes. Statistics and likelihoods are float64 (a covariance regularised by eps * I = 1e-8 is
+too ill-conditioned for float32 solves); only the test runs in float32, on the device, as the official code's.
 """
 from __future__ import annotations
 
@@ -19,9 +32,31 @@ EPS_FACTOR = 10.0
 EPS_TRIES = 20          # 1e-8 * 10^19: far beyond any feature scale; reaching it means the features are broken
 
 
-def fit_gaussian(features: torch.Tensor, eps: float = EPS_START) -> tuple[torch.Tensor, torch.Tensor, float]:
+EPS_TESTS = ("inverse", "cholesky")
+
+
+def passes_eps_test(cov: torch.Tensor, eps: float, test: str) -> bool:
+    """Whether cov + eps * I is accepted (module docstring): `inverse` = its float32 inverse exists and has a
+    Cholesky factor; `cholesky` = it has a float32 Cholesky factor. eps is added in float32, as the official
+    code adds it to its float32 covariance (near the threshold the outcome hangs on those last bits). It must
+    also have the float64 Cholesky factor the store keeps."""
+    c32 = cov.to(torch.float32) + torch.eye(len(cov), dtype=torch.float32, device=cov.device) * eps
+    if test == "inverse":
+        inverse, info = torch.linalg.inv_ex(c32)
+        ok = int(info) == 0 and bool(torch.isfinite(inverse).all()) and \
+            int(torch.linalg.cholesky_ex(inverse)[1]) == 0
+    elif test == "cholesky":
+        ok = int(torch.linalg.cholesky_ex(c32)[1]) == 0
+    else:
+        raise ValueError(f"eps test must be one of {EPS_TESTS}, got {test!r}")
+    eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+    return ok and int(torch.linalg.cholesky_ex(cov + eps * eye)[1]) == 0
+
+
+def fit_gaussian(features: torch.Tensor, eps: float = EPS_START,
+                 test: str = "inverse") -> tuple[torch.Tensor, torch.Tensor, float]:
     """MLE mean and covariance of the rows of `features` (N x S), with eps * I added and eps raised x10 until
-    the covariance has a Cholesky factor. Returns (mean, covariance including eps * I, eps used)."""
+    the covariance passes `test` (passes_eps_test). Returns (mean, covariance including eps * I, eps used)."""
     x = features.detach().to(torch.float64)
     if x.ndim != 2 or len(x) < 1:
         raise ValueError(f"fit_gaussian needs an N x S matrix with N >= 1, got shape {tuple(x.shape)}")
@@ -30,10 +65,7 @@ def fit_gaussian(features: torch.Tensor, eps: float = EPS_START) -> tuple[torch.
     cov = centred.T @ centred / len(x)
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     for _ in range(EPS_TRIES):
-        # the factorisation test runs in float32, as the official code keeps its covariances, so eps grows
-        # exactly as far as there; the stored statistics stay float64
-        _, info = torch.linalg.cholesky_ex((cov + eps * eye).to(torch.float32))
-        if int(info) == 0 and int(torch.linalg.cholesky_ex(cov + eps * eye)[1]) == 0:
+        if passes_eps_test(cov, eps, test):
             return mean, cov + eps * eye, eps
         eps *= EPS_FACTOR
     raise ValueError(f"covariance has no Cholesky factor even with eps = {eps / EPS_FACTOR:g}; "
@@ -96,9 +128,10 @@ class GaussianStore:
         self.chol = torch.cat([self.chol, chol[None]])
         self.logdet = torch.cat([self.logdet, 2 * torch.log(torch.diagonal(chol)).sum()[None]])
 
-    def fit(self, label: int, features: torch.Tensor) -> float:
-        """Fit and add the Gaussian of `label` from its feature rows; returns the eps that was needed."""
-        mean, cov, eps = fit_gaussian(features)
+    def fit(self, label: int, features: torch.Tensor, eps: float = EPS_START, test: str = "inverse") -> float:
+        """Fit and add the Gaussian of `label` from its feature rows, eps growing from `eps` until `test` passes;
+        returns the eps that was needed."""
+        mean, cov, eps = fit_gaussian(features, eps, test)
         self.add(label, mean, cov, eps)
         return eps
 

@@ -106,6 +106,10 @@ def resolve(request: RunRequest) -> Resolved:
                        prefix=f"{request.method}.")
     protocol = dataclasses.replace(protocol, augment=cls.augmentation(method_cfg, protocol.augment,
                                                                       image_side(protocol)))
+    side = protocol.augment.resize or image_side(protocol)
+    if protocol.augment.crop > side:
+        raise UserError(f"{where}: augment.crop={protocol.augment.crop} is larger than the {side}-pixel images it "
+                        f"crops; set augment.crop <= {side} (or augment.resize >= the crop)")
     runtime_base = {"device": request.device, "deterministic": request.deterministic,
                     "max_epochs": request.epochs}
     runtime = build(RuntimeOptions, _deep_merge(runtime_base, runtime_cli), "--set", prefix="runtime.")

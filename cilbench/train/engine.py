@@ -255,6 +255,9 @@ class Engine:
         if self.cuda:
             return card
         height, width = self.stream.image_shape[1:]
+        aug = self.stream.protocol.augment
+        if aug.resize:          # the network sees the resized (and centre-cropped) images
+            height = width = aug.crop or aug.resize
         return max(8, min(card, CPU_INFERENCE_PIXELS // (height * width)))
 
     # --- seeding ------------------------------------------------------------------------------------
