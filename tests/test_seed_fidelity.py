@@ -61,11 +61,15 @@ def seed_code_magnitude(op: str, level: int, side: int) -> float:
     return value * side if op.startswith("Translate") else value
 
 
-def _images(n=5, side=32):
+def _images(n=8, side=32):
+    """Noise, low contrast, a gradient, and smooth image-like content (upsampled noise)."""
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-    imgs[1] = imgs[1] // 4 + 60                                         # low contrast
-    imgs[2] = np.clip(imgs[2] // 2 + np.arange(side)[:, None, None] * 4, 0, 255).astype(np.uint8)   # gradient
+    imgs[1] = imgs[1] // 4 + 60
+    imgs[2] = np.clip(imgs[2] // 2 + np.arange(side)[:, None, None] * 4, 0, 255).astype(np.uint8)
+    for i in range(3, n):
+        coarse = rng.integers(0, 256, (side // 4, side // 4, 3), dtype=np.uint8)
+        imgs[i] = np.asarray(Image.fromarray(coarse).resize((side, side), Image.BILINEAR))
     return imgs
 
 
@@ -125,7 +129,7 @@ def test_pil_policy_batched_equals_per_sample_pil_with_the_same_decisions():
                 m = seed_code_magnitude(op, level or 0, 32)
                 img = pil_reference(img, op, -m if (bool(negative[i]) and op in SIGNED) else m)
                 applied += 1
-        assert torch.equal(out[i], torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255), i
+        assert torch.equal(out[i], torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255), i
     assert applied > n // 2
 
 

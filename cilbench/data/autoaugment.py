@@ -220,7 +220,7 @@ def apply_pil_op(x: torch.Tensor, op: str, m: float, fill: int = PIL_FILL) -> to
     if op == "AutoContrast":     # ImageOps.autocontrast: per channel, int(v * scale - lo * scale)
         lo = x.amin(dim=(2, 3), keepdim=True).double()
         hi = x.amax(dim=(2, 3), keepdim=True).double()
-        scale = 255.0 / (hi - lo).clamp_min(1)
+        scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1)    # true division: 255 / t is 255 * (1 / t)
         stretched = (x.double() * scale + (-lo * scale)).trunc().clamp(0, 255)
         return torch.where(hi > lo, stretched, x.double()).to(torch.uint8)
     if op in ("Posterize", "Equalize", "Invert"):   # torchvision's equal PIL's ImageOps here
