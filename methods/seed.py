@@ -84,8 +84,10 @@ class SEEDConfig:
     clip_norm: float | None = option(1.0, bounds=(0, None),
                                      help="gradient-norm clipping (code: --clipping 1; paper: not stated); null: none")
     autoaugment: Literal["auto", "cifar10", "imagenet", "none"] = option(
-        "auto", help="code: AutoAugment on top of the card's crop/flip/brightness (auto: the CIFAR-10 policy up to "
-                     "64 px, else ImageNet's); paper: AugMix (not available); none = the card's augmentation only")
+        "auto", help="code: AutoAugment on top of the card's crop/flip/brightness (auto: the CIFAR-10 policy on "
+                     "images up to 64 px, else ImageNet's; the code picks by data set: CIFAR-10's on CIFAR, "
+                     "ImageNet's on ImageNet and DomainNet); paper: AugMix (not available); none = the card's "
+                     "augmentation only")
     cutout: int = option(16, unit="px", bounds=(0, None),
                          help="code: Cutout (1 hole of this side) after AutoAugment; 0: none added (a cutout on the "
                               "card itself stays)")

@@ -482,7 +482,7 @@ def test_report_shows_seed_beside_its_published_average_with_task_mean(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# AutoAugment (the official code's augmentation), batched per sample
+# AutoAugment with torchvision's operations, batched per sample (the code's PIL ones: test_seed_fidelity.py)
 
 
 def test_autoaugment_magnitudes_and_ops():
