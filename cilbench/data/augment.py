@@ -8,6 +8,7 @@ RandomResizedCrop resamples without antialiasing, which are the documented diffe
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,13 +33,49 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     return padded.flatten(2).gather(2, index).view(n, c, h, w)
 
 
+PIL_PRECISION_BITS = 22         # Pillow's fixed-point coefficients for 8-bit resampling (Resample.c)
+
+
+@functools.lru_cache(maxsize=16)
+def _pil_bilinear_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) fixed-point weights of PIL's bilinear resize along one axis: a triangle filter at
+    pixel centres, widened by the scale when shrinking (antialiasing), normalised per output pixel, then
+    rounded to integers of 2^22."""
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = filter_scale                          # bilinear support 1, scaled
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for out in range(out_size):
+        centre = (out + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), in_size)
+        taps = torch.tensor([max(0.0, 1.0 - abs((i - centre + 0.5) / filter_scale)) for i in range(lo, hi)],
+                            dtype=torch.float64)
+        if float(taps.sum()) != 0.0:
+            taps = taps / taps.sum()
+        weights[out, lo:hi] = taps
+    unit = float(1 << PIL_PRECISION_BITS)
+    return torch.where(weights < 0, torch.ceil(weights * unit - 0.5), torch.floor(weights * unit + 0.5))
+
+
+def _pil_pass(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One resampling pass along the last axis of integer-valued float64 x, rounded and clipped to uint8 values
+    as PIL's 8-bit pass (exact: every sum stays far below 2^53)."""
+    total = x @ weights.T + float(1 << (PIL_PRECISION_BITS - 1))
+    return torch.div(total, float(1 << PIL_PRECISION_BITS), rounding_mode="floor").clamp_(0, 255)
+
+
 def resize(x: torch.Tensor, side: int) -> torch.Tensor:
-    """Resize to side x side, bilinear at pixel centres (antialiased when shrinking), rounded to the 1/255 steps
-    of a uint8 image: torchvision's Resize on a PIL image, within one step (tests/test_seed_fidelity.py)."""
-    if x.shape[-2:] == (side, side):
+    """Resize a float batch in [0, 1] of uint8 values to side x side as torchvision's Resize does on a PIL image
+    (PIL's bilinear resize: a horizontal then a vertical 8-bit pass, fixed-point weights), equal to it
+    (tests/test_seed_fidelity.py). Returns the uint8 values / 255."""
+    n, c, h, w = x.shape
+    if (h, w) == (side, side):
         return x
-    out = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-    return out.mul_(255).round_().clamp_(0, 255).div_(255)
+    values = (x.double() * 255).round()
+    along_width, along_height = (_pil_bilinear_weights(size, side).to(x.device) for size in (w, h))
+    values = _pil_pass(values, along_width)
+    values = _pil_pass(values.transpose(-1, -2), along_height).transpose(-1, -2)
+    return (values / 255).to(x.dtype)
 
 
 def crop_windows(x: torch.Tensor, side: int, gen: torch.Generator | None) -> torch.Tensor:

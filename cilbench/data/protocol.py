@@ -73,8 +73,8 @@ class MemoryConfig:
 @dataclass
 class AugmentConfig:
     """Batched on-device augmentation, applied in this order. A zero / false value turns an op off."""
-    resize: int = 0                       # every image (train and test) resized to this side first, bilinear
-                                          # (SEED Table 2: CIFAR at 256, as torchvision's Resize(256))
+    resize: int = 0                       # every image (train and test) resized to this side first, as
+                                          # torchvision's Resize on a PIL image (SEED Table 2: CIFAR at 256)
     crop: int = 0                         # train: a random window of this side, no padding; test: the centre one
                                           # (SEED Table 2: 224 out of 256)
     random_resized_crop: int = 0          # output side; 0 = off (ImageNet: 224)
