@@ -237,6 +237,8 @@ def test_table2_cards_run_the_papers_recipe_for_seed(card):
     assert resolved.config["protocol"]["augment"]["resize"] == 256      # config.yaml records it
     other = resolve(RunRequest(method="der", protocol=card)).protocol.augment
     assert (other.resize, other.crop, other.crop_padding) == (0, 0, 4)  # other methods keep the card's
+    small = resolve(RunRequest(method="seed", protocol=card, overrides=["method_augment.seed={}"])).protocol.augment
+    assert (small.resize, small.crop, small.crop_padding) == (0, 0, 4)  # SEED at 32 px, as the docs say
 
 
 def test_crop_larger_than_the_image_is_a_one_line_error():
