@@ -180,6 +180,11 @@ class SEED(Method):
     paper = ("Rypeść et al. Divide and not forget: Ensemble of selectively trained experts in Continual Learning."
              " ICLR 2024, arXiv:2401.10191")
 
+    @classmethod
+    def backbone_needs(cls, cfg: SEEDConfig) -> dict[str, str]:
+        builds = "builds its experts itself (shared stages, latent layer, last_relu)"
+        return {"no_pretrained": builds, **({"factory": f"backbone=card ({builds})"} if cfg.backbone == "card" else {})}
+
     def __init__(self, cfg: SEEDConfig, ctx: Context):
         super().__init__(cfg, ctx)
         self.spec = self.expert_spec(ctx)
