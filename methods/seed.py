@@ -182,8 +182,10 @@ class SEED(Method):
 
     @classmethod
     def backbone_needs(cls, cfg: SEEDConfig) -> dict[str, str]:
-        builds = "builds its experts itself (shared stages, latent layer, last_relu)"
-        return {"no_pretrained": builds, **({"factory": f"backbone=card ({builds})"} if cfg.backbone == "card" else {})}
+        needs = {"no_pretrained": "builds its experts itself (shared stages, latent layer, last_relu)"}
+        if cfg.backbone == "card":
+            needs["factory"] = "seed.backbone=card (experts extend the card's ResNet spec)"
+        return needs
 
     def __init__(self, cfg: SEEDConfig, ctx: Context):
         super().__init__(cfg, ctx)

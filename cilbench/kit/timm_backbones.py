@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -126,13 +127,11 @@ class TimmBackbone(nn.Module):
 @functools.lru_cache(maxsize=16)
 def _describe(name: str, in_channels: int, kwargs_json: str) -> dict:
     model = create_timm_model(timm_spec(name, in_channels, json.loads(kwargs_json)), meta=True)
-    return {"out_dim": feature_width(model), "stage_maps": has_stage_maps(model),
-            "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()},
-            "classifier": _classifier_prefixes(model), "first_conv": _first_conv(model)}
+    return {"out_dim": feature_width(model), "stage_maps": has_stage_maps(model)}
 
 
 def describe_timm(name: str, in_channels: int, timm_kwargs: dict | None = None) -> dict:
-    """Feature width, stage-map support and state_dict shapes of a timm backbone, from a meta-device build
+    """Feature width and stage-map support of a timm backbone, from a meta-device build
     (cached: a sweep resolves many runs of one card)."""
     return _describe(name, in_channels, json.dumps(timm_kwargs or {}, sort_keys=True))
 
@@ -233,14 +232,44 @@ def match_weights(state: dict[str, torch.Tensor], shapes: dict[str, tuple], clas
     return {k: state[k] for k in shapes if k in state}
 
 
+def _torchvision_stage(match: re.Match) -> str:
+    return f"stages.{int(match.group(1)) - 1}."
+
+
+def factory_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ResNet state_dict in torchvision's (= timm's) names (conv1, bn1, layer1-4, downsample, fc) renamed to
+    the factory ResNet's (stem.0, stem.1, stages.0-3, shortcut); a state_dict in factory names is returned as
+    is. The classifier `fc` keeps its name (it is dropped when loaded)."""
+    if not any(k.startswith("layer1.") for k in state):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        key = re.sub(r"^conv1\.", "stem.0.", re.sub(r"^bn1\.", "stem.1.", key))
+        key = re.sub(r"^layer(\d+)\.", _torchvision_stage, key).replace(".downsample.", ".shortcut.")
+        renamed[key] = value
+    return renamed
+
+
+def _target_names(net: nn.Module, state: dict) -> tuple[nn.Module, dict, tuple[str, ...], str | None]:
+    """The module a weights file loads into, the file's state in its names, its classifier and first conv."""
+    if isinstance(net, TimmBackbone):
+        return net.model, state, _classifier_prefixes(net.model), _first_conv(net.model)
+    return net, factory_names(state), ("fc",), "stem.0"
+
+
+def fitted_weights(net: nn.Module, path: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The module of backbone `net` a weights file loads into (a TimmBackbone's timm model, or a factory ResNet)
+    and the file's tensors for it (a factory ResNet takes its own names or torchvision's/timm's ResNet names),
+    or a one-line error where they do not fit."""
+    target, state, classifier, first_conv = _target_names(net, read_weights(path))
+    shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    return target, match_weights(state, shapes, classifier, first_conv, f"backbone '{net.spec['name']}'", path)
+
+
 def load_pretrained(net: nn.Module, path: str) -> nn.Module:
-    """Load a local weights file into a backbone (a TimmBackbone's timm model, or a factory ResNet), strictly."""
-    target = net.model if isinstance(net, TimmBackbone) else net
-    own = target.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in own.items()}
-    weights = match_weights(read_weights(path), shapes, _classifier_prefixes(target), _first_conv(target),
-                            f"backbone '{net.spec['name']}'", path)
-    target.load_state_dict(weights, strict=False)    # every key checked above; only step counters may be absent
+    """Load a local weights file into a backbone, strictly (fitted_weights)."""
+    target, weights = fitted_weights(net, path)
+    target.load_state_dict(weights, strict=False)    # every key checked; only BN step counters may be absent
     return net
 
 
@@ -262,14 +291,11 @@ def check_backbone(backbone, in_channels: int, method: str, needs: dict[str, str
                                 f"'{name}' lacks; use a factory backbone (backbone.name=resnet32, ...) or change "
                                 "that option")
         provenance.update(timm_model=name[len(PREFIX):], timm_version=_timm().__version__)
-        shapes, classifier, first_conv = info["shapes"], info["classifier"], info["first_conv"]
-    elif pretrained:
+    if pretrained:
         from cilbench.kit.backbones import build_backbone
         with torch.device("meta"):
-            net = build_backbone(name, in_channels, backbone.width)
-        shapes, classifier, first_conv = {k: tuple(v.shape) for k, v in net.state_dict().items()}, (), None
-    if pretrained:
-        match_weights(read_weights(pretrained), shapes, classifier, first_conv, f"backbone '{name}'", pretrained)
+            net = build_backbone(name, in_channels, backbone.width, timm_kwargs=backbone.timm_kwargs)
+        fitted_weights(net, pretrained)
         provenance.update(pretrained=os.fspath(Path(pretrained).expanduser().resolve()),
                           pretrained_sha256=file_sha256(pretrained))
     return provenance
