@@ -15,8 +15,8 @@ from harness import tiny_card, tiny_context
 
 from cilbench.errors import UserError
 from cilbench.kit import ExtractorStack, build_backbone, count_params, stage_channels, stage_outputs
+from cilbench.kit.backbone_card import load_pretrained
 from cilbench.kit.nets import pack_module, unpack_module
-from cilbench.kit.timm_backbones import load_pretrained
 
 TINY = "timm:test_resnet"          # timm's own test model: 0.37M parameters, 96-d features
 TIMM_SET = ["--set", f"backbone.name={TINY}", "--epochs", "1"]

@@ -133,23 +133,8 @@ class BackboneConfig:
     pretrained: str | None = None         # a local weights file loaded into the backbone (never a download)
     timm_kwargs: dict = field(default_factory=dict)   # extra timm.create_model arguments (timm models only)
     BOUNDS: ClassVar[dict] = {"width": (0, 1024)}         # ResNet widths are 16-64; 1024 is already huge
-
-    def validate(self, where: str) -> None:
-        from cilbench.kit.backbones import STANDARD
-        from cilbench.kit.timm_backbones import check_model_name, check_timm_kwargs, is_timm
-        if is_timm(self.name):
-            check_model_name(self.name, f"{where}.name")
-            check_timm_kwargs(self.timm_kwargs, f"{where}.timm_kwargs")
-            if self.width:
-                raise UserError(f"{where}.width: a timm model has its own widths ({self.name}); remove width, "
-                                "or pass the model's own argument through backbone.timm_kwargs")
-            return
-        if self.name not in STANDARD:
-            from cilbench.config import did_you_mean
-            raise UserError(f"{where}.name: unknown backbone '{self.name}'{did_you_mean(self.name, STANDARD)}; "
-                            f"known: {', '.join(STANDARD)}, or timm:<model> for any timm model")
-        if self.timm_kwargs:
-            raise UserError(f"{where}.timm_kwargs: only for timm:<model> backbones, not '{self.name}'; remove it")
+    # names, widths and timm_kwargs are checked against the kit when a run is resolved
+    # (cilbench.kit.timm_backbones.check_backbone_config)
 
 
 @dataclass

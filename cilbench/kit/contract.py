@@ -19,9 +19,9 @@ from cilbench.data.augment import Augmenter
 from cilbench.data.protocol import AugmentConfig, Protocol
 from cilbench.data.stream import Stream, Task
 from cilbench.errors import UserError
+from cilbench.kit.backbone_card import load_pretrained
 from cilbench.kit.backbones import build_backbone, count_params
 from cilbench.kit.nets import ExtractorStack, pack_module, unpack_module
-from cilbench.kit.timm_backbones import load_pretrained
 from cilbench.train.engine import Engine
 from cilbench.train.memory import ExemplarMemory, ReplayBatch, ReservoirMemory, class_balanced_subset
 
@@ -198,7 +198,7 @@ class Method:
     @classmethod
     def backbone_needs(cls, cfg: Any) -> dict[str, str]:
         """What this method, so configured, needs from the card's backbone beyond pooled features:
-        {capability: the option or part that needs it}, capabilities as timm_backbones.CAPABILITIES ("factory":
+        {capability: the option or part that needs it}, capabilities as backbone_card.CAPABILITIES ("factory":
         one of cilbench's own ResNets, e.g. for physical pruning; "stage_maps": stage_outputs/stage_channels).
         Checked when the run is resolved, so a timm backbone that lacks one is refused before anything runs."""
         return {}

@@ -24,9 +24,10 @@ from cilbench.data.datasets import image_channels, image_side, load_dataset
 from cilbench.data.protocol import Protocol, build_protocol, card_path, load_card, order_for_seed, with_method_augment
 from cilbench.data.stream import Stream, Task
 from cilbench.errors import Terminated, TrainingDiverged, UserError
+from cilbench.kit.backbone_card import check_backbone, check_backbone_config
 from cilbench.kit.contract import Context, Method
 from cilbench.kit.registry import Entry, get_method
-from cilbench.kit.timm_backbones import check_backbone, is_timm
+from cilbench.kit.timm_backbones import is_timm
 from cilbench.provenance import git_commit
 from cilbench.run.lock import RunLock
 from cilbench.run.metrics import summarize
@@ -128,7 +129,7 @@ def resolve(request: RunRequest) -> Resolved:
     run_name = "+".join(p for p in parts if p)
     check_component(run_name, "run name")
     backbone = check_backbone(protocol.backbone, image_channels(protocol), request.method,
-                              cls.backbone_needs(method_cfg))
+                              cls.backbone_needs(method_cfg), where)
     config = {"method": request.method, "method_display": cls.display_name or request.method,
               "method_source": entry.source, "run_name": run_name, "seed": request.seed,
               "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime),
@@ -565,6 +566,7 @@ def resolved_card(protocol_name: str, method: str | None = None, overrides: list
             apply_override(card, path, value)
         _drop_factory_width(card, overrides)
         protocol, order = order_for_seed(build_protocol(card, where), seed, where)
+        check_backbone_config(protocol.backbone, where)
     out = to_dict(protocol)
     out["memory"] = {k: out["memory"][k] for k in _MEMORY_KEYS[protocol.memory.policy]}
     out["data"] = {k: out["data"][k] for k in _DATA_KEYS.get(protocol.dataset, ())}
