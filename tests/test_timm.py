@@ -209,3 +209,17 @@ def test_resnet18_imagenet_is_torchvision_and_timm_resnet18(tmp_path):
         a, b, c = ours(x), tv(x), tm(x)
     assert a.shape == (2, 512)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5) and torch.allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_compares_the_weights_hash_not_the_path():
+    from cilbench.run.runner import _check_same_config
+    stored = {"protocol": {"backbone": {"name": TINY, "pretrained": "/a/w.pth"}},
+              "backbone_provenance": {"timm_model": "test_resnet", "timm_version": "1.0.30",
+                                      "pretrained": "/a/w.pth", "pretrained_sha256": "aa"}}
+    moved = {"protocol": {"backbone": {"name": TINY, "pretrained": "/b/w.pth"}},
+             "backbone_provenance": {"timm_model": "test_resnet", "timm_version": timm.__version__,
+                                     "pretrained": "/b/w.pth", "pretrained_sha256": "aa"}}
+    _check_same_config(stored, moved)
+    moved["backbone_provenance"]["pretrained_sha256"] = "bb"
+    with pytest.raises(UserError, match="'backbone_provenance.pretrained_sha256' is 'bb' now but 'aa'"):
+        _check_same_config(stored, moved)
