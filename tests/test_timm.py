@@ -3,6 +3,7 @@ feature width from the model, runs and resume on digits, checkpoints, bit-identi
 no network, and the ImageNet cards' ResNet-18 against torchvision's and timm's."""
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import socket
@@ -75,6 +76,8 @@ def test_stage_maps_and_checkpoint_round_trip():
     maps, pooled = stage_outputs(net, x)
     assert [m.shape[1] for m in maps] == stage_channels(net) == [32, 32, 48, 192, 96]   # feature_info levels
     assert torch.allclose(pooled, net(x), atol=1e-6)
+    last = copy.deepcopy(net).to(memory_format=torch.channels_last)  # what engine.prepare does on CUDA
+    assert torch.allclose(last(x.contiguous(memory_format=torch.channels_last)), net(x), atol=1e-5)
     back = unpack_module(pack_module(net), "cpu").eval()            # rebuilt from the spec, as on --resume
     assert type(back) is type(net) and torch.equal(back(x), net(x))
     stack = ExtractorStack()
