@@ -3,6 +3,7 @@ feature width from the model, runs and resume on digits, checkpoints, bit-identi
 no network, and the ImageNet cards' ResNet-18 against torchvision's and timm's."""
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import hashlib
@@ -101,7 +102,9 @@ def test_pretrained_file_gives_bit_identical_weights(tmp_path, layout):
     elif layout == "ddp_state_dict":
         torch.save({f"module.{k}": v for k, v in state.items()}, path)
     else:
-        torch.save({"state_dict": state, "epoch": 3, "arch": "test_resnet"}, path)     # timm's train.py layout
+        optimizer = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+        torch.save({"epoch": 3, "arch": "test_resnet", "state_dict": state, "optimizer": optimizer.state_dict(),
+                    "args": argparse.Namespace(model="test_resnet", lr=0.1), "version": 2}, path)   # timm's train.py
     card = tiny_card(backbone={"name": TINY, "width": 0, "pretrained": str(path)})
     ctx, *_ = tiny_context(card)
     net = ctx.new_backbone()

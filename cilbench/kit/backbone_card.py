@@ -11,6 +11,7 @@ classifier's. A factory ResNet also takes torchvision's (= timm's) ResNet names.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import os
@@ -70,8 +71,9 @@ def _read_weights(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             obj = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:   # tensors and plain data only; timm's train.py also stores its argparse.Namespace of options
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # not a weights file, pickled objects beyond tensors, a truncated file, ...
         raise UserError(f"backbone.pretrained: {path} could not be read as weights ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:160]}); give a state_dict, timm checkpoint or .safetensors "

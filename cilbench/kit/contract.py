@@ -199,8 +199,10 @@ class Method:
     def backbone_needs(cls, cfg: Any) -> dict[str, str]:
         """What this method, so configured, needs from the card's backbone beyond pooled features:
         {capability: the option or part that needs it}, capabilities as backbone_card.CAPABILITIES ("factory":
-        one of cilbench's own ResNets, e.g. for physical pruning; "stage_maps": stage_outputs/stage_channels).
-        Checked when the run is resolved, so a timm backbone that lacks one is refused before anything runs."""
+        one of cilbench's own ResNets, e.g. for physical pruning; "stage_maps": stage_outputs/stage_channels),
+        plus "no_pretrained" for a method that builds its networks without ctx.new_backbone (a card's weights
+        file cannot apply). Checked when the run is resolved, so a backbone that lacks one is refused before
+        anything runs."""
         return {}
 
     @classmethod

@@ -27,6 +27,8 @@ PREFIX = "timm:"
 # create_model arguments cilbench sets itself: a card's timm_kwargs may not name them
 RESERVED_KWARGS = ("pretrained", "num_classes", "in_chans", "checkpoint_path", "pretrained_cfg",
                    "pretrained_cfg_overlay", "cache_dir", "features_only")
+
+
 def is_timm(name) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
