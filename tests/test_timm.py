@@ -152,6 +152,10 @@ def test_replay_runs_with_a_pretrained_timm_backbone(tmp_path, run_cli):
     provenance = yaml.safe_load((run / "config.yaml").read_text())["backbone_provenance"]
     assert provenance["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert provenance["timm_model"] == "test_resnet" and provenance["pretrained"] == str(weights.resolve())
+    from cilbench.report.aggregate import group_runs
+    from cilbench.run.rundir import scan_runs
+    (group,) = group_runs(scan_runs(tmp_path / "runs"))["digits_b0s2"]
+    assert group.backbone == f"{TINY}, pretrained" and group.backbone_standard is None   # never beside a paper's row
 
 
 # --- one-line errors ------------------------------------------------------------------------------------------
@@ -229,3 +233,14 @@ def test_resume_compares_the_weights_hash_not_the_path():
     moved["backbone_provenance"]["pretrained_sha256"] = "bb"
     with pytest.raises(UserError, match="'backbone_provenance.pretrained_sha256' is 'bb' now but 'aa'"):
         _check_same_config(stored, moved)
+
+
+def test_exacfs_needs_stage_maps_of_a_timm_model(monkeypatch):
+    from cilbench.run.runner import RunRequest, resolve
+    request = RunRequest(method="exacfs", protocol="digits_b0s2", overrides=[f"backbone.name={TINY}"])
+    assert resolve(request).config["backbone_provenance"]["timm_model"] == "test_resnet"   # timm gives them
+    monkeypatch.setattr("cilbench.kit.backbone_card.describe_timm", lambda *a: {"out_dim": 96, "stage_maps": False})
+    with pytest.raises(UserError, match="method 'exacfs': its stage-map distillation needs stage maps"):
+        resolve(request)
+    request.overrides.append("exacfs.backbone=resnet20")          # EXACFS's own factory backbone needs none
+    assert resolve(request).config["backbone_provenance"]["timm_model"] == "test_resnet"
