@@ -152,6 +152,10 @@ class DER(ConcatExtractorMethod):
     paper = ("Yan, Xie, He. DER: Dynamically Expandable Representation for Class Incremental Learning."
              " CVPR 2021, arXiv:2103.16788")
 
+    @classmethod
+    def backbone_needs(cls, cfg: DERConfig) -> dict[str, str]:
+        return {"factory": "prune (physical channel pruning of the extractors)"} if cfg.prune else {}
+
     def __init__(self, cfg: DERConfig, ctx: Context):
         super().__init__(cfg, ctx)
         self.stack = ExtractorStack()

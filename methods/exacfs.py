@@ -139,6 +139,10 @@ class EXACFS(OneNetworkMethod):
     summary = "class-wise feature-significance distillation of stage maps, PODNet LSC, balanced fine-tuning"
     paper = "Balasubramanian et al. EXACFS - A CIL Method to Mitigate Catastrophic Forgetting. 2024"
 
+    @classmethod
+    def backbone_needs(cls, cfg: EXACFSConfig) -> dict[str, str]:
+        return {"stage_maps": "its stage-map distillation"} if cfg.backbone is None else {}
+
     def __init__(self, cfg: EXACFSConfig, ctx: Context):
         super().__init__(cfg, ctx)
         self.backbone = ctx.new_backbone(cfg.backbone)

@@ -53,7 +53,8 @@ class PCRConfig:
     tau: float = option(0.09, bounds=(1e-6, None), help="proxy-classifier temperature: logits = cos(z, w_c) / tau")
     backbone_init: Literal["torch", "kaiming_fan_out"] = option(
         "torch", help="conv weights of the backbone at the start: torch = PyTorch's nn.Conv2d default, as the "
-                      "code's reduced ResNet-18; kaiming_fan_out = kaiming_normal(fan_out), the other methods' init")
+                      "code's reduced ResNet-18; kaiming_fan_out = kaiming_normal(fan_out), the other methods' init "
+                      "(factory ResNets; a timm backbone keeps timm's init)")
     two_views: bool = option(True, help="each sample as its raw view plus one strong augmentation (code)")
     crop_scale_min: float = option(0.2, bounds=(1e-6, 1),
                                    help="the strong view's RandomResizedCrop area range is [crop_scale_min, 1]")

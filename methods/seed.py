@@ -210,6 +210,13 @@ class SEED(Method):
     paper = ("Rypeść et al. Divide and not forget: Ensemble of selectively trained experts in Continual Learning."
              " ICLR 2024, arXiv:2401.10191")
 
+    @classmethod
+    def backbone_needs(cls, cfg: SEEDConfig) -> dict[str, str]:
+        needs = {"no_pretrained": "builds its experts itself (shared stages, latent layer, last_relu)"}
+        if cfg.backbone == "card":
+            needs["factory"] = "seed.backbone=card (experts extend the card's ResNet spec)"
+        return needs
+
     def __init__(self, cfg: SEEDConfig, ctx: Context):
         super().__init__(cfg, ctx)
         self.spec = self.expert_spec(ctx)

@@ -67,6 +67,11 @@ def image_side(protocol: Protocol) -> int:
     return sides[protocol.dataset]
 
 
+def image_channels(protocol: Protocol) -> int:
+    """Channels of the card's images, known before they are loaded (digits 1, synthetic its card value, else 3)."""
+    return {"digits": 1, "synthetic": protocol.data.synthetic.channels}.get(protocol.dataset, 3)
+
+
 # --- CIFAR, in torchvision's on-disk format -----------------------------------------------------------------
 # Folder, files and md5 sums exactly as torchvision.datasets.CIFAR10/CIFAR100 lay them out and check them.
 CIFAR_LAYOUT = {

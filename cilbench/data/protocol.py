@@ -136,10 +136,13 @@ class OnlineConfig:
 
 @dataclass
 class BackboneConfig:
-    name: Literal["resnet32", "resnet20", "resnet18_cifar", "resnet18_imagenet", "resnet18_reduced",
-                  "resnet32_podnet"] = "resnet32"
-    width: int = 0                        # base width; 0 = the architecture's standard width
+    name: str = "resnet32"                # a factory ResNet (cilbench.kit.backbones.STANDARD) or "timm:<model>"
+    width: int = 0                        # base width; 0 = the architecture's standard width (factory only)
+    pretrained: str | None = None         # a local weights file loaded into the backbone (never a download)
+    timm_kwargs: dict = field(default_factory=dict)   # extra timm.create_model arguments (timm models only)
     BOUNDS: ClassVar[dict] = {"width": (0, 1024)}         # ResNet widths are 16-64; 1024 is already huge
+    # names, widths and timm_kwargs are checked against the kit when a run is resolved
+    # (cilbench.kit.timm_backbones.check_backbone_config)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from cilbench.data.augment import Augmenter
 from cilbench.data.protocol import AugmentConfig, TrainConfig
 from cilbench.data.stream import Task
 from cilbench.errors import UserError
+from cilbench.kit.backbone_card import load_pretrained
 from cilbench.kit.backbones import (
     STANDARD,
     build_backbone,
@@ -72,6 +73,7 @@ from cilbench.kit.significance import (
     significance_weights,
     uniform_like,
 )
+from cilbench.kit.timm_backbones import TimmBackbone, is_timm
 from cilbench.train.engine import features_with_flips, full_precision, phase_config, warmup_length
 from cilbench.train.memory import ExemplarMemory, ReplayBatch, ReservoirMemory
 
@@ -85,6 +87,7 @@ __all__ = [
     "ExemplarMemory", "ReservoirMemory", "ReplayBatch",
     # backbones and nets
     "STANDARD", "build_backbone", "count_params", "stage_channels", "stage_outputs", "standard_spec",
+    "TimmBackbone", "is_timm", "load_pretrained",
     "ExtractorStack", "HeadInit", "LocalSimilarityHead", "ProjectionHead", "drop_columns", "expand_head",
     "freeze", "frozen_forward", "is_frozen", "kmeans", "linear_head", "proxy_head", "snapshot", "trainable_copy",
     "tie_parameters", "pack_module", "unpack_module",

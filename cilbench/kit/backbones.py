@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilbench.errors import UserError
+from cilbench.kit.timm_backbones import TimmBackbone, is_timm, timm_spec
 
 STANDARD = {
     # name: (blocks per stage, default base width, stage width multipliers, stem kind, shortcut kind)
@@ -193,22 +194,32 @@ class ResNet(nn.Module):
 
 
 def stage_outputs(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The output map of every stage (stem excluded) and the pooled feature, in one forward pass."""
+    """The output map of every stage (stem excluded) and the pooled feature, in one forward pass (a timm
+    backbone: every feature level's map, cilbench/kit/timm_backbones.py)."""
+    if hasattr(net, "stage_outputs"):
+        return net.stage_outputs(x)
     maps = net.forward_stages(x)[1:]
     last = net.latent(maps[-1]) if getattr(net, "latent", None) is not None else maps[-1]   # as forward()
     return maps, torch.flatten(F.adaptive_avg_pool2d(last, 1), 1)
 
 
 def stage_channels(net: nn.Module) -> list[int]:
-    """Channels of each stage output of a factory backbone."""
+    """Channels of each stage output of a factory backbone (a timm backbone: of each feature level)."""
+    if hasattr(net, "stage_channels"):
+        return net.stage_channels()
     return [blocks[-1][1] for blocks in net.spec["stages"]]
 
 
 def build_backbone(name_or_spec: str | dict, in_channels: int = 3, width: int = 0,
-                   init: str = "kaiming_fan_out") -> ResNet:
+                   init: str = "kaiming_fan_out", timm_kwargs: dict | None = None) -> nn.Module:
     """`init`: "kaiming_fan_out" draws every conv weight from kaiming_normal(fan_out, relu) (the default);
     "torch" keeps PyTorch's own nn.Conv2d initialisation (kaiming_uniform with a = sqrt(5)). BatchNorm starts
-    at weight 1, bias 0 either way."""
+    at weight 1, bias 0 either way. A "timm:<model>" name or spec builds a TimmBackbone, initialised as timm
+    does (`init` and `width` apply to the factory ResNets only; `timm_kwargs` to timm models only)."""
+    timm_name = name_or_spec["name"] if isinstance(name_or_spec, dict) else name_or_spec
+    if is_timm(timm_name):
+        spec = name_or_spec if isinstance(name_or_spec, dict) else timm_spec(timm_name, in_channels, timm_kwargs)
+        return TimmBackbone(spec)
     spec = name_or_spec if isinstance(name_or_spec, dict) else standard_spec(name_or_spec, in_channels, width)
     return ResNet(spec, init)
 

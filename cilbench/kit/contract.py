@@ -18,6 +18,8 @@ from torch import nn
 from cilbench.data.augment import Augmenter
 from cilbench.data.protocol import AugmentConfig, Protocol
 from cilbench.data.stream import Stream, Task
+from cilbench.errors import UserError
+from cilbench.kit.backbone_card import load_pretrained
 from cilbench.kit.backbones import build_backbone, count_params
 from cilbench.kit.nets import ExtractorStack, pack_module, unpack_module
 from cilbench.train.engine import Engine
@@ -75,10 +77,20 @@ class Context:
             self.log_sink(message)
 
     def new_backbone(self, name: str | None = None, init: str = "kaiming_fan_out") -> nn.Module:
-        """The card's backbone, or the factory architecture `name` at the card's width; `init` as
-        build_backbone's (conv weights from kaiming_normal fan_out, or PyTorch's default)."""
-        spec = self.protocol.backbone
-        return self.engine.prepare(build_backbone(name or spec.name, self.stream.image_shape[0], spec.width, init))
+        """The card's backbone (loaded with the card's `pretrained` weights file, if any), or the architecture
+        `name` at the card's width; `init` as build_backbone's (a factory ResNet's conv weights from
+        kaiming_normal fan_out, or PyTorch's default; a timm model keeps timm's own initialisation)."""
+        card = self.protocol.backbone
+        name = name or card.name
+        own = name == card.name
+        net = build_backbone(name, self.stream.image_shape[0], card.width, init, card.timm_kwargs if own else None)
+        if card.pretrained:
+            if not own:
+                raise UserError(f"backbone.pretrained: {self.protocol.name}'s weights file is for '{card.name}', "
+                                f"but the method builds '{name}'; remove backbone.pretrained or the method's "
+                                "backbone option")
+            load_pretrained(net, card.pretrained)
+        return self.engine.prepare(net)
 
     # --- data ---------------------------------------------------------------------------------------
     def train_indices(self, task: Task) -> torch.Tensor:
@@ -182,6 +194,16 @@ class Method:
     def run_tag(cls, cfg: Any) -> str | None:
         """A tag that belongs in the run name (e.g. the pool size of TSD: 'N3')."""
         return None
+
+    @classmethod
+    def backbone_needs(cls, cfg: Any) -> dict[str, str]:
+        """What this method, so configured, needs from the card's backbone beyond pooled features:
+        {capability: the option or part that needs it}, capabilities as backbone_card.CAPABILITIES ("factory":
+        one of cilbench's own ResNets, e.g. for physical pruning; "stage_maps": stage_outputs/stage_channels),
+        plus "no_pretrained" for a method that builds its networks without ctx.new_backbone (a card's weights
+        file cannot apply). Checked when the run is resolved, so a backbone that lacks one is refused before
+        anything runs."""
+        return {}
 
     @classmethod
     def augmentation(cls, cfg: Any, card: AugmentConfig, image_side: int) -> AugmentConfig:

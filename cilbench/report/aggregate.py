@@ -267,13 +267,15 @@ class RunGroup:
     def backbone(self) -> str:
         bb = self.protocol_cfg.get("backbone") if isinstance(self.protocol_cfg.get("backbone"), dict) else {}
         name = str(bb.get("name") or "?")
-        return f"{name} (width {bb['width']})" if bb.get("width") else name
+        name = f"{name} (width {bb['width']})" if bb.get("width") else name
+        return f"{name}, pretrained" if bb.get("pretrained") else name
 
     @property
     def backbone_standard(self) -> str | None:
-        """The backbone name when it has its standard width (only then can it match a paper's)."""
+        """The backbone name when it has its standard width and starts from scratch (only then can it match a
+        paper's)."""
         bb = self.protocol_cfg.get("backbone") if isinstance(self.protocol_cfg.get("backbone"), dict) else {}
-        return None if bb.get("width") else bb.get("name")
+        return None if bb.get("width") or bb.get("pretrained") else bb.get("name")
 
     @property
     def memory(self) -> str:

@@ -20,12 +20,14 @@ import torch
 
 from cilbench import __version__
 from cilbench.config import apply_override, build, flatten, parse_override, to_dict
-from cilbench.data.datasets import image_side, load_dataset
+from cilbench.data.datasets import image_channels, image_side, load_dataset
 from cilbench.data.protocol import Protocol, build_protocol, card_path, load_card, order_for_seed, with_method_augment
 from cilbench.data.stream import Stream, Task
 from cilbench.errors import Terminated, TrainingDiverged, UserError
+from cilbench.kit.backbone_card import check_backbone, check_backbone_config
 from cilbench.kit.contract import Context, Method
 from cilbench.kit.registry import Entry, get_method
+from cilbench.kit.timm_backbones import is_timm
 from cilbench.provenance import git_commit
 from cilbench.run.lock import RunLock
 from cilbench.run.metrics import summarize
@@ -73,6 +75,16 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _drop_factory_width(card: dict, overrides: list[str]) -> None:
+    """`--set backbone.name=timm:<model>` swaps the card's ResNet for a timm model: the card's `width`, set for
+    its ResNet, does not carry over (a width given with --set still does, and is refused for a timm model)."""
+    keys = {".".join(parse_override(text)[0]) for text in overrides}
+    backbone = card.get("backbone")
+    if "backbone.name" in keys and "backbone.width" not in keys and isinstance(backbone, dict) \
+            and is_timm(backbone.get("name")):
+        backbone.pop("width", None)
+
+
 def resolve(request: RunRequest) -> Resolved:
     entry = get_method(request.method)
     cls = entry.cls
@@ -93,6 +105,7 @@ def resolve(request: RunRequest) -> Resolved:
             raise UserError(f"--set {text}: set method options as {request.method}.<key>=<value>")
         else:
             apply_override(card, path, value)
+    _drop_factory_width(card, request.overrides)
     where = card_file if not request.overrides else f"{card_file} (with --set)"
     protocol = build_protocol(card, where)
     protocol, class_order = order_for_seed(protocol, request.seed, where)
@@ -119,10 +132,12 @@ def resolve(request: RunRequest) -> Resolved:
     parts = [request.method, cls.run_tag(method_cfg), request.tag]
     run_name = "+".join(p for p in parts if p)
     check_component(run_name, "run name")
+    backbone = check_backbone(protocol.backbone, image_channels(protocol), request.method,
+                              cls.backbone_needs(method_cfg), where)
     config = {"method": request.method, "method_display": cls.display_name or request.method,
               "method_source": entry.source, "run_name": run_name, "seed": request.seed,
               "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime),
-              "class_order": class_order}
+              "class_order": class_order, "backbone_provenance": backbone}
     return Resolved(entry, protocol, method_cfg, runtime, run_name, config)
 
 
@@ -507,6 +522,8 @@ def param_counts(steps: list[dict]) -> dict:
 # runtime options that change only speed, never a result: a run may be resumed with other values; and what
 # only describes the run (where the method's code came from, its display name)
 SPEED_ONLY = {"runtime.device", "runtime.tune_malloc"}
+# where the weights file lies and which timm built the model: provenance only (the file's sha256 is compared)
+PROVENANCE_ONLY = {"protocol.backbone.pretrained", "backbone_provenance.pretrained", "backbone_provenance.timm_version"}
 DESCRIPTIVE = ("method_source", "method_display")
 
 
@@ -514,7 +531,7 @@ def _check_same_config(stored: dict, current: dict) -> None:
     a, b = flatten(stored), flatten(current)
     defaults = flatten({"runtime": to_dict(RuntimeOptions())})
     for key in sorted(set(a) | set(b)):
-        if key in SPEED_ONLY or key.split(".")[0] in DESCRIPTIVE:
+        if key in SPEED_ONLY or key in PROVENANCE_ONLY or key.split(".")[0] in DESCRIPTIVE:
             continue
         if key not in a and key in defaults and b.get(key) == defaults[key]:
             continue    # a runtime option added after the run started, at its default: nothing changed
@@ -551,7 +568,9 @@ def resolved_card(protocol_name: str, method: str | None = None, overrides: list
             if path[0] == "runtime" or path[0] in known_methods():
                 raise UserError(f"--set {text}: a method or runtime option; add --method to show-protocol")
             apply_override(card, path, value)
+        _drop_factory_width(card, overrides)
         protocol, order = order_for_seed(build_protocol(card, where), seed, where)
+        check_backbone_config(protocol.backbone, where)
     out = to_dict(protocol)
     out["memory"] = {k: out["memory"][k] for k in _MEMORY_KEYS[protocol.memory.policy]}
     out["data"] = {k: out["data"][k] for k in _DATA_KEYS.get(protocol.dataset, ())}
