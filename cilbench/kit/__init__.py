@@ -13,8 +13,12 @@ from cilbench.data.stream import Task
 from cilbench.errors import UserError
 from cilbench.kit.backbones import (
     STANDARD,
+    BackbonePart,
     build_backbone,
+    build_from_spec,
     count_params,
+    default_shared_stages,
+    split_backbone,
     stage_channels,
     stage_outputs,
     standard_spec,
@@ -85,6 +89,7 @@ __all__ = [
     "ExemplarMemory", "ReservoirMemory", "ReplayBatch",
     # backbones and nets
     "STANDARD", "build_backbone", "count_params", "stage_channels", "stage_outputs", "standard_spec",
+    "BackbonePart", "split_backbone", "default_shared_stages", "build_from_spec",
     "ExtractorStack", "HeadInit", "LocalSimilarityHead", "ProjectionHead", "drop_columns", "expand_head",
     "freeze", "frozen_forward", "is_frozen", "kmeans", "linear_head", "proxy_head", "snapshot", "trainable_copy",
     "tie_parameters", "pack_module", "unpack_module",
