@@ -157,7 +157,7 @@ class MEMO(Method):
                             milestones=[_scaled(m, f) for m in milestones])
 
     # --- building blocks -------------------------------------------------------------------------------
-    def expand(self, task: Task, ctx: Context) -> nn.Module:
+    def expand(self, ctx: Context) -> nn.Module:
         """The task's new specialized block: split off a fresh backbone at t=1, a copy of the last one after."""
         if self.trunk is None:
             net = ctx.new_backbone()
@@ -194,7 +194,7 @@ class MEMO(Method):
     # --- the task --------------------------------------------------------------------------------------
     def learn(self, task: Task, ctx: Context) -> None:
         cfg = self.cfg
-        new = self.expand(task, ctx)
+        new = self.expand(ctx)
         self.tails.add(new)
         self.head = ctx.engine.prepare(expand_head(self.head, self.tails.out_dim, task.n_seen,
                                                    init=cfg.head_init).to(ctx.device))
