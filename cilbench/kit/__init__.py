@@ -14,8 +14,12 @@ from cilbench.errors import UserError
 from cilbench.kit.backbone_card import load_pretrained
 from cilbench.kit.backbones import (
     STANDARD,
+    BackbonePart,
     build_backbone,
+    build_from_spec,
     count_params,
+    default_shared_stages,
+    split_backbone,
     stage_channels,
     stage_outputs,
     standard_spec,
@@ -88,6 +92,7 @@ __all__ = [
     # backbones and nets
     "STANDARD", "build_backbone", "count_params", "stage_channels", "stage_outputs", "standard_spec",
     "TimmBackbone", "is_timm", "load_pretrained",
+    "BackbonePart", "split_backbone", "default_shared_stages", "build_from_spec",
     "ExtractorStack", "HeadInit", "LocalSimilarityHead", "ProjectionHead", "drop_columns", "expand_head",
     "freeze", "frozen_forward", "is_frozen", "kmeans", "linear_head", "proxy_head", "snapshot", "trainable_copy",
     "tie_parameters", "pack_module", "unpack_module",

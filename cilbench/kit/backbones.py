@@ -226,3 +226,70 @@ def build_backbone(name_or_spec: str | dict, in_channels: int = 3, width: int = 
 
 def count_params(*modules: nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Splitting a spec-built backbone into a shared trunk and a specialised tail (MEMO's generalized and
+# specialized blocks): trunk = stem + stages[:split] (a feature map), tail = stages[split:] + pooling (the
+# feature). Both keep the full spec plus {"part": {"role", "split"}}, so pack_module/unpack_module and
+# ExtractorStack rebuild them through build_from_spec.
+
+class BackbonePart(nn.Module):
+    """The trunk or the tail of a factory backbone cut at a stage boundary. Built from a spec (fresh weights,
+    the backbone's initialisation) or, with `source`, as copies of an existing backbone's modules."""
+
+    def __init__(self, spec: dict, role: str, split: int, init: str = "kaiming_fan_out",
+                 source: ResNet | None = None):
+        super().__init__()
+        base = {k: v for k, v in spec.items() if k != "part"}
+        n_stages = len(base["stages"])
+        if role not in ("trunk", "tail"):
+            raise ValueError(f"unknown backbone part {role!r}; use trunk or tail")
+        if not 0 <= split < n_stages:
+            raise UserError(f"cannot split {base['name']} after {split} stage(s): it has {n_stages} stages, and "
+                            f"the tail needs at least one (use 0..{n_stages - 1})")
+        full = source if source is not None else ResNet(base, init)
+        self.spec = {**copy.deepcopy(base), "part": {"role": role, "split": split}}
+        self.role, self.split = role, split
+        if role == "trunk":
+            self.stem = copy.deepcopy(full.stem)
+            self.stages = nn.ModuleList(copy.deepcopy(s) for s in full.stages[:split])
+            self.latent = None
+            self.out_dim = stage_channels(full)[split - 1] if split else base["stem"]   # channels of the map
+        else:
+            self.stem = None
+            self.stages = nn.ModuleList(copy.deepcopy(s) for s in full.stages[split:])
+            self.latent = copy.deepcopy(full.latent)
+            self.out_dim = full.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        if self.role == "trunk":
+            return x
+        if self.latent is not None:
+            x = self.latent(x)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def split_backbone(net: ResNet, shared_stages: int) -> tuple[BackbonePart, BackbonePart]:
+    """(trunk, tail) with copies of `net`'s weights: trunk(x) is the map after the stem and the first
+    `shared_stages` stages, tail(trunk(x)) equals net(x)."""
+    return (BackbonePart(net.spec, "trunk", shared_stages, source=net),
+            BackbonePart(net.spec, "tail", shared_stages, source=net))
+
+
+def default_shared_stages(spec: dict) -> int:
+    """Every stage but the last (MEMO's code: ResNet-32 shares stem + stages 1-2 and specialises stage 3;
+    ResNet-18 shares stem + layers 1-3 and specialises layer 4)."""
+    return len(spec["stages"]) - 1
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    """A whole backbone, or the trunk/tail a spec with a "part" entry describes (fresh weights)."""
+    part = spec.get("part")
+    if part:
+        return BackbonePart(spec, part["role"], int(part["split"]))
+    return build_backbone(spec)

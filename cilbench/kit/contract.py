@@ -138,6 +138,22 @@ class Context:
             raise TypeError("remember() needs the online regime's reservoir memory")
         self.memory.add(idx, labels, self.engine.device_gen, payload=payload)
 
+    def exemplar_budget(self) -> int | None:
+        """The offline memory's total exemplar budget now (fixed_total policy; None for any other memory)."""
+        if isinstance(self.memory, ExemplarMemory) and self.memory.cfg.policy == "fixed_total":
+            return self.memory.cfg.total
+        return None
+
+    def set_exemplar_budget(self, total: int) -> None:
+        """Offline fixed_total memory: the total exemplar budget of the next selection (per class: total // seen
+        classes), e.g. lowered by what a growing model stores beyond one backbone (MEMO's memory-aligned
+        comparison). The card's protocol is untouched; a method calls this in every `learn`, so a resumed run
+        sets it again before the next selection."""
+        if self.exemplar_budget() is None:
+            raise UserError("an exemplar budget can only be set on a fixed_total memory; use a card with "
+                            "memory: {policy: fixed_total}")
+        self.memory.cfg = dataclasses.replace(self.memory.cfg, total=max(0, int(total)))
+
     def exemplar_classes(self) -> list[int]:
         """Labels that have exemplars in the offline memory (none without one)."""
         return self.memory.classes() if isinstance(self.memory, ExemplarMemory) else []

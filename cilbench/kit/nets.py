@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.kit.backbones import build_backbone, count_params
+from cilbench.kit.backbones import build_from_spec, count_params
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -105,7 +105,7 @@ class ExtractorStack(nn.Module):
     def rebuild(cls, extra: dict, weights: dict, device) -> "ExtractorStack":
         stack = cls()
         for spec in extra["specs"]:
-            stack.add(build_backbone(spec))
+            stack.add(build_from_spec(spec))
         stack.load_state_dict(weights)
         for i, frozen in enumerate(extra["frozen"]):
             if frozen:
@@ -366,7 +366,7 @@ def unpack_module(packed: dict | None, device) -> nn.Module | None:
         in_f, out_f, bias = packed["args"]
         module = nn.Linear(in_f, out_f, bias=bias)
     elif kind == "backbone":
-        module = build_backbone(packed["spec"])
+        module = build_from_spec(packed["spec"])
     else:
         raise TypeError(f"unpack_module: unknown kind {kind!r}")
     module.load_state_dict(packed["state"])
