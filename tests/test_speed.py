@@ -3,7 +3,11 @@ shortcuts that must not change data or behaviour, and `cilbench bench --method`.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,3 +326,57 @@ def test_piped_run_tables_are_not_squeezed_to_80_columns(run_cli, tmp_path):
     lines = res.stdout.splitlines()
     assert any(len(line) > 80 for line in lines)
     assert not any(line.strip("│ ") == "" and "│" in line for line in lines)   # no rows of wrapped fragments
+
+
+# --- start-up: the engine's optimiser ----------------------------------------------------------------------
+def _sgd_twins(**options):
+    """Two copies of a small net, each with torch.optim.SGD's or the engine's SGD over two parameter groups
+    (the second without weight decay, the last bias never getting a gradient)."""
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3),
+                                        torch.nn.Linear(3, 2)))
+    groups = [[{"params": [*net[0].parameters(), *net[3].parameters()]},
+               {"params": list(net[2].parameters()), "weight_decay": 0.0}] for net in nets]
+    return nets, (torch.optim.SGD(groups[0], lr=0.1, **options), engine_module.SGD(groups[1], lr=0.1, **options))
+
+
+@pytest.mark.parametrize("options", [{"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+                                     {"momentum": 0.9, "weight_decay": 5e-4}, {}])
+def test_engine_sgd_moves_parameters_as_torch_sgd_bit_for_bit(options):
+    nets, optimizers = _sgd_twins(**options)
+    x, y = torch.randn(16, 5), torch.randint(3, (16,))
+    for step in range(6):
+        for net, optimizer in zip(nets, optimizers):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.1 * 0.5 ** (step // 3)        # the fit loop's per-epoch schedule
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net[:3](x), y).backward()     # net[3] gets no gradient
+            optimizer.step()
+    for a, b in zip(*(net.parameters() for net in nets)):
+        assert torch.equal(a, b)
+    assert torch.equal(nets[1][3].weight, nets[0][3].weight)     # untouched by both
+
+
+def test_engine_sgd_refuses_a_parameter_in_two_groups():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        engine_module.SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
+
+
+def test_training_on_the_cpu_never_imports_torch_dynamo():
+    """torch.optim.Optimizer imports torch._dynamo (and sympy) on its first call, 1.5-2 s of a process's
+    start-up; a fit loop through the engine's SGD, clipping included, does not."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from harness import tiny_card, tiny_context\n"
+            "ctx, stream, engine, _ = tiny_context(tiny_card(train={'clip_norm': 1.0}))\n"
+            "net = ctx.new_backbone(); head = torch.nn.Linear(net.out_dim, 2)\n"
+            "engine.fit([*net.parameters(), *head.parameters()], lambda b: torch.nn.functional.cross_entropy("
+            "head(net(b.x)), b.y), stream.task(0).train_idx, ctx.protocol.train)\n"
+            "assert engine.first_step_age is not None\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", "import torch\n" + code], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
