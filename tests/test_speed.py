@@ -380,3 +380,110 @@ def test_training_on_the_cpu_never_imports_torch_dynamo():
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# --- every network's forward once per answer -----------------------------------------------------------------
+def _count_images(modules, counts, key, active=lambda: True):
+    """Forward hooks adding each call's batch size to counts[key(i)]; returns the handles."""
+    def hook(i):
+        def add(module, args, out):
+            if active():
+                counts[key(i)] = counts.get(key(i), 0) + len(args[0])
+        return add
+    return [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+
+
+def test_der_herds_and_evaluates_with_one_forward_of_each_extractor():
+    """Herding reads the concatenated super-feature: each extractor sees each new-class image once; evaluation
+    each test image once."""
+    from cilbench.methods.der import DER, DERConfig
+    from harness import tiny_card, tiny_context
+
+    from cilbench.config import build
+    from cilbench.run.runner import evaluate
+    ctx, stream, engine, memory = tiny_context(tiny_card())
+    method = DER(build(DERConfig, {"balanced_epochs": 1}, "test"), ctx)
+    for t in range(2):
+        task = stream.task(t)
+        engine.begin_task(0, t)
+        method.learn(task, ctx)
+        method.eval()
+        counts: dict = {}
+        handles = _count_images(method.stack.extractors, counts, lambda i: ("herding", i))
+        memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
+                      engine.order_gen)
+        for h in handles:
+            h.remove()
+        handles = _count_images(method.stack.extractors, counts, lambda i: ("eval", i))
+        evaluate(method, stream, engine, task)
+        for h in handles:
+            h.remove()
+        assert counts == {**{("herding", i): len(task.train_idx) for i in range(t + 1)},
+                          **{("eval", i): len(task.test_idx) for i in range(t + 1)}}
+
+
+def test_seed_statistics_forward_each_expert_once_per_state_it_is_fitted_in(monkeypatch):
+    """Outside training, an expert sees each of the task's images twice (itself and its flip) per Gaussian fit:
+    every expert once per task, and the fine-tuned expert once more after fine-tuning (its features changed)."""
+    from cilbench.methods.seed import SEED, SEEDConfig
+    from harness import tiny_card, tiny_context
+
+    from cilbench.config import build
+    ctx, stream, engine, _ = tiny_context(tiny_card())
+    method = SEED(build(SEEDConfig, {"experts": 2, "latent_dim": 8}, "test"), ctx)
+    in_fit = []
+    real_fit = engine.fit
+
+    def fit(*args, **kwargs):
+        in_fit.append(True)
+        try:
+            return real_fit(*args, **kwargs)
+        finally:
+            in_fit.pop()
+
+    monkeypatch.setattr(engine, "fit", fit)
+    for t in range(3):
+        task = stream.task(t)
+        engine.begin_task(0, t)
+        counts: dict = {}
+        real_new = method.new_expert
+
+        def new_expert(ctx, real_new=real_new, counts=counts):   # the expert created in this task is hooked too
+            net = real_new(ctx)
+            net._forward_hooks.clear()            # a copy of expert 1 carries a copy of its hook
+            _count_images([net], counts, lambda i, k=len(method.experts): k, lambda: not in_fit)
+            return net
+
+        monkeypatch.setattr(method, "new_expert", new_expert)
+        handles = _count_images(method.experts, counts, lambda i: i, lambda: not in_fit)
+        method.learn(task, ctx)
+        for h in handles:
+            h.remove()
+        for net in method.experts:
+            net._forward_hooks.clear()
+        two_n = 2 * len(task.train_idx)
+        expected = {k: two_n for k in range(len(method.experts))}
+        if method.log[-1]["mode"] == "finetune":
+            expected[method.log[-1]["expert"]] += two_n
+        assert counts == expected, (t, counts)
+
+
+def test_der_prune_evaluates_physically_pruned_extractors_without_masks():
+    """After pruning, inference runs smaller networks (the kept channels only), not full ones with mask hooks."""
+    from cilbench.methods.der import DER, DERConfig
+    from harness import tiny_card, tiny_context
+
+    from cilbench.config import build
+    from cilbench.kit.backbones import count_params
+    from cilbench.run.runner import evaluate
+    ctx, stream, engine, memory = tiny_context(tiny_card(), max_epochs=2)
+    method = DER(build(DERConfig, {"prune": True, "sparsity_weight": 3.0, "balanced_epochs": 1}, "test"), ctx)
+    for t in range(2):
+        engine.begin_task(0, t)
+        method.learn(stream.task(t), ctx)
+    evaluate(method, stream, engine, stream.task(1))
+    for ext, log in zip(method.stack.extractors, method.log):
+        assert count_params(ext) == log["params_after"] < log["params_before"]
+        assert ext.out_dim == log["out_dim"]
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ext.modules())
+    assert method.head.in_features == sum(log["out_dim"] for log in method.log)
