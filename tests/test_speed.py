@@ -3,7 +3,11 @@ shortcuts that must not change data or behaviour, and `cilbench bench --method`.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,3 +326,169 @@ def test_piped_run_tables_are_not_squeezed_to_80_columns(run_cli, tmp_path):
     lines = res.stdout.splitlines()
     assert any(len(line) > 80 for line in lines)
     assert not any(line.strip("│ ") == "" and "│" in line for line in lines)   # no rows of wrapped fragments
+
+
+# --- start-up: the engine's optimiser ----------------------------------------------------------------------
+def _sgd_twins(**options):
+    """Two copies of a small net, each with torch.optim.SGD's or the engine's SGD over two parameter groups
+    (the second without weight decay, the last bias never getting a gradient)."""
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3),
+                                        torch.nn.Linear(3, 2)))
+    groups = [[{"params": [*net[0].parameters(), *net[3].parameters()]},
+               {"params": list(net[2].parameters()), "weight_decay": 0.0}] for net in nets]
+    return nets, (torch.optim.SGD(groups[0], lr=0.1, **options), engine_module.SGD(groups[1], lr=0.1, **options))
+
+
+@pytest.mark.parametrize("options", [{"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+                                     {"momentum": 0.9, "weight_decay": 5e-4}, {}])
+def test_engine_sgd_moves_parameters_as_torch_sgd_bit_for_bit(options):
+    nets, optimizers = _sgd_twins(**options)
+    x, y = torch.randn(16, 5), torch.randint(3, (16,))
+    for step in range(6):
+        for net, optimizer in zip(nets, optimizers):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.1 * 0.5 ** (step // 3)        # the fit loop's per-epoch schedule
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net[:3](x), y).backward()     # net[3] gets no gradient
+            optimizer.step()
+    for a, b in zip(*(net.parameters() for net in nets)):
+        assert torch.equal(a, b)
+    assert torch.equal(nets[1][3].weight, nets[0][3].weight)     # untouched by both
+
+
+def test_engine_sgd_refuses_a_parameter_in_two_groups():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        engine_module.SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
+
+
+OPTIONAL_LIBRARIES = ("matplotlib", "pandas", "sklearn", "scipy", "submitit", "timm", "torchvision")
+
+
+def test_a_cpu_run_imports_neither_torch_dynamo_nor_optional_libraries(tmp_path):
+    """torch.optim.Optimizer imports torch._dynamo (and sympy) on its first call, 1.5-2 s of a process's
+    start-up; a run through the engine's SGD (clipping included) does not, nor does it load the libraries only
+    reports, sweeps or other data sets need."""
+    code = ("import atexit, sys\n"
+            f"atexit.register(lambda: print(sorted(m for m in ('torch._dynamo', *{OPTIONAL_LIBRARIES!r}) "
+            "if m in sys.modules)))\n"
+            "from cilbench.cli import main\n"
+            "sys.argv = ['cilbench', 'run', '--method', 'replay', '--protocol', 'digits_b0s2', '--device', 'cpu', "
+            f"'--epochs', '1', '--quiet', '--set', 'train.clip_norm=1.0', '--out', {str(tmp_path)!r}]\n"
+            "main()\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    split = json.loads((tmp_path / "digits_b0s2" / "replay" / "seed0" / "metrics.json").read_text())["time_split"]
+    assert 0 < split["first_step"]
+
+
+# --- every network's forward once per answer -----------------------------------------------------------------
+def _count_images(modules, counts, key, active=lambda: True):
+    """Forward hooks adding each call's batch size to counts[key(i)]; returns the handles."""
+    def hook(i):
+        def add(module, args, out):
+            if active():
+                counts[key(i)] = counts.get(key(i), 0) + len(args[0])
+        return add
+    return [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+
+
+def test_der_herds_and_evaluates_with_one_forward_of_each_extractor():
+    """Herding reads the concatenated super-feature: each extractor sees each new-class image once; evaluation
+    each test image once."""
+    from cilbench.methods.der import DER, DERConfig
+    from harness import tiny_card, tiny_context
+
+    from cilbench.config import build
+    from cilbench.run.runner import evaluate
+    ctx, stream, engine, memory = tiny_context(tiny_card())
+    method = DER(build(DERConfig, {"balanced_epochs": 1}, "test"), ctx)
+    for t in range(2):
+        task = stream.task(t)
+        engine.begin_task(0, t)
+        method.learn(task, ctx)
+        method.eval()
+        counts: dict = {}
+        handles = _count_images(method.stack.extractors, counts, lambda i: ("herding", i))
+        memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
+                      engine.order_gen)
+        for h in handles:
+            h.remove()
+        handles = _count_images(method.stack.extractors, counts, lambda i: ("eval", i))
+        evaluate(method, stream, engine, task)
+        for h in handles:
+            h.remove()
+        assert counts == {**{("herding", i): len(task.train_idx) for i in range(t + 1)},
+                          **{("eval", i): len(task.test_idx) for i in range(t + 1)}}
+
+
+def test_seed_statistics_forward_each_expert_once_per_state_it_is_fitted_in(monkeypatch):
+    """Outside training, an expert sees each of the task's images twice (itself and its flip) per Gaussian fit:
+    every expert once per task, and the fine-tuned expert once more after fine-tuning (its features changed)."""
+    from cilbench.methods.seed import SEED, SEEDConfig
+    from harness import tiny_card, tiny_context
+
+    from cilbench.config import build
+    ctx, stream, engine, _ = tiny_context(tiny_card())
+    method = SEED(build(SEEDConfig, {"experts": 2, "latent_dim": 8}, "test"), ctx)
+    in_fit = []
+    real_fit = engine.fit
+
+    def fit(*args, **kwargs):
+        in_fit.append(True)
+        try:
+            return real_fit(*args, **kwargs)
+        finally:
+            in_fit.pop()
+
+    monkeypatch.setattr(engine, "fit", fit)
+    for t in range(3):
+        task = stream.task(t)
+        engine.begin_task(0, t)
+        counts: dict = {}
+        real_new = method.new_expert
+
+        def new_expert(ctx, real_new=real_new, counts=counts):   # the expert created in this task is hooked too
+            net = real_new(ctx)
+            net._forward_hooks.clear()            # a copy of expert 1 carries a copy of its hook
+            _count_images([net], counts, lambda i, k=len(method.experts): k, lambda: not in_fit)
+            return net
+
+        monkeypatch.setattr(method, "new_expert", new_expert)
+        handles = _count_images(method.experts, counts, lambda i: i, lambda: not in_fit)
+        method.learn(task, ctx)
+        for h in handles:
+            h.remove()
+        for net in method.experts:
+            net._forward_hooks.clear()
+        two_n = 2 * len(task.train_idx)
+        expected = {k: two_n for k in range(len(method.experts))}
+        if method.log[-1]["mode"] == "finetune":
+            expected[method.log[-1]["expert"]] += two_n
+        assert counts == expected, (t, counts)
+
+
+def test_der_prune_evaluates_physically_pruned_extractors_without_masks():
+    """After pruning, inference runs smaller networks (the kept channels only), not full ones with mask hooks."""
+    from cilbench.methods.der import DER, DERConfig
+    from harness import tiny_card, tiny_context
+
+    from cilbench.config import build
+    from cilbench.kit.backbones import count_params
+    from cilbench.run.runner import evaluate
+    ctx, stream, engine, memory = tiny_context(tiny_card(), max_epochs=2)
+    method = DER(build(DERConfig, {"prune": True, "sparsity_weight": 3.0, "balanced_epochs": 1}, "test"), ctx)
+    for t in range(2):
+        engine.begin_task(0, t)
+        method.learn(stream.task(t), ctx)
+    evaluate(method, stream, engine, stream.task(1))
+    for ext, log in zip(method.stack.extractors, method.log):
+        assert count_params(ext) == log["params_after"] < log["params_before"]
+        assert ext.out_dim == log["out_dim"]
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ext.modules())
+    assert method.head.in_features == sum(log["out_dim"] for log in method.log)

@@ -4,12 +4,18 @@ the HTML report. Complete runs already under results/runs are reused (set DEMO_F
 The demo keeps each card's own budget except where one phase dominates the wall time: TSD's distillation
 runs 12 epochs instead of the reduced cards' 24 so that the whole demo fits in about three minutes on two
 CPU cores. The paper cards are untouched.
+
+The runs go to DEMO_WORKERS worker processes (default 2, at most one per core), each with one torch thread;
+progress lines and the table keep DEMO_RUNS' order whichever run finishes first, and a run that fails is
+reported while the others go on.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -48,25 +54,73 @@ def _complete(path: Path) -> bool:
     return (manifest_of(path) or {}).get("status") == "complete"
 
 
-def _run_all(console: Console, force: bool, epochs: int | None) -> list[tuple[str, str, dict]] | None:
-    rows = []
-    for protocol, method, overrides, name in DEMO_RUNS:
+def _one_thread() -> None:
+    """A worker's start: one torch thread, so two workers share two cores without oversubscribing them."""
+    import torch
+    torch.set_num_threads(1)
+
+
+def _execute(protocol: str, method: str, overrides: list[str], out: str,
+             epochs: int | None) -> tuple[str, str, float]:
+    """One demo run in a worker: ("ok", run directory, seconds) or ("error", one line, seconds). Errors come back
+    as text, so a failing run (or an exception that cannot be pickled) never stops the others."""
+    t0 = time.perf_counter()
+    try:
+        path = execute(RunRequest(method=method, protocol=protocol, overrides=overrides, out=out, force=True,
+                                  quiet=True, epochs=epochs))
+        return "ok", str(path), time.perf_counter() - t0
+    except UserError as exc:
+        return "error", str(exc), time.perf_counter() - t0
+    except Exception as exc:   # a method's bug, a diverged run: report it and let the other runs finish
+        return "error", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+
+
+def workers() -> int:
+    """DEMO_WORKERS (default 2), at most one per core."""
+    text = os.environ.get("DEMO_WORKERS") or "2"
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"DEMO_WORKERS={text!r}: give a number of worker processes >= 1, e.g. DEMO_WORKERS=2")
+    return min(int(text), os.cpu_count() or 1)
+
+
+def _run_all(console: Console, force: bool, epochs: int | None) -> tuple[list[tuple[str, str, dict]], int]:
+    """Every run of DEMO_RUNS (complete ones reused unless `force`), in worker processes; the rows of the runs
+    that completed, in DEMO_RUNS' order, and how many failed."""
+    jobs: dict[int, Future] = {}
+    done: dict[int, tuple[str, str, float]] = {}
+    for i, (protocol, method, overrides, name) in enumerate(DEMO_RUNS):
         path = run_dir(RUNS, protocol, name, 0)
-        label = f"{protocol} {name}"
-        t0 = time.perf_counter()
         if _complete(path) and not force:
-            console.print(f"  {escape(label):<32} reused {escape(str(path))}")
-        else:
-            console.print(f"  {escape(label):<32} running ...", end="")
-            try:
-                path = execute(RunRequest(method=method, protocol=protocol, overrides=overrides, out=str(RUNS),
-                                          force=True, quiet=True, epochs=epochs))
-            except UserError as exc:
-                console.print(f"\nerror: {escape(str(exc))}")
-                return None
-            console.print(f" {time.perf_counter() - t0:.0f}s")
-        rows.append((protocol, name, read_metrics(path / "metrics.json")))
-    return rows
+            done[i] = ("reused", str(path), 0.0)
+    todo = [i for i in range(len(DEMO_RUNS)) if i not in done]
+    pool = None
+    if todo:   # spawn: a fresh interpreter, never a fork of a process that already runs torch's thread pools
+        pool = ProcessPoolExecutor(min(workers(), len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_one_thread)
+        for i in todo:
+            protocol, method, overrides, _ = DEMO_RUNS[i]
+            jobs[i] = pool.submit(_execute, protocol, method, list(overrides), str(RUNS), epochs)
+    rows, failed = [], 0
+    try:
+        for i, (protocol, _, _, name) in enumerate(DEMO_RUNS):   # printed in this order, whoever finishes first
+            label = f"{protocol} {name}"
+            if i in jobs:
+                try:
+                    done[i] = jobs[i].result()
+                except Exception as exc:      # the worker itself died (killed, out of memory)
+                    done[i] = ("error", f"worker lost ({type(exc).__name__}: {exc})", 0.0)
+            status, detail, seconds = done[i]
+            if status == "error":
+                failed += 1
+                console.print(f"  {escape(label):<32} failed: {escape(detail)}")
+                continue
+            what = "reused" if status == "reused" else f"{seconds:.0f}s"
+            console.print(f"  {escape(label):<32} {what} {escape(detail) if status == 'reused' else ''}".rstrip())
+            rows.append((protocol, name, read_metrics(Path(detail) / "metrics.json")))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return rows, failed
 
 
 def _summary(rows: list[tuple[str, str, dict]]) -> Table:
@@ -90,10 +144,18 @@ def main() -> int:
     protocols = sorted({p for p, *_ in DEMO_RUNS})
     console.print(f"cilbench demo: {len(DEMO_RUNS)} runs on {', '.join(protocols)} (CPU), results in {RUNS}")
     t0 = time.perf_counter()
-    rows = _run_all(console, force, epochs)
-    if rows is None:
+    try:
+        workers()
+    except UserError as exc:
+        console.print(f"error: {escape(str(exc))}")
         return 2
-    console.print(_summary(rows))
+    rows, failed = _run_all(console, force, epochs)
+    if rows:
+        console.print(_summary(rows))
+    if failed:
+        console.print(f"error: {failed} of {len(DEMO_RUNS)} runs failed (above); the table and report show the rest")
+    if not rows:
+        return 2
     from cilbench.report import build_report
     try:
         index = build_report(RUNS, REPORT, protocols=protocols)
@@ -101,7 +163,7 @@ def main() -> int:
         console.print(f"error: {escape(str(exc))}")
         return 2
     console.print(f"report: {escape(str(index))} (open it in a browser); demo took {time.perf_counter() - t0:.0f}s")
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

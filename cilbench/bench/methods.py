@@ -136,7 +136,7 @@ def put_back(engine: Engine, call: FitCall):
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def bare_step(engine: Engine, call: FitCall, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+def bare_step(engine: Engine, call: FitCall, optimizer, batch: Batch) -> None:
     """The phase's training step with nothing around it: the method's loss, backward, gradient surgery,
     clipping, the optimiser's step (under the engine's autocast, as the harness runs it)."""
     with engine.autocast():

@@ -17,6 +17,7 @@ from typing import Callable, ClassVar, Iterable, Literal, Protocol
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd as functional_sgd
 
 from cilbench.data.augment import Augmenter
 from cilbench.data.protocol import AugmentConfig, TrainConfig
@@ -213,10 +214,49 @@ def schedule_factor(cfg: TrainConfig, epochs: int, epoch: int) -> float:
     return 1.0
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+class SGD:
+    """torch.optim.SGD's update, computed by torch's own functional `torch.optim.sgd.sgd` with the arguments
+    torch.optim.SGD.step passes it (so parameters come out bit for bit the same), without torch.optim.Optimizer:
+    its `add_param_group`, `zero_grad` and `step` wrappers import torch._dynamo (and sympy) on first call,
+    1.5-2 s of every process's start-up on a CPU. What the fit loop uses: `param_groups` (each group's "lr"
+    is set per epoch), `zero_grad`, `step`; momentum buffers live in `state`, per parameter."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        if nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum requires a momentum")
+        defaults = {"lr": lr, "momentum": momentum, "dampening": 0.0, "nesterov": nesterov,
+                    "weight_decay": weight_decay}
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
+        seen = [id(p) for group in self.param_groups for p in group["params"]]
+        if len(seen) != len(set(seen)):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.state: dict[torch.Tensor, torch.Tensor] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.detach_().zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            buffers = [self.state.get(p) for p in params]
+            functional_sgd(params, [p.grad for p in params], buffers, weight_decay=group["weight_decay"],
+                           momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                           nesterov=group["nesterov"], maximize=False)
+            if group["momentum"] != 0:
+                self.state.update(zip(params, buffers))     # sgd() fills in the buffers it created
+
+
+def make_optimizer(params, cfg: TrainConfig) -> SGD | torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -330,8 +370,8 @@ class Engine:
         `epoch_extras` is called at each epoch's end; its entries join that epoch's event (a method's loss
         parts, e.g. EXACFS's old/new distillation contributions).
         """
-        start = time.perf_counter()    # the optimiser's construction is part of the phase (the first one in a
-        params = list(params)          # process imports torch._dynamo: about 1.5 s)
+        start = time.perf_counter()
+        params = list(params)
         modules = list(modules)
         optimizer = make_optimizer(params, cfg)
         flat = flat_params(params)
