@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
+# one pytest worker per CPU core (each test process uses one torch thread: tests/conftest.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n auto tests
 
 # sweeps through a real one-node Slurm started (and stopped) by .ci/slurm/test.sh; needs root
 test-slurm: $(STAMP)
