@@ -17,7 +17,7 @@ Task t > 1, two stages:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilbench.kit import (
+    AugmentConfig,
     Context,
     ExtractorStack,
     Footprint,
@@ -56,7 +57,7 @@ class FOSTERConfig:
                           help="beta of the boosting stage's effective-number class weights (logits-adjusted CE); "
                                "the cards set the authors' per-setting value")
     beta1_per_task: list[float] = option(
-        [], help="beta1 for task 2, 3, ... (the authors' B0 10/20-step configs decay it per task); empty: beta1 "
+        [], help="beta1 for task 2, 3, ... (the authors' B0 5- and 10-step configs decay it per task); empty: beta1 "
                  "for every task")
     beta2: float = option(0.97, bounds=(0, 0.999999),
                           help="beta of the compression stage's class weights (balanced KD)")
@@ -71,6 +72,10 @@ class FOSTERConfig:
     student_wa: bool = option(False, help="weight aligning of the student's head after compression (is_student_wa)")
     wa_value: float = option(1.0, bounds=(0, None),
                              help="weight aligning's extra factor value^(n_old / n_new) (PyCIL's wa_value)")
+    augment: Literal["pycil", "official"] = option(
+        "pycil", help="pycil = the card's augmentation (PyCIL: crop, flip, brightness 63/255); official = the "
+                      "authors' repository (ECCV22-FOSTER), which adds AutoAugment (CIFAR-10 policy up to 64 px, "
+                      "else ImageNet's) and, up to 64 px, Cutout 16 before normalisation")
     # --- what infers ----------------------------------------------------------------------------------
     infer_with: Literal["student", "teacher"] = option(
         "student", help="student = the compressed single-extractor model (the paper's final model); teacher = "
@@ -115,6 +120,17 @@ class FOSTER(Method):
         self.teacher: ExtractorStack | None = None  # kept only to infer with it (infer_with: teacher)
         self.teacher_head: nn.Linear | None = None
         self.record: dict = {}
+
+    @classmethod
+    def augmentation(cls, cfg: FOSTERConfig, card: AugmentConfig, image_side: int) -> AugmentConfig:
+        """The card's augmentation, or the authors' repository's: brightness 63/255, AutoAugment and (CIFAR-sized
+        images) Cutout 16 cut on the [0, 1] image, as its ToTensor-Cutout-Normalize chain does."""
+        if cfg.augment == "pycil":
+            return card
+        small = image_side <= 64
+        official = replace(card, brightness=card.brightness or 63 / 255,
+                           autoaugment="cifar10" if small else "imagenet")
+        return replace(official, cutout=16, cutout_normalised=False) if small else official
 
     # --- phases ----------------------------------------------------------------------------------------
     def phase(self, epochs: int, lr: float | None, weight_decay: float | None) -> TrainConfig:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from cilbench.methods.foster import FOSTER, FOSTERConfig
 from harness import learn_and_remember, tiny_card, tiny_context
 from typer.testing import CliRunner
 
@@ -24,7 +25,6 @@ from cilbench.kit import (
     logit_adjusted_ce,
     weight_align,
 )
-from cilbench.methods.foster import FOSTER, FOSTERConfig
 
 CARD = tiny_card(name="tiny_foster")
 
