@@ -37,9 +37,12 @@ from cilbench.kit.contract import (
 from cilbench.kit.gaussians import EPS_START, GaussianStore
 from cilbench.kit.losses import (
     aux_labels,
+    balanced_kd,
     batch_class_counts,
+    effective_number_weights,
     ht_multiplier,
     kd_soft_ce,
+    logit_adjusted_ce,
     nca_margin_loss,
     pcd_loss,
     pcr_hc_loss,
@@ -65,6 +68,7 @@ from cilbench.kit.nets import (
     tie_parameters,
     trainable_copy,
     unpack_module,
+    weight_align,
 )
 from cilbench.kit.pruning import ChannelMasks, anneal, describe, prune, regrow
 from cilbench.kit.registry import register
@@ -95,9 +99,10 @@ __all__ = [
     "BackbonePart", "split_backbone", "default_shared_stages", "build_from_spec",
     "ExtractorStack", "HeadInit", "LocalSimilarityHead", "ProjectionHead", "drop_columns", "expand_head",
     "freeze", "frozen_forward", "is_frozen", "kmeans", "linear_head", "proxy_head", "snapshot", "trainable_copy",
-    "tie_parameters", "pack_module", "unpack_module",
+    "tie_parameters", "pack_module", "unpack_module", "weight_align",
     # losses
-    "aux_labels", "batch_class_counts", "ht_multiplier", "kd_soft_ce", "nca_margin_loss", "pcd_loss",
+    "aux_labels", "balanced_kd", "batch_class_counts", "effective_number_weights", "ht_multiplier", "kd_soft_ce",
+    "logit_adjusted_ce", "nca_margin_loss", "pcd_loss",
     "pcr_hc_loss", "pcr_loss", "scd_loss", "supcon_distinct",
     # pruning, Gaussians, feature significance
     "ChannelMasks", "anneal", "describe", "prune", "regrow", "EPS_START", "GaussianStore",

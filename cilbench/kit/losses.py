@@ -172,3 +172,35 @@ def ht_multiplier(step: int, mode: str = "code", tau: float = 0.09, tau_min: flo
         return tau / (tau_max - (tau_max - tau_min) * wave)
     lo, hi = tau / tau_max, tau / tau_min
     return (hi - lo) * wave + lo
+
+
+# --- class-imbalance weights and balanced objectives (FOSTER, Wang et al., ECCV 2022) -------------------------
+
+def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-class weights from the effective number of samples (Cui et al., CVPR 2019), as FOSTER uses them:
+    w_c = (1 - beta) / (1 - beta^{n_c}), rescaled so the weights sum to the number of classes. A class with few
+    samples (an old class kept as exemplars) gets a large weight. `counts` [C] > 0; float32 result."""
+    counts = counts.double()
+    if bool((counts <= 0).any()):
+        raise ValueError("effective_number_weights: every class needs at least one sample")
+    w = (1.0 - beta) / (1.0 - torch.pow(torch.full_like(counts, beta), counts))
+    return (w / w.sum() * len(counts)).float()
+
+
+def logit_adjusted_ce(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits divided column-wise by per-class weights, CE(o / w, y): FOSTER's
+    logits-adjusted loss for the old/new imbalance of boosting (w from effective_number_weights; a large w
+    shrinks that class's logit during training, so the model learns to score it higher). Float32."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float() / class_weights.float(), labels)
+
+
+def balanced_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                class_weights: torch.Tensor) -> torch.Tensor:
+    """FOSTER's balanced distillation: the teacher's softened distribution re-weighted per class and
+    renormalised, p_c = w_c softmax(t/T)_c / sum_k w_k softmax(t/T)_k, then -(1/B) sum_b sum_c p_c
+    log_softmax(s/T)_c. With all w equal it is kd_soft_ce. Float32."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        target = F.softmax(teacher_logits.float() / temperature, dim=1) * class_weights.float()
+        target = target / target.sum(dim=1, keepdim=True)
+        return -(target * F.log_softmax(student_logits.float() / temperature, dim=1)).sum(dim=1).mean()

@@ -154,6 +154,20 @@ def expand_head(old: nn.Linear | None, in_features: int, out_features: int, inhe
     return new
 
 
+@torch.no_grad()
+def weight_align(head: nn.Linear, n_old: int, value: float = 1.0) -> float:
+    """Weight aligning (WA, Zhao et al. CVPR 2020; PyCIL's `weight_align`): the new-class rows (n_old:) of the
+    head's weight are rescaled by gamma = mean old-row norm / mean new-row norm * value^(n_old / n_new); the bias
+    is untouched. Returns gamma (1.0 when there are no old or no new classes: nothing to align)."""
+    w = head.weight
+    n_new = w.shape[0] - n_old
+    if n_old <= 0 or n_new <= 0:
+        return 1.0
+    gamma = w[:n_old].norm(dim=1).mean() / w[n_old:].norm(dim=1).mean() * value ** (n_old / n_new)
+    w[n_old:] *= gamma
+    return float(gamma)
+
+
 def drop_columns(head: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     """A copy of `head` that reads only the input features in `keep` (e.g. without a teacher's block)."""
     new = nn.Linear(int(keep.numel()), head.out_features, bias=head.bias is not None).to(head.weight.device)

@@ -130,7 +130,7 @@ FAMILIES = {"finetune": "baseline", "replay": "baseline", "er": "baseline", "joi
             "pcr": "pcr", "hpcr": "pcr", "exacfs": "exacfs"}
 LOWER_BOUNDS = {"finetune"}
 UPPER_BOUNDS = {"joint"}
-_ORDER = ["finetune", "replay", "er", "der", "der_prune", "memo", "seed", "pcr", "hpcr", "exacfs", "tsd_grc",
+_ORDER = ["finetune", "replay", "er", "der", "der_prune", "foster", "memo", "seed", "pcr", "hpcr", "exacfs", "tsd_grc",
           "tsd_fixed"]
 
 
