@@ -127,7 +127,7 @@ NAMES = {"finetune": "Finetune", "replay": "Replay", "er": "ER", "joint": "Joint
          "hpcr": "HPCR", "exacfs": "EXACFS"}
 FAMILIES = {"finetune": "baseline", "replay": "baseline", "er": "baseline", "joint": "baseline",
             "der": "der", "der_prune": "der", "tsd_grc": "tsd", "tsd_fixed": "tsd", "seed": "seed",
-            "pcr": "pcr", "hpcr": "pcr", "exacfs": "exacfs"}
+            "pcr": "pcr", "hpcr": "pcr", "exacfs": "exacfs", "foster": "foster", "memo": "memo", "dytox": "dytox"}
 LOWER_BOUNDS = {"finetune"}
 UPPER_BOUNDS = {"joint"}
 _ORDER = ["finetune", "replay", "er", "der", "der_prune", "foster", "memo", "seed", "pcr", "hpcr", "exacfs", "tsd_grc",
