@@ -158,3 +158,19 @@ def test_cli_run_on_digits(tmp_path):
         steps = list(csv.DictReader(fh))
     assert [int(s["task_tokens"]) for s in steps] == [1, 2, 3, 4, 5]
     assert all(int(s["extractors"]) == 1 for s in steps)
+
+
+def test_code_recipe_adamw_warmup_from_warmup_lr_cosine_to_min_lr():
+    from cilbench.train.engine import make_optimizer, schedule_factor
+    ctx, *_ = tiny_context(CARD)
+    cfg = DyTox(build(DyToxConfig, {}, "test"), ctx).train_config()      # the code's defaults
+    assert (cfg.optimizer, cfg.epochs, cfg.batch_size, cfg.warmup_epochs) == ("adamw", 500, 128, 5)
+    assert cfg.lr == pytest.approx(5e-4 * 128 / 512)                          # linear scaling by batch / 512
+    lrs = [cfg.lr * schedule_factor(cfg, 500, e) for e in range(500)]
+    # timm's warm-up: warmup_lr + e (lr - warmup_lr) / 5 from epoch 0; then cosine from lr down to min_lr
+    assert lrs[0] == pytest.approx(1e-6) and lrs[4] == pytest.approx(1e-6 + 4 * (cfg.lr - 1e-6) / 5)
+    assert lrs[5] == pytest.approx(cfg.lr)
+    assert lrs[-1] == pytest.approx(1e-5 + (cfg.lr - 1e-5) * 0.5 * (1 + math.cos(math.pi * 494 / 495)))
+    assert isinstance(make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg), torch.optim.AdamW)
+    ft = DyTox(build(DyToxConfig, {}, "test"), ctx).finetune_config()
+    assert (ft.schedule, ft.epochs) == ("constant", 20) and ft.lr == pytest.approx(5e-5 * 128 / 512)
