@@ -23,7 +23,8 @@ from cilbench.kit.registry import known_methods
 from cilbench.train.engine import Engine
 
 # options a method needs on the tiny card (8x8 images, resnet20 at width 4: 16 output channels)
-TINY_SETS = {"seed": {"latent_dim": 8}}
+TINY_SETS = {"seed": {"latent_dim": 8},
+             "dytox": {"embed_dim": 8, "heads": 2, "sab_depth": 1, "patch_size": 2}}
 
 OFFLINE = tiny_card(name="contract_offline")
 ONLINE = tiny_card(name="contract_online", regime="online", memory={"policy": "reservoir", "size": 24},

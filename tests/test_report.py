@@ -242,7 +242,7 @@ def test_reference_rows_shown_and_differences_only_where_backbone_matches(built)
 def test_reference_files_load_with_provenance_and_marks():
     refs, curves = load_reference()
     papers = {r.paper.split(" (")[0] for r in refs}
-    assert papers == {"DER", "SEED", "HPCR", "EXACFS"}
+    assert papers == {"DER", "SEED", "HPCR", "EXACFS", "DyTox"}
     for r in refs:
         assert r.backbone and r.class_order and r.tables, r
     by = {(r.paper.split(" (")[0], ",".join(r.tables), r.protocol, r.backbone, r.memory, r.method): r for r in refs}

@@ -35,6 +35,7 @@ DEMO_RUNS = [
     ("digits_b0s2", "replay", [], "replay"),
     ("digits_b0s2", "der", [], "der"),
     ("digits_b0s2", "der_prune", [], "der_prune"),
+    ("digits_b0s2", "dytox", [], "dytox"),
     ("digits_b0s2", "foster", [], "foster"),
     ("digits_b0s2", "memo", [], "memo"),
     ("digits_b0s2", "tsd_grc", ["tsd_grc.n_extractors=2", f"tsd_grc.kd_epochs={DEMO_KD_EPOCHS}"], "tsd_grc+N2"),

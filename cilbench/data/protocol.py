@@ -36,7 +36,7 @@ class TrainConfig:
     """One training phase's budget. Milestones count epochs after warm-up (as DER's scheduler does)."""
     epochs: int = 170
     batch_size: int = 128
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"   # adamw: decoupled weight decay (ViT recipes)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -45,12 +45,15 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     warmup_epochs: int = 0
+    warmup_lr: float | None = None        # linear warm-up from this lr (timm's warmup_lr_init); null: (e+1)/w ramp
+    min_lr: float = 0.0                   # cosine floor (timm's min_lr)
     clip_norm: float | None = None
     # upper bounds stop values that are typos or crash a run (a batch of 1e10, momentum 2 diverging); the lr
     # stays open above (a sweep may probe a diverging lr on purpose)
     BOUNDS: ClassVar[dict] = {"epochs": (None, MAX_EPOCHS), "batch_size": (None, MAX_BATCH), "momentum": (0, 1),
                               "weight_decay": (0, None), "milestones": (0, MAX_EPOCHS), "gamma": (0, None),
-                              "warmup_epochs": (0, MAX_EPOCHS), "clip_norm": (0, None)}
+                              "warmup_epochs": (0, MAX_EPOCHS), "clip_norm": (0, None),
+                              "warmup_lr": (0, None), "min_lr": (0, None)}
 
     def validate(self, where: str) -> None:
         if self.epochs < 1 or self.batch_size < 1:

@@ -4,8 +4,9 @@
 
 Everything a method may use is exported here: the contract (Method, Context, Footprint, register, option),
 the task and configs it receives, the engine helpers (phase configs, full-precision statistics), backbones,
-heads and nets, losses, pruning, Gaussians and feature significance, memory types, and UserError for a
-one-line message to the user. Methods import nothing else from cilbench (a test checks the built-ins).
+heads and nets, vision-transformer pieces, losses, pruning, Gaussians and feature significance, memory types,
+and UserError for a one-line message to the user. Methods import nothing else from cilbench (a test checks the
+built-ins).
 """
 from cilbench.data.augment import Augmenter
 from cilbench.data.protocol import AugmentConfig, TrainConfig
@@ -82,6 +83,15 @@ from cilbench.kit.significance import (
     uniform_like,
 )
 from cilbench.kit.timm_backbones import TimmBackbone, is_timm
+from cilbench.kit.transformers import (
+    ClassAttention,
+    ClassAttentionBlock,
+    PatchEncoder,
+    SelfAttentionBlock,
+    decay_groups,
+    drop_path_rates,
+    init_vit_weights,
+)
 from cilbench.train.engine import features_with_flips, full_precision, phase_config, warmup_length
 from cilbench.train.memory import ExemplarMemory, ReplayBatch, ReservoirMemory
 
@@ -108,4 +118,7 @@ __all__ = [
     "ChannelMasks", "anneal", "describe", "prune", "regrow", "EPS_START", "GaussianStore",
     "class_gradient_significance", "ema_significance", "normalise_significance", "significance_distillation",
     "significance_summary", "significance_weights", "uniform_like",
+    # vision-transformer pieces (timm layers)
+    "ClassAttention", "ClassAttentionBlock", "PatchEncoder", "SelfAttentionBlock", "decay_groups",
+    "drop_path_rates", "init_vit_weights",
 ]

@@ -130,8 +130,8 @@ FAMILIES = {"finetune": "baseline", "replay": "baseline", "er": "baseline", "joi
             "pcr": "pcr", "hpcr": "pcr", "exacfs": "exacfs", "foster": "foster", "memo": "memo", "dytox": "dytox"}
 LOWER_BOUNDS = {"finetune"}
 UPPER_BOUNDS = {"joint"}
-_ORDER = ["finetune", "replay", "er", "der", "der_prune", "foster", "memo", "seed", "pcr", "hpcr", "exacfs", "tsd_grc",
-          "tsd_fixed"]
+_ORDER = ["finetune", "replay", "er", "der", "der_prune", "dytox", "foster", "memo", "seed", "pcr", "hpcr",
+          "exacfs", "tsd_grc", "tsd_fixed"]
 
 
 def display_name(run_name: str, method: str | None = None, declared: str | None = None) -> str:

@@ -203,11 +203,14 @@ def schedule_factor(cfg: TrainConfig, epochs: int, epoch: int) -> float:
     scale = epochs / cfg.epochs
     warmup = warmup_length(cfg, epochs)
     if epoch < warmup:
+        if cfg.warmup_lr is not None:      # timm: warmup_lr + e * (lr - warmup_lr) / w, from warmup_lr at e = 0
+            return (cfg.warmup_lr + epoch * (cfg.lr - cfg.warmup_lr) / warmup) / cfg.lr
         full = warmup > 1 and warmup == cfg.warmup_epochs
         return (epoch + 1) / (warmup if full else warmup + 1)
     e, span = epoch - warmup, max(epochs - warmup, 1)
     if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * e / span))
+        floor = min(cfg.min_lr / cfg.lr, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * e / span))
     if cfg.schedule == "multistep":
         passed = sum(1 for m in cfg.milestones if e >= round(m * scale))
         return cfg.gamma ** passed
@@ -257,6 +260,8 @@ class SGD:
 def make_optimizer(params, cfg: TrainConfig) -> SGD | torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
