@@ -181,6 +181,16 @@ class DyTox(Method):
     paper = ("Douillard, Ramé, Couairon, Cord. DyTox: Transformers for Continual Learning with DYnamic TOken "
              "eXpansion. CVPR 2022, arXiv:2111.11326")
 
+    @classmethod
+    def architecture(cls, cfg: DyToxConfig, card_backbone: str) -> str:
+        """The paper's network (5 GPSA + 1 task-attention block, 384 wide, 12 heads) is `convit_dytox` with 4x4
+        patches (CIFAR) and `convit_dytox_p16` with 16x16 (ImageNet); any other size is spelled out."""
+        if (cfg.embed_dim, cfg.sab_depth, cfg.tab_depth, cfg.heads, cfg.sab_kind) == (384, 5, 1, 12, "gpsa") \
+                and cfg.patch_size in (4, 16):
+            return "convit_dytox" + ("_p16" if cfg.patch_size == 16 else "")
+        return (f"dytox_{cfg.sab_kind} (width {cfg.embed_dim}, {cfg.sab_depth}+{cfg.tab_depth} blocks, "
+                f"{cfg.heads} heads, patch {cfg.patch_size})")
+
     def __init__(self, cfg: DyToxConfig, ctx: Context):
         super().__init__(cfg, ctx)
         if cfg.embed_dim % cfg.heads:

@@ -140,6 +140,10 @@ class EXACFS(OneNetworkMethod):
     paper = "Balasubramanian et al. EXACFS - A CIL Method to Mitigate Catastrophic Forgetting. 2024"
 
     @classmethod
+    def architecture(cls, cfg: EXACFSConfig, card_backbone: str) -> str:
+        return cfg.backbone or card_backbone
+
+    @classmethod
     def backbone_needs(cls, cfg: EXACFSConfig) -> dict[str, str]:
         return {"stage_maps": "its stage-map distillation"} if cfg.backbone is None else {}
 

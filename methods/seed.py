@@ -211,6 +211,10 @@ class SEED(Method):
              " ICLR 2024, arXiv:2401.10191")
 
     @classmethod
+    def architecture(cls, cfg: SEEDConfig, card_backbone: str) -> str:
+        return card_backbone if cfg.backbone == "card" else cfg.backbone
+
+    @classmethod
     def backbone_needs(cls, cfg: SEEDConfig) -> dict[str, str]:
         needs = {"no_pretrained": "builds its experts itself (shared stages, latent layer, last_relu)"}
         if cfg.backbone == "card":

@@ -242,13 +242,13 @@ def test_reference_rows_shown_and_differences_only_where_backbone_matches(built)
 def test_reference_files_load_with_provenance_and_marks():
     refs, curves = load_reference()
     papers = {r.paper.split(" (")[0] for r in refs}
-    assert papers == {"DER", "SEED", "HPCR", "EXACFS", "DyTox"}
+    assert papers == {"DER", "SEED", "HPCR", "EXACFS", "DyTox", "FOSTER"}
     for r in refs:
         assert r.backbone and r.class_order and r.tables, r
     by = {(r.paper.split(" (")[0], ",".join(r.tables), r.protocol, r.backbone, r.memory, r.method): r for r in refs}
     assert by[("DER", "Table 7", "cifar100_b0s10", "resnet32", "fixed_total:2000", "DER w/o P")].values["avg"].text \
         == "71.29"
-    assert by[("EXACFS", "Table 1", "cifar100_b50s2", "resnet32", "per_class:20", "EXACFS")].values["avg"].text \
+    assert by[("EXACFS", "Table 1", "cifar100_b50s2", "resnet32_podnet", "per_class:20", "EXACFS")].values["avg"].text \
         == "62.75"
     hpcr = by[("HPCR", "Table III,Table V,Table VI", "cifar100_online_b0s10", "resnet18_reduced", "reservoir:1000",
                "HPCR")]
@@ -897,3 +897,35 @@ def test_yaml_alias_bomb_is_refused_within_a_second():
     with pytest.raises(ValueError, match="refers to itself"):
         load_yaml_bounded("a: &a [1, *a]\n")
     assert load_yaml_bounded("a: &x {k: 1}\nb: *x\n") == {"a": {"k": 1}, "b": {"k": 1}}   # small aliases are fine
+
+
+def test_the_report_names_the_network_a_method_ran_not_the_cards():
+    """DyTox builds a transformer and EXACFS/SEED may pick their own ResNet: config.yaml records the network
+    (`method_backbone`), the report shows it, and only that network matches a paper's backbone."""
+    from cilbench.kit.registry import known_methods
+    from cilbench.report.aggregate import RunGroup
+    from cilbench.run.rundir import SeedRun
+    from cilbench.run.runner import RunRequest, resolve
+
+    dytox = known_methods()["dytox"].cls
+    assert dytox.architecture(dytox.Config(), "resnet32") == "convit_dytox"
+    assert dytox.architecture(dytox.Config(patch_size=16), "resnet18_imagenet") == "convit_dytox_p16"
+    reduced = resolve(RunRequest(method="dytox", protocol="digits_b0s2")).config["method_backbone"]
+    assert reduced.startswith("dytox_gpsa (width") and "patch 4" in reduced
+    assert resolve(RunRequest(method="exacfs", protocol="cifar100_b50s5")).config["method_backbone"] == \
+        "resnet32_podnet"
+    assert resolve(RunRequest(method="seed", protocol="cifar100_b50s5")).config["method_backbone"] == \
+        "resnet18_imagenet"
+    assert resolve(RunRequest(method="der", protocol="digits_b0s2")).config["method_backbone"] == "resnet20"
+
+    def group(method_backbone, card_backbone):
+        config = {"protocol": {"backbone": card_backbone}, "method_backbone": method_backbone}
+        run = SeedRun(Path("x"), "cifar100_b0s10", "dytox", 0, "complete", method="dytox", config=config)
+        return RunGroup("cifar100_b0s10", "dytox", [run])
+
+    own = group("convit_dytox", {"name": "resnet32", "width": 8, "pretrained": "w.pth"})
+    assert own.backbone == own.backbone_standard == "convit_dytox"     # the card's width/weights are not its
+    card = group("resnet32", {"name": "resnet32", "width": 8})
+    assert card.backbone == "resnet32 (width 8)" and card.backbone_standard is None
+    old = group(None, {"name": "resnet32"})                              # a run from before the field existed
+    assert old.backbone == old.backbone_standard == "resnet32"

@@ -212,6 +212,13 @@ class Method:
         return None
 
     @classmethod
+    def architecture(cls, cfg: Any, card_backbone: str) -> str:
+        """The network this method, so configured, runs, named as the papers' tables name it: the card's
+        backbone unless the method builds its own (a transformer, a backbone option). Recorded in config.yaml
+        (`method_backbone`); the report shows it and compares published rows only where it matches."""
+        return card_backbone
+
+    @classmethod
     def backbone_needs(cls, cfg: Any) -> dict[str, str]:
         """What this method, so configured, needs from the card's backbone beyond pooled features:
         {capability: the option or part that needs it}, capabilities as backbone_card.CAPABILITIES ("factory":

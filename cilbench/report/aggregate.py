@@ -264,10 +264,17 @@ class RunGroup:
     def regime(self) -> str:
         return str(self.protocol_cfg.get("regime") or ("online" if "_online" in self.protocol else "offline"))
 
+    def _backbone_card(self) -> tuple[str, dict]:
+        """The network the runs used and the card's backbone block when it is that network (None: the method
+        built its own, so the card's width and weights file do not describe it)."""
+        bb = self.protocol_cfg.get("backbone") if isinstance(self.protocol_cfg.get("backbone"), dict) else {}
+        card_name = str(bb.get("name") or "?")
+        used = self._first().config.get("method_backbone") or card_name
+        return used, (bb if used == card_name else {})
+
     @property
     def backbone(self) -> str:
-        bb = self.protocol_cfg.get("backbone") if isinstance(self.protocol_cfg.get("backbone"), dict) else {}
-        name = str(bb.get("name") or "?")
+        name, bb = self._backbone_card()
         name = f"{name} (width {bb['width']})" if bb.get("width") else name
         return f"{name}, pretrained" if bb.get("pretrained") else name
 
@@ -275,8 +282,8 @@ class RunGroup:
     def backbone_standard(self) -> str | None:
         """The backbone name when it has its standard width and starts from scratch (only then can it match a
         paper's)."""
-        bb = self.protocol_cfg.get("backbone") if isinstance(self.protocol_cfg.get("backbone"), dict) else {}
-        return None if bb.get("width") or bb.get("pretrained") else bb.get("name")
+        name, bb = self._backbone_card()
+        return None if bb.get("width") or bb.get("pretrained") or name == "?" else name
 
     @property
     def memory(self) -> str:

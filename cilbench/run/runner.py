@@ -135,6 +135,7 @@ def resolve(request: RunRequest) -> Resolved:
     backbone = check_backbone(protocol.backbone, image_channels(protocol), request.method,
                               cls.backbone_needs(method_cfg), where)
     config = {"method": request.method, "method_display": cls.display_name or request.method,
+              "method_backbone": cls.architecture(method_cfg, protocol.backbone.name),
               "method_source": entry.source, "run_name": run_name, "seed": request.seed,
               "protocol": to_dict(protocol), "method_config": to_dict(method_cfg), "runtime": to_dict(runtime),
               "class_order": class_order, "backbone_provenance": backbone}
@@ -524,7 +525,7 @@ def param_counts(steps: list[dict]) -> dict:
 SPEED_ONLY = {"runtime.device", "runtime.tune_malloc"}
 # where the weights file lies and which timm built the model: provenance only (the file's sha256 is compared)
 PROVENANCE_ONLY = {"protocol.backbone.pretrained", "backbone_provenance.pretrained", "backbone_provenance.timm_version"}
-DESCRIPTIVE = ("method_source", "method_display")
+DESCRIPTIVE = ("method_source", "method_display", "method_backbone")
 
 
 def _check_same_config(stored: dict, current: dict) -> None:
