@@ -122,14 +122,20 @@ class FOSTER(Method):
         self.record: dict = {}
 
     @classmethod
+    def run_tag(cls, cfg: FOSTERConfig) -> str | None:
+        """Teacher inference (two extractors) is a different model from the default student: its own run name."""
+        return "teacher" if cfg.infer_with == "teacher" else None
+
+    @classmethod
     def augmentation(cls, cfg: FOSTERConfig, card: AugmentConfig, image_side: int) -> AugmentConfig:
-        """The card's augmentation, or the authors' repository's: brightness 63/255, AutoAugment and (CIFAR-sized
-        images) Cutout 16 cut on the [0, 1] image, as its ToTensor-Cutout-Normalize chain does."""
+        """The card's augmentation, or the authors' repository's: brightness 63/255, AutoAugment with its PIL
+        operations (grey 128 fill, bicubic shear; the same port SEED's code uses) and (CIFAR-sized images)
+        Cutout 16 cut on the [0, 1] image, as its ToTensor-Cutout-Normalize chain does."""
         if cfg.augment == "pycil":
             return card
         small = image_side <= 64
         official = replace(card, brightness=card.brightness or 63 / 255,
-                           autoaugment="cifar10" if small else "imagenet")
+                           autoaugment="cifar10" if small else "imagenet", autoaugment_ops="pil")
         return replace(official, cutout=16, cutout_normalised=False) if small else official
 
     # --- phases ----------------------------------------------------------------------------------------
@@ -146,7 +152,12 @@ class FOSTER(Method):
         class weights are computed from (the code: 500 per new CIFAR class, the memory's per-class size for old
         classes; the same numbers on the CIFAR cards)."""
         labels = self.ctx.stream.train.labels[self.ctx.train_indices(task)]
-        return torch.bincount(labels.long().cpu(), minlength=task.n_seen)[:task.n_seen]
+        counts = torch.bincount(labels.long().cpu(), minlength=task.n_seen)[:task.n_seen]
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise UserError(f"foster: classes {empty} have no training sample in task {task.index + 1} (the "
+                            f"memory keeps fewer exemplars than seen classes); raise memory.total or memory.per_class")
+        return counts
 
     def beta1_for(self, task: Task) -> float:
         return self.cfg.beta1_per_task[task.index - 1] if self.cfg.beta1_per_task else self.cfg.beta1

@@ -137,7 +137,15 @@ class MEMO(Method):
         self.trunk: nn.Module | None = None          # generalized blocks, shared
         self.tails = ExtractorStack()                # specialized blocks, one per task
         self.head: nn.Linear | None = None
-        self.image_bytes = int(torch.tensor(ctx.stream.image_shape).prod())
+        self.image_bytes = self.exemplar_bytes(ctx)
+
+    @staticmethod
+    def exemplar_bytes(ctx: Context) -> int:
+        """One exemplar in uint8 at the size the network trains on (the authors' fair2exemplar counts an
+        ImageNet image at 224x224x3, the training crop, not the stored 256 side)."""
+        aug, shape = ctx.protocol.augment, ctx.stream.image_shape
+        side = aug.random_resized_crop or aug.crop or aug.resize or shape[-1]
+        return int(shape[0]) * int(side) * int(side)
 
     # --- schedules -------------------------------------------------------------------------------------
     def train_config(self, task: Task) -> TrainConfig:

@@ -132,6 +132,27 @@ def test_infer_with_teacher_keeps_two_extractors():
     assert method.backbone is not None          # the student still starts the next task
 
 
+def test_a_seen_class_without_samples_is_one_line_naming_the_memory():
+    """A fixed total smaller than the seen classes leaves an old class without exemplars: FOSTER's class weights
+    are undefined there (PyCIL divides by zero); the run stops with the fix instead."""
+    ctx, stream, engine, memory = tiny_context(tiny_card(name="tiny_foster_small",
+                                                         memory={"policy": "fixed_total", "total": 1,
+                                                                 "selection": "herding"}))
+    method = foster(ctx, init_epochs=1, boosting_epochs=1, compression_epochs=1)
+    learn_and_remember(method, ctx, stream, engine, memory, 0)
+    with pytest.raises(UserError, match="no training sample in task 2.*memory.total"):
+        learn_and_remember(method, ctx, stream, engine, memory, 1)
+
+
+def test_the_official_augmentation_uses_the_authors_pil_autoaugment_and_teacher_runs_have_their_own_name():
+    from cilbench.data.protocol import AugmentConfig
+    official = FOSTER.augmentation(build(FOSTERConfig, {"augment": "official"}, "test"), AugmentConfig(), 32)
+    assert (official.autoaugment, official.autoaugment_ops, official.cutout) == ("cifar10", "pil", 16)
+    assert FOSTER.augmentation(build(FOSTERConfig, {}, "test"), AugmentConfig(), 32) == AugmentConfig()
+    assert FOSTER.run_tag(build(FOSTERConfig, {"infer_with": "teacher"}, "test")) == "teacher"
+    assert FOSTER.run_tag(build(FOSTERConfig, {}, "test")) is None
+
+
 def test_beta1_schedule_must_cover_every_incremental_task():
     ctx, *_ = tiny_context(CARD)
     with pytest.raises(UserError, match="beta1_per_task"):

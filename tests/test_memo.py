@@ -147,6 +147,19 @@ def test_the_authors_fair_budget_on_cifar100_b0_10_is_3312():
     assert aligned_budget("one_backbone", 2000, 112016, 351488, 3, 10, 3072) == 2000 - 916   # ceil(2*351488*4/3072)
 
 
+def test_an_imagenet_exemplar_counts_at_the_training_crop_as_the_authors_do():
+    """fair2exemplar counts an ImageNet image at 224x224x3 (the crop), not at the stored 256 side: the
+    authors' budget on ImageNet-100 B50 in 5 steps (11 tasks) is 2000 + 739."""
+    from types import SimpleNamespace
+
+    from cilbench.run.runner import RunRequest, resolve
+    protocol = resolve(RunRequest(method="memo", protocol="imagenet100_b50s5")).protocol
+    ctx = SimpleNamespace(protocol=protocol, stream=SimpleNamespace(image_shape=(3, 256, 256)))
+    assert MEMO.exemplar_bytes(ctx) == 224 * 224 * 3
+    trunk, tail = split_backbone(build_backbone("resnet18_imagenet"), 3)
+    assert aligned_budget("der_final", 2000, count_params(trunk), count_params(tail), 1, 11, 224 * 224 * 3) == 2739
+
+
 def test_memory_alignment_needs_a_fixed_total_memory():
     card = tiny_card(name="tiny_memo", memory={"policy": "per_class", "per_class": 4, "selection": "herding"})
     ctx, *_ = tiny_context(card)
