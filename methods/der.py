@@ -134,6 +134,8 @@ class DERConfig:
     mask_init_mean: float = option(1.0, help="e ~ N(mean, std^2): 1 starts every channel kept (HAT: N(0, 1))")
     mask_init_std: float = option(0.5, bounds=(0, None), help="standard deviation of e's initialisation (HAT: 1)")
     mask_weight_decay: float = option(0.0, bounds=(0, None), help="weight decay on the mask embeddings e")
+    mask_momentum: Optional[float] = option(None, bounds=(0, 1), help="SGD momentum of the mask embeddings e; "
+                                                                      "null: the card's (HAT's code: plain SGD, 0)")
     prune_init: Literal["full", "regrow", "pruned"] = option(
         "full", help="F_t initialised from: full = F_{t-1} before pruning; regrow = its surviving channels + "
                      "fresh rest; pruned = the pruned F_{t-1}^P")
@@ -235,7 +237,10 @@ class DER(ConcatExtractorMethod):
         params = [*new.parameters(), *head.parameters()] + ([*aux.parameters()] if aux is not None else [])
         groups = [{"params": params}]
         if masks is not None:
-            groups.append({"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay})
+            group = {"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay}
+            if cfg.mask_momentum is not None:
+                group["momentum"] = cfg.mask_momentum
+            groups.append(group)
         train_cfg = self.stage1_config(task)
         epochs = engine.epochs_for(train_cfg)
         warmup = warmup_length(train_cfg, epochs)

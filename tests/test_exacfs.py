@@ -14,6 +14,7 @@ from cilbench.methods.exacfs import EXACFS, EXACFSConfig, adaptive_weight
 from harness import learn_and_remember, tiny_card, tiny_context
 
 from cilbench.config import build
+from cilbench.errors import UserError
 from cilbench.kit.backbones import build_backbone, count_params, stage_channels, stage_outputs
 from cilbench.kit.losses import nca_margin_loss
 from cilbench.kit.nets import LocalSimilarityHead, snapshot
@@ -27,6 +28,7 @@ from cilbench.kit.significance import (
     uniform_like,
 )
 from cilbench.run.rundir import TIMING_METRICS
+from cilbench.train.memory import herding
 
 TINY_CARD = tiny_card(name="tiny_exacfs", base=2,
                       memory={"policy": "per_class", "per_class": 5, "selection": "herding"},
@@ -233,6 +235,89 @@ def test_options_run_and_state_round_trip():
     torch.testing.assert_close(other.scores(x), method.scores(x))
     footprint = method.inference_footprint()
     assert footprint.params_backbone == count_params(method.backbone) < footprint.params
+
+
+def spy_fits(monkeypatch, engine):
+    """Record each engine.fit call of a phase: its arguments, and the BN running means before and after."""
+    calls, fit = [], engine.fit
+
+    def recording_fit(params, loss_fn, indices, cfg, **kwargs):
+        call = {"params": list(params), "indices": indices.clone(), "cfg": cfg, **kwargs}
+        modules = kwargs.get("modules") or []
+        call["bn_before"] = [m.running_mean.clone() for mod in modules for m in mod.modules()
+                             if isinstance(m, torch.nn.BatchNorm2d)]
+        call["result"] = fit(call["params"], loss_fn, indices, cfg, **kwargs)
+        call["bn_after"] = [m.running_mean.clone() for mod in modules for m in mod.modules()
+                            if isinstance(m, torch.nn.BatchNorm2d)]
+        calls.append(call)
+        return call["result"]
+
+    monkeypatch.setattr(engine, "fit", recording_fit)
+    return calls
+
+
+def test_balanced_finetune_follows_podnet_code(monkeypatch):
+    """PODNet's fine-tuning by default: the herded exemplars (new classes herded on the trained model, old
+    classes cut to the new quota in herding order), constant lr, BN in train mode (its running statistics
+    move), every gradient element clamped to +-5 in both phases."""
+    ctx, stream, engine, memory = make_ctx(max_epochs=2)
+    method = exacfs(ctx, cbf_epochs=2)
+    run_task(method, ctx, stream, engine, memory, 0)
+    expected = {}
+    learn = method.balanced_finetune
+
+    def herd_then_finetune(task, ctx):       # the herding PODNet's build_examplars runs before its fine-tuning
+        method.eval()
+        quota = memory.per_class(task.n_seen)
+        old = [memory.order[c][:quota] for c in range(task.n_old)]
+        new = [idx[herding(engine.apply(method.features, idx), quota)]
+               for idx in map(stream.class_indices, task.classes)]
+        expected["indices"] = torch.cat(old + new)
+        learn(task, ctx)
+
+    monkeypatch.setattr(method, "balanced_finetune", herd_then_finetune)
+    calls = spy_fits(monkeypatch, engine)
+    run_task(method, ctx, stream, engine, memory, 1)
+    main, cbf = calls
+    assert main["phase"] == "exacfs" and cbf["phase"] == "exacfs_balanced"
+    assert torch.equal(cbf["indices"], expected["indices"])
+    assert cbf["cfg"].schedule == "constant" and cbf["cfg"].lr == method.cfg.cbf_lr
+    assert cbf["modules"] == [method.backbone]
+    assert any(not torch.equal(a, b) for a, b in zip(cbf["bn_before"], cbf["bn_after"]))
+    assert not method.backbone.training                              # back in eval mode afterwards
+    for call in (main, cbf):                                         # the hook clamps what it is given
+        for p in call["params"]:
+            p.grad = torch.linspace(-20, 20, p.numel()).view_as(p)
+        call["before_step"](None)
+        assert all(float(p.grad.abs().max()) == 5.0 for p in call["params"])
+
+
+def test_balanced_finetune_alternatives(monkeypatch):
+    """cbf_bn frozen leaves every BN statistic untouched; cbf_samples random draws a balanced subset of the
+    training data; cosine schedule; grad_clamp null installs no hook."""
+    ctx, stream, engine, memory = make_ctx(max_epochs=2)
+    method = exacfs(ctx, cbf_epochs=2, cbf_bn="frozen", cbf_samples="random", cbf_schedule="cosine",
+                    grad_clamp=None)
+    run_task(method, ctx, stream, engine, memory, 0)
+    calls = spy_fits(monkeypatch, engine)
+    bn_before = [m.running_mean.clone() for m in method.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    run_task(method, ctx, stream, engine, memory, 1)
+    main, cbf = calls
+    assert cbf["modules"] == [] and cbf["cfg"].schedule == "cosine" and cbf["before_step"] is None
+    bn_mid = main["bn_after"]
+    bn_end = [m.running_mean for m in method.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(bn_mid, bn_end))      # nothing moved during fine-tuning
+    assert any(not torch.equal(a, b) for a, b in zip(bn_before, bn_mid))
+    labels = stream.train.labels[cbf["indices"]]
+    counts = torch.bincount(labels)
+    assert len(set(counts.tolist())) == 1 and set(labels.tolist()) == set(range(4))
+    train = set(ctx.train_indices(stream.task(1)).tolist())
+    assert set(cbf["indices"].tolist()) <= train
+
+
+def test_cbf_per_class_with_herded_samples_is_a_user_error():
+    with pytest.raises(UserError, match="cbf_per_class"):
+        build(EXACFSConfig, {"cbf_per_class": 5}, "exacfs")
 
 
 # --- CLI -----------------------------------------------------------------------------------------------
