@@ -141,6 +141,45 @@ def test_distillation_zero_for_equal_models_and_by_hand():
     assert torch.all(significance_weights(sig, torch.tensor([3]), 2, new_value=0.0)[0] == 0)
 
 
+def test_training_loss_matches_eqs_3_and_4_written_out(monkeypatch):
+    """The task-1 loss on one batch against Eqs. 3-4 written out sample by sample, channel by channel in float64:
+    L = CL + alpha sqrt(r/c) (1/B) sum_b sum_j sum_k w_bk ||F_jk(x_b)/||F_j(x_b)|| - F'_jk(x_b)/||F'_j(x_b)||||^2,
+    w_bk = S~^{t-1}_{y_b, k} for an old class, 1 for a new one; F' = the frozen previous extractor."""
+    ctx, stream, engine, memory = make_ctx(max_epochs=1)
+    method = exacfs(ctx, alpha=2.0)
+    run_task(method, ctx, stream, engine, memory, 0)
+    frozen, fit, compared = [], engine.fit, []
+    real_snapshot = exacfs_module.snapshot
+    monkeypatch.setattr(exacfs_module, "snapshot", lambda m: frozen.append(real_snapshot(m)) or frozen[-1])
+
+    def spy(params, loss_fn, indices, cfg, phase="train", **kwargs):
+        def checked(batch):
+            got = loss_fn(batch)
+            if phase == "exacfs" and not compared:
+                with torch.no_grad():
+                    new_maps, features = stage_outputs(method.backbone, batch.x)
+                    old_maps, _ = stage_outputs(frozen[0], batch.x)
+                    cl = nca_margin_loss(method.head(features), batch.y, 0.6, form="code").double()
+                    dl = 0.0
+                    for b, label in enumerate(batch.y.tolist()):
+                        for j, (fn, fo) in enumerate(zip(new_maps, old_maps)):
+                            a, o = fn[b].double(), fo[b].double()
+                            a, o = a / a.pow(2).sum().sqrt(), o / o.pow(2).sum().sqrt()
+                            for k in range(a.shape[0]):
+                                w = float(method.significance[j][label, k]) if label < 2 else 1.0
+                                dl += w * float((a[k] - o[k]).pow(2).sum())
+                    ref = float(cl) + 2.0 * math.sqrt(4 / 2) * dl / len(batch.y)
+                compared.append((float(got.detach()), ref, batch.y.tolist()))
+            return got
+        return fit(params, checked, indices, cfg, phase=phase, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", spy)
+    run_task(method, ctx, stream, engine, memory, 1)
+    (got, ref, labels), = compared
+    assert got == pytest.approx(ref, rel=1e-5)
+    assert min(labels) < 2 <= max(labels)               # the batch has old and new classes
+
+
 def test_adaptive_weight_is_sqrt_seen_over_new():
     assert adaptive_weight(60, 10) == pytest.approx(math.sqrt(6))
     assert adaptive_weight(100, 1) == pytest.approx(10.0)
