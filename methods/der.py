@@ -8,8 +8,9 @@ Per task t:
   Loss: CE + aux_weight * CE_aux (+ sparsity_weight * L_S with pruning).
 - with pruning (`prune: true`, alias `der_prune`): HAT-style channel masks sigma(s * e) on F_t, s annealed
   within each epoch, gradient compensation (HAT's, with the s_max factor, by default: eq. 9 as printed cannot
-  move a mask off its initial sign), sparsity loss; after stage 1 the masks are binarised and F_t is
-  physically pruned (cilbench/kit/pruning.py); the classifier's columns of removed feature channels are dropped.
+  move a mask off its initial sign), mask embeddings on plain SGD as in HAT's code, sparsity loss; after
+  stage 1 the masks are binarised and F_t is physically pruned (cilbench/kit/pruning.py); the classifier's
+  columns of removed feature channels are dropped.
 - stage 2 (classifier learning): the classifier is re-initialised and retrained on a class-balanced subset
   of new data + memory with a temperature, extractors frozen in eval mode (train augmentation still on).
   Weight aligning (PyCIL) is an alternative. The next task inherits the stage-2 head's old block

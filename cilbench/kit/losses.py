@@ -75,8 +75,8 @@ def nca_margin_loss(similarities: torch.Tensor, labels: torch.Tensor, margin: fl
     code:  PODNet's released `nca`: s (y - delta) for every class, the positive's entry zeroed (not removed)
            in the denominator after a max shift, no hinge.
     `scale` s is the outer NCA scale. PODNet's trainer passes its learned eta there, on unscaled y; our LSC
-    puts eta inside y, so s = 1 here, and the paper's eta (y_y - delta) is margin = eta * delta. Computed in float32; `reduction` "none" gives the
-    per-sample losses (significance needs them)."""
+    puts eta inside y, so s = 1 here, and the paper's eta (y_y - delta) is margin = eta * delta. Computed in
+    float32; `reduction` "none" gives the per-sample losses (significance needs them)."""
     with torch.autocast(similarities.device.type, enabled=False):
         sims = similarities.float()
         rows = torch.arange(len(sims), device=sims.device)
