@@ -8,8 +8,9 @@ Per task t:
   Loss: CE + aux_weight * CE_aux (+ sparsity_weight * L_S with pruning).
 - with pruning (`prune: true`, alias `der_prune`): HAT-style channel masks sigma(s * e) on F_t, s annealed
   within each epoch, gradient compensation (HAT's, with the s_max factor, by default: eq. 9 as printed cannot
-  move a mask off its initial sign), sparsity loss; after stage 1 the masks are binarised and F_t is
-  physically pruned (cilbench/kit/pruning.py); the classifier's columns of removed feature channels are dropped.
+  move a mask off its initial sign), mask embeddings on plain SGD as in HAT's code, sparsity loss; after
+  stage 1 the masks are binarised and F_t is physically pruned (cilbench/kit/pruning.py); the classifier's
+  columns of removed feature channels are dropped.
 - stage 2 (classifier learning): the classifier is re-initialised and retrained on a class-balanced subset
   of new data + memory with a temperature, extractors frozen in eval mode (train augmentation still on).
   Weight aligning (PyCIL) is an alternative. The next task inherits the stage-2 head's old block
@@ -34,6 +35,7 @@ from cilbench.kit import (
     HeadInit,
     Task,
     TrainConfig,
+    UserError,
     anneal,
     aux_labels,
     build_backbone,
@@ -134,9 +136,22 @@ class DERConfig:
     mask_init_mean: float = option(1.0, help="e ~ N(mean, std^2): 1 starts every channel kept (HAT: N(0, 1))")
     mask_init_std: float = option(0.5, bounds=(0, None), help="standard deviation of e's initialisation (HAT: 1)")
     mask_weight_decay: float = option(0.0, bounds=(0, None), help="weight decay on the mask embeddings e")
+    mask_momentum: Optional[float] = option(
+        0.0, bounds=(0, 1), help="SGD momentum of the mask embeddings e: 0 = HAT's code (plain SGD); null: the "
+                                 "card's momentum (it carries each epoch's first, s = 1/s_max step on for ~10 steps "
+                                 "and prunes 17-23% of channels at sparsity_weight 0)")
+    random_keep: Optional[float] = option(
+        None, bounds=(0, 1), help="a baseline, not DER: each masked group keeps a random round(f c) of its c "
+                                  "channels (at least 1), drawn before stage 1 and fixed (hard masks, no sparsity "
+                                  "loss); compares learned masks with random ones of a set size; null: DER's masks")
     prune_init: Literal["full", "regrow", "pruned"] = option(
         "full", help="F_t initialised from: full = F_{t-1} before pruning; regrow = its surviving channels + "
                      "fresh rest; pruned = the pruned F_{t-1}^P")
+
+
+    def validate(self, where: str) -> None:
+        if self.random_keep is not None and not self.prune:
+            raise UserError(f"{where}.random_keep needs pruning: set prune=true (or use der_prune)")
 
 
 def _scaled(epochs: float, f: float) -> int:
@@ -235,17 +250,23 @@ class DER(ConcatExtractorMethod):
         if cfg.prune:
             masks = ChannelMasks(new, cfg.mask_scope, cfg.s_max, cfg.sparsity_kernel, cfg.mask_init_mean,
                                  cfg.mask_init_std).attach()
+            if cfg.random_keep is not None:
+                self.fix_random_masks(masks, cfg.random_keep, engine.order_gen)
+        learn_masks = masks is not None and cfg.random_keep is None
 
         params = [*new.parameters(), *head.parameters()] + ([*aux.parameters()] if aux is not None else [])
         groups = [{"params": params}]
-        if masks is not None:
-            groups.append({"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay})
+        if learn_masks:
+            group = {"params": list(masks.parameters()), "weight_decay": cfg.mask_weight_decay}
+            if cfg.mask_momentum is not None:
+                group["momentum"] = cfg.mask_momentum
+            groups.append(group)
         train_cfg = self.stage1_config(task)
         epochs = engine.epochs_for(train_cfg)
         warmup = warmup_length(train_cfg, epochs)
 
         def loss_fn(batch):
-            if masks is not None:
+            if learn_masks:
                 masks.s = anneal(batch.step, batch.steps_per_epoch, cfg.s_max)
             if cfg.reset_head_after_warmup and warmup and batch.epoch == warmup and batch.step == 0:
                 with torch.no_grad():
@@ -256,12 +277,12 @@ class DER(ConcatExtractorMethod):
             loss = F.cross_entropy(head(torch.cat(feats, dim=1)), batch.y)
             if aux is not None:
                 loss = loss + cfg.aux_weight * F.cross_entropy(aux(feats[-1]), aux_labels(batch.y, n_old))
-            if masks is not None and cfg.sparsity_weight:
+            if learn_masks and cfg.sparsity_weight:
                 loss = loss + cfg.sparsity_weight * masks.sparsity()
             return loss
 
         before = after = None
-        if masks is not None:
+        if learn_masks:
             def before(batch):
                 masks.compensate(cfg.grad_comp, cfg.clamp_cosh)
 
@@ -296,6 +317,18 @@ class DER(ConcatExtractorMethod):
                 self.balanced_finetune(task, ctx)
             elif cfg.classifier_stage == "wa":
                 self.weight_align(task)
+
+    @staticmethod
+    @torch.no_grad()
+    def fix_random_masks(masks: ChannelMasks, fraction: float, generator: torch.Generator) -> None:
+        """random_keep: hard masks keeping a random round(fraction c) channels (at least 1) of every group."""
+        for e in masks.e.values():
+            keep = torch.randperm(len(e), generator=generator)[:max(1, round(fraction * len(e)))]
+            e.fill_(-1.0)
+            e[keep.to(e.device)] = 1.0
+            e.requires_grad_(False)
+        masks.initial = {g: (e.detach() > 0).cpu() for g, e in masks.e.items()}
+        masks.binary = True
 
     def balanced_finetune(self, task: Task, ctx: Context) -> None:
         """Stage 2: (re-initialised) classifier on a class-balanced subset, CE(logits / delta), extractors

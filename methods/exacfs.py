@@ -9,7 +9,8 @@ Per task t (the paper's Algorithm 2):
    CL = LSC's NCA loss (learned scale; PODNet's released form by default); DL_j = significance-weighted
    squared change of the Frobenius-normalised stage-j maps of M^{t-1} and M^t (Eq. 3); old-class samples
    weigh their channels by S~^{t-1, y}, new-class samples by 1. No DL at t = 0.
-3. Class-balanced fine-tuning of the classifier only (20 epochs; PODNet's undersampling recipe).
+3. Class-balanced fine-tuning of the classifier only (20 epochs; PODNet's undersampling recipe: the herded
+   exemplars of every class, constant lr, extractor BN in train mode, gradients clamped to +-5).
 4. (harness) herding, 20 exemplars per class.
 5. Significance (Algorithm 1): per class, mean squared spatially-averaged gradient of CL w.r.t. every stage
    map, in eval mode on D^t u E^{0~t-1}; normalised; EMA with beta 0.4 (Eq. 2).
@@ -112,18 +113,33 @@ class EXACFSConfig:
     cbf_lr: float = option(0.05, bounds=(1e-6, None), help="learning rate of the balanced fine-tuning (0.05 CIFAR, "
                                                            "0.01 ImageNet)")
     cbf_per_class: Optional[int] = option(None, unit="images per class", bounds=(1, None),
-                                          help="size of the balanced subset; null: the smallest class count (new "
-                                               "classes cut to memory's)")
+                                          help="with cbf_samples random: images per class of the balanced subset; "
+                                               "null: the smallest class count (new classes cut to memory's)")
     cbf_first_task: bool = option(False, help="run the balanced fine-tuning after the first task too")
-    cbf_schedule: Literal["cosine", "constant"] = option(
-        "cosine", help="lr schedule of the balanced fine-tuning (the paper is silent): cosine = the card's cosine "
-                       "over the CBF epochs; constant")
+    cbf_schedule: Literal["constant", "cosine"] = option(
+        "constant", help="lr schedule of the balanced fine-tuning (the paper is silent): constant = PODNet's code "
+                         "(no scheduler while fine-tuning); cosine = the card's cosine over the CBF epochs")
+    cbf_samples: Literal["herded", "random"] = option(
+        "herded", help="the balanced set: herded = the exemplars memory will hold after the task, new classes "
+                       "herded on the trained model (PODNet's code: build_examplars, then the memory loader); "
+                       "random = new classes cut to the exemplars per class at random")
+    cbf_bn: Literal["train", "frozen"] = option(
+        "train", help="the extractor's BatchNorm while fine-tuning: train = batch statistics, running statistics "
+                      "updated (PODNet's code: the network stays in train mode, only the classifier is "
+                      "optimised); frozen = eval mode, statistics untouched")
     cbf_train_scale: bool = option(False, help="train eta too while fine-tuning (PODNet fine-tunes the "
                                                "classifier's proxies only; eta stays fixed)")
+    grad_clamp: Optional[float] = option(
+        5.0, bounds=(0, None), help="clamp every element of every trained parameter's gradient to [-c, c] in both "
+                                    "phases, before weight decay (PODNet's code: a hook clamping to +-5 in "
+                                    "_train_task); null: no clamp")
 
     def validate(self, where: str) -> None:
         if self.backbone is not None and self.backbone not in STANDARD:
             raise UserError(f"{where}.backbone: unknown '{self.backbone}'; known: {', '.join(STANDARD)}")
+        if self.cbf_per_class is not None and self.cbf_samples == "herded":
+            raise UserError(f"{where}.cbf_per_class applies to cbf_samples=random only (herded takes the memory's "
+                            "quota); set cbf_samples=random or drop cbf_per_class")
 
 
 def adaptive_weight(n_seen: int, n_new: int) -> float:
@@ -235,26 +251,44 @@ class EXACFS(OneNetworkMethod):
 
         params = [p for p in (*self.backbone.parameters(), *self.head.parameters()) if p.requires_grad]
         ctx.engine.fit(params, loss_fn, ctx.train_indices(task), self.train_config(), phase="exacfs",
-                       modules=[self.backbone, self.head], epoch_extras=epoch_extras)
+                       modules=[self.backbone, self.head], epoch_extras=epoch_extras,
+                       before_step=self.gradient_clamp(params))
         self.log.append({"task": task.index, "tau": adaptive_weight(task.n_seen, task.n_new)})
 
     def balanced_finetune(self, task: Task, ctx: Context) -> None:
-        """Classifier only (every proxy; the scale eta too with cbf_train_scale), extractor frozen in eval mode,
-        CL only."""
-        backbone, head = self.backbone, self.head
+        """Classifier only (every proxy; the scale eta too with cbf_train_scale), CL only, on a class-balanced
+        set; the extractor is not optimised (its BN statistics move with cbf_bn train)."""
+        cfg, backbone, head = self.cfg, self.backbone, self.head
         backbone.eval()
         head.freeze_old(False)
-        chunk = ctx.engine.frozen_chunk
+        if cfg.cbf_samples == "herded":
+            indices = ctx.exemplars_after(task, self.features)
+        else:
+            indices = ctx.balanced_indices(task, cfg.cbf_per_class)
+        bn_train = cfg.cbf_bn == "train"
+        chunk = 0 if bn_train else ctx.engine.frozen_chunk   # in train mode BN must see the whole batch
 
         def loss_fn(batch):
             features = frozen_forward(backbone, batch.x, chunk)
             return self.classification_loss(features, batch.y)
 
-        cbf = phase_config(self.train_config(), epochs=self.cfg.cbf_epochs, lr=self.cfg.cbf_lr,
-                           schedule=self.cfg.cbf_schedule)
-        params = [p for p in head.parameters() if self.cfg.cbf_train_scale or p is not head.log_scale]
-        ctx.fit_balanced(task, params, loss_fn, cbf, phase="exacfs_balanced",
-                         per_class=self.cfg.cbf_per_class)
+        cbf = phase_config(self.train_config(), epochs=cfg.cbf_epochs, lr=cfg.cbf_lr, schedule=cfg.cbf_schedule)
+        params = [p for p in head.parameters() if cfg.cbf_train_scale or p is not head.log_scale]
+        ctx.engine.fit(params, loss_fn, indices, cbf, phase="exacfs_balanced",
+                       modules=[backbone] if bn_train else [], before_step=self.gradient_clamp(params))
+        backbone.eval()
+
+    def gradient_clamp(self, params: list[torch.Tensor]):
+        """The before_step hook that clamps each gradient element to +-grad_clamp (None when off)."""
+        bound = self.cfg.grad_clamp
+        if bound is None:
+            return None
+
+        def clamp(batch):
+            for p in params:
+                if p.grad is not None:
+                    p.grad.clamp_(-bound, bound)
+        return clamp
 
     def update_significance(self, task: Task, ctx: Context) -> None:
         """Algorithm 1 on D^t u E^{0~t-1} with M^t in eval mode, then normalisation and the EMA."""

@@ -185,6 +185,20 @@ def test_supcon_distinct_matches_hand_computation():
     assert supcon_distinct(z, labels, torch.zeros(6, dtype=torch.bool), neg, tau).item() == 0.0
 
 
+def test_kd_soft_ce_matches_foster_kd_loss_written_out():
+    """TSD's distillation loss against FOSTER/PyCIL's _KD_loss, written out element by element in float64:
+    -(1/B) sum_b sum_c softmax(t_b / T)_c log softmax(s_b / T)_c; T^2 scaling with kd_t2_scale."""
+    torch.manual_seed(0)
+    s, t, temp = torch.randn(5, 7) * 3, torch.randn(5, 7) * 3, 2.0
+    total = 0.0
+    for b in range(5):
+        zs = [math.exp(float(v) / temp) for v in s[b]]
+        zt = [math.exp(float(v) / temp) for v in t[b]]
+        total -= sum(zt[c] / sum(zt) * math.log(zs[c] / sum(zs)) for c in range(7))
+    assert kd_soft_ce(s, t, temp).item() == pytest.approx(total / 5, rel=1e-5)
+    assert kd_soft_ce(s, t, temp, scale_t2=True).item() == pytest.approx(temp ** 2 * total / 5, rel=1e-5)
+
+
 def test_projection_head_shape_and_norm():
     head = ProjectionHead(16)
     out = head(torch.randn(5, 16))

@@ -105,6 +105,16 @@ class Context:
         indices = self.train_indices(task)
         return class_balanced_subset(indices, self.stream.train.labels[indices], self.engine.order_gen, per_class)
 
+    def exemplars_after(self, task: Task, features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Train-split indices of the exemplars the memory would hold after this task if selected now, with
+        `features` (a normalised batch -> features; run under engine.apply): the new classes picked by the
+        memory's own selection (herding on these features), every class cut to the new quota. The memory is
+        not changed (the harness still selects after learn()). PODNet's balanced fine-tuning trains on this set."""
+        if not isinstance(self.memory, ExemplarMemory):
+            raise TypeError("exemplars_after() needs the offline exemplar memory")
+        return self.memory.preview(task.classes, self.stream.class_indices,
+                                   lambda idx: self.engine.apply(features, idx), self.engine.order_gen)
+
     def fit_balanced(self, task: Task, params, loss_fn, cfg, *, phase: str, per_class: int | None = None):
         """Class-balanced fine-tuning (EEIL/DER/PODNet): fit `params` (a classifier) on balanced_indices.
         The caller keeps the extractor frozen in eval mode inside `loss_fn`."""

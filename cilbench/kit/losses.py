@@ -74,9 +74,9 @@ def nca_margin_loss(similarities: torch.Tensor, labels: torch.Tensor, margin: fl
     paper: l = [ -log( exp(s (y_y - delta)) / sum_{c != y} exp(s y_c) ) ]_+     (PODNet's LSC loss)
     code:  PODNet's released `nca`: s (y - delta) for every class, the positive's entry zeroed (not removed)
            in the denominator after a max shift, no hinge.
-    `scale` s is the outer NCA scale (PODNet: 1; the LSC's learned eta is already in y, so the paper's
-    eta (y_y - delta) is margin = eta * delta here). Computed in float32; `reduction` "none" gives the
-    per-sample losses (significance needs them)."""
+    `scale` s is the outer NCA scale. PODNet's trainer passes its learned eta there, on unscaled y; our LSC
+    puts eta inside y, so s = 1 here, and the paper's eta (y_y - delta) is margin = eta * delta. Computed in
+    float32; `reduction` "none" gives the per-sample losses (significance needs them)."""
     with torch.autocast(similarities.device.type, enabled=False):
         sims = similarities.float()
         rows = torch.arange(len(sims), device=sims.device)

@@ -67,12 +67,25 @@ class ExemplarMemory:
         self.quota = self.per_class(labels.stop)
         self._flat = {}
         for label in labels:
-            idx = class_indices(label)
-            if self.cfg.selection == "herding":
-                picks = herding(features(idx), self.quota).to(idx.device)
-            else:
-                picks = torch.randperm(len(idx), generator=generator)[: self.quota].to(idx.device)
-            self.order[label] = idx[picks]
+            self.order[label] = self._select(class_indices(label), features, generator, self.quota)
+
+    def _select(self, idx: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor],
+                generator: torch.Generator, m: int) -> torch.Tensor:
+        """The first m of a class's samples `idx` in this memory's selection order."""
+        if self.cfg.selection == "herding":
+            return idx[herding(features(idx), m).to(idx.device)]
+        return idx[torch.randperm(len(idx), generator=generator)[:m].to(idx.device)]
+
+    def preview(self, labels: range, class_indices: Callable[[int], torch.Tensor],
+                features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The indices `update(labels, ...)` would keep with these `features`, without changing the memory:
+        the new classes selected now, every class cut to the new quota (old ones in their selection order)."""
+        quota = self.per_class(labels.stop)
+        kept = [self.order[c][:quota] for c in sorted(self.order) if c not in labels]
+        kept += [self._select(class_indices(label), features, generator, quota) for label in labels]
+        if not kept:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.cat(kept)
 
     def class_exemplars(self, label: int) -> torch.Tensor:
         return self.order[label][: self.quota]
