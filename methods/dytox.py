@@ -166,9 +166,12 @@ def bce_one_hot(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float, reduction: str) -> torch.Tensor:
-    """tau^2 KL(softmax(teacher / tau) || softmax(student / tau))."""
-    return F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
-                    reduction=reduction, log_target=True) * tau ** 2
+    """tau^2 KL(softmax(teacher / tau) || softmax(student / tau)); reduction "mean" divides the summed KL by
+    batch x classes (the code's kl_div(reduction="mean"), computed from the sum so torch does not warn that its
+    "mean" will change), "batchmean" by the batch only."""
+    kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+                  reduction="sum", log_target=True) * tau ** 2
+    return kl / (student.numel() if reduction == "mean" else student.shape[0])
 
 
 @register("dytox")

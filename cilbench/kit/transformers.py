@@ -14,9 +14,16 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models.convit import GPSA
 from torch import nn
+
+
+def _timm_layers():
+    """timm's layers, imported on first use: importing timm pulls in torchvision and torch._dynamo (seconds of
+    start-up), which a run without a transformer never needs."""
+    from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
+    from timm.models.convit import GPSA
+    return Attention, DropPath, Mlp, PatchEmbed, trunc_normal_, GPSA
+
 
 BlockKind = Literal["gpsa", "mhsa"]
 
@@ -24,7 +31,7 @@ BlockKind = Literal["gpsa", "mhsa"]
 def init_vit_weights(module: nn.Module) -> None:
     """DeiT/ConViT initialisation of one module (use with module.apply)."""
     if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
+        _timm_layers()[4](module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -41,6 +48,7 @@ class SelfAttentionBlock(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"embedding dim {dim} is not divisible by {heads} heads")
+        Attention, DropPath, Mlp, _, _, GPSA = _timm_layers()
         self.kind = kind
         self.norm1 = nn.LayerNorm(dim)
         if kind == "gpsa":
@@ -90,6 +98,7 @@ class ClassAttentionBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop_path: float = 0.0):
         super().__init__()
+        _, DropPath, Mlp, _, _, _ = _timm_layers()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = ClassAttention(dim, heads, qkv_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -112,6 +121,7 @@ class PatchEncoder(nn.Module):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image side {image_size} is not a multiple of the patch size {patch_size}")
+        _, _, _, PatchEmbed, trunc_normal_, _ = _timm_layers()
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, dim)
         self.num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, dim))
