@@ -311,8 +311,11 @@ def test_methods_run_their_frozen_networks_in_the_engine_chunk(method, protocol,
     real, chunks = target.frozen_forward, []
     monkeypatch.setattr(target, "frozen_forward", lambda fn, x, chunk=0: (chunks.append((chunk, len(x))),
                                                                           real(fn, x, chunk))[1])
+    # EXACFS's balanced fine-tuning by default keeps BN in train mode (PODNet's), where the extractor's forward
+    # must see the whole batch: its frozen-BN variant is the one whose forwards are chunked
+    extra = {"tsd_fixed": ["--set", "tsd_fixed.n_extractors=2"], "exacfs": ["--set", "exacfs.cbf_bn=frozen"]}
     res = run_cli(method, protocol, tmp_path, "--set", "runtime.inference_batch=5", "--set", "train.lr=0.01",
-                  *(["--set", "tsd_fixed.n_extractors=2"] if method == "tsd_fixed" else []))
+                  *extra.get(method, []))
     assert res.exit_code == 0, res.stderr
     # every frozen forward over more images than the chunk (training batches; inference arrives pre-chunked)
     # was handed the chunk, so it was split
