@@ -56,3 +56,26 @@ def learn_and_remember(method, ctx, stream, engine, memory, t):
     memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
                   engine.order_gen)
     return task
+
+
+def state_of(module) -> dict:
+    """A copy of every weight and buffer, to compare with later (frozen parts must stay bit-identical)."""
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(before: dict, module) -> None:
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k            # weights and BN buffers (num_batches_tracked too)
+
+
+def randomize_bn(net) -> None:
+    """BatchNorm statistics and affine parameters away from their identity start, so a wrong BN mode shows."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()

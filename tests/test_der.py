@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from cilbench.methods.der import DER, DERConfig, aux_labels
-from harness import learn_and_remember, tiny_card, tiny_context
+from harness import learn_and_remember, randomize_bn, tiny_card, tiny_context
 from typer.testing import CliRunner
 
 from cilbench.cli import app
@@ -46,16 +46,6 @@ run_task = learn_and_remember
 
 def der(ctx, **options):
     return DER(build(DERConfig, {"sparsity_weight": 0.75, **options}, "test"), ctx)
-
-
-def randomize_bn(net):
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
 
 
 # --- unit tests ----------------------------------------------------------------------------------------

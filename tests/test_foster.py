@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from cilbench.methods.foster import FOSTER, FOSTERConfig
-from harness import learn_and_remember, tiny_card, tiny_context
+from harness import assert_same_state, learn_and_remember, state_of, tiny_card, tiny_context
 from typer.testing import CliRunner
 
 from cilbench.cli import app
@@ -31,17 +31,6 @@ CARD = tiny_card(name="tiny_foster")
 
 def foster(ctx, **options):
     return FOSTER(build(FOSTERConfig, options, "test"), ctx)
-
-
-def state_of(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(before, module):
-    after = module.state_dict()
-    assert before.keys() == after.keys()
-    for k, v in before.items():
-        assert torch.equal(v, after[k]), k            # weights and BN buffers (num_batches_tracked too)
 
 
 # --- the kit's pieces on hand-computed tensors ------------------------------------------------------------

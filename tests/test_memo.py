@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from cilbench.methods.memo import MEMO, MEMOConfig, aligned_budget
-from harness import learn_and_remember, tiny_card, tiny_context
+from harness import learn_and_remember, randomize_bn, state_of, tiny_card, tiny_context
 
 from cilbench.config import build
 from cilbench.errors import UserError
@@ -26,20 +26,6 @@ TINY_CARD = tiny_card(name="tiny_memo")
 
 def memo(ctx, **options):
     return MEMO(build(MEMOConfig, options, "test"), ctx)
-
-
-def state_of(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def randomize_bn(net):
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
 
 
 # --- the kit's split ----------------------------------------------------------------------------------
