@@ -129,6 +129,12 @@ class MEMO(Method):
     paper = ("Zhou, Wang, Ye, Zhan. A Model or 603 Exemplars: Towards Memory-Efficient Class-Incremental Learning."
              " ICLR 2023, arXiv:2205.13218")
 
+    @classmethod
+    def run_tag(cls, cfg: MEMOConfig) -> str | None:
+        """A memory-aligned budget keeps more exemplars than the card's: its own run name (memo+der_final,
+        memo+one_backbone), so the paper's memory-aligned rows are compared with it and not with a plain run."""
+        return None if cfg.memory_alignment == "none" else cfg.memory_alignment
+
     def __init__(self, cfg: MEMOConfig, ctx: Context):
         super().__init__(cfg, ctx)
         if cfg.memory_alignment != "none" and ctx.exemplar_budget() is None:

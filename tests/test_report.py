@@ -239,10 +239,30 @@ def test_reference_rows_shown_and_differences_only_where_backbone_matches(built)
     assert deltas["Δ der − DER w/o P"]["params_bb_avg"] == ""     # these runs record no backbone count
 
 
+
+def test_memo_published_rows_compare_only_the_memory_aligned_run(tmp_path):
+    """MEMO's Table 14 row (3312 exemplars, memory aligned with DER) is compared with `memo+der_final` only; a
+    plain `memo` run (the card's 2000) gets no Δ; MEMO's DER row (2000 exemplars, no pruning) compares with `der`."""
+    root = tmp_path / "runs"
+    make_run(root, "cifar100_b0s10", "memo", 0, avg=70.0, last=58.0, memory_size=2000)
+    make_run(root, "cifar100_b0s10", "memo+der_final", 0, avg=73.0, last=62.5, memory_size=3312)
+    make_run(root, "cifar100_b0s10", "der", 0, avg=71.0, last=60.0, memory_size=2000)
+    build_report(root, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "tables" / "cifar100_b0s10.csv")
+    published = {(r["method"], r["source"].split(" (")[0]) for r in rows if r["kind"] == "published"}
+    assert ("MEMO", "MEMO") in published and ("DER", "MEMO") in published
+    deltas = {r["method"]: r for r in rows if r["kind"] == "delta"}
+    memo = [k for k in deltas if "MEMO" in k]
+    assert len(memo) == 1 and "der_final" in memo[0], deltas.keys()
+    assert float(deltas[memo[0]]["avg"]) == pytest.approx(73.0 - 72.37)
+    assert float(deltas[memo[0]]["last"]) == pytest.approx(62.5 - 61.98)
+    der = [k for k in deltas if k.startswith("Δ der") and k.endswith("− DER")]
+    assert len(der) == 1 and float(deltas[der[0]]["avg"]) == pytest.approx(71.0 - 71.47)
+
 def test_reference_files_load_with_provenance_and_marks():
     refs, curves = load_reference()
     papers = {r.paper.split(" (")[0] for r in refs}
-    assert papers == {"DER", "SEED", "HPCR", "EXACFS", "DyTox", "FOSTER"}
+    assert papers == {"DER", "SEED", "HPCR", "EXACFS", "DyTox", "FOSTER", "MEMO"}
     for r in refs:
         assert r.backbone and r.class_order and r.tables, r
     by = {(r.paper.split(" (")[0], ",".join(r.tables), r.protocol, r.backbone, r.memory, r.method): r for r in refs}
@@ -263,6 +283,15 @@ def test_reference_files_load_with_provenance_and_marks():
     lost = lwf.values["avg_task_mean"]
     assert lost.status == "unknown" and lost.text == ""   # lost: no number invented
     assert "14.7 pp" in lost.note
+    # MEMO's Appendix A.3 tables: every method aligned to DER's memory; MEMO's row is its memory-aligned run
+    memo = by[("MEMO", "Table 14", "cifar100_b0s10", "resnet32", "fixed_total:2000", "MEMO")]
+    assert (memo.values["avg"].text, memo.values["last"].text) == ("72.37", "61.98")
+    assert memo.match == "memo+der_final" and "3312" in memo.values["avg"].note and memo.orders == "seed1993"
+    memo_in = by[("MEMO", "Table 17", "imagenet100_b50s5", "resnet18_imagenet", "fixed_total:2000", "MEMO")]
+    assert (memo_in.values["avg"].text, memo_in.values["last"].text) == ("77.27", "71.54")
+    assert by[("MEMO", "Table 14", "cifar100_b0s10", "resnet32", "fixed_total:7431", "Replay")].match == "replay"
+    lost_memo = by[("MEMO", "Table 13", "cifar100_b0s5", "resnet32", "fixed_total:2000", "MEMO")].values["avg"]
+    assert lost_memo.status == "unknown" and lost_memo.text == ""
     der_t3 = by[("DER", "Table 3", "imagenet100_b50s5", "resnet18_imagenet", "per_class:20", "DER w/o P")]
     assert der_t3.values["last"].status == "flagged" and "72.92" in der_t3.values["last"].note
     # per-step curves: complete ones reproduce the table averages they come from
@@ -511,7 +540,31 @@ def test_der_curves_reproduce_the_table_averages():
         table_avg = float(row.values["avg" if c.metric == "top1" else "avg_top5"].text)
         assert sum(c.values) / len(c.values) == pytest.approx(table_avg, abs=0.011), (c.method, c.protocol)
         checked += 1
-    assert checked == 13
+    assert checked == 13 + 10      # DER's official curves; MEMO's Tables 14-18 (DER and MEMO rows)
+
+
+# a run name whose tag a method option produces: (method, tag) -> the option values that give it
+RUN_TAG_OPTIONS = {("foster", "teacher"): {"infer_with": "teacher"},
+                   ("memo", "der_final"): {"memory_alignment": "der_final"}}
+
+
+def test_every_reference_match_is_a_run_name_cilbench_can_produce():
+    """`match` names a registered method, or method+tag where the tag is the method's own run tag for some
+    option (foster+teacher, memo+der_final); the default options give no tag, so a plain run never matches a
+    tagged row."""
+    from cilbench.config import build
+    from cilbench.kit.registry import get_method
+    matches = {r["match"] for f in REFERENCE_DIR.glob("*.csv") for r in read_csv(f) if r["match"]}
+    assert {"der", "der_prune", "joint", "foster+teacher", "memo+der_final", "replay"} <= matches
+    for match in sorted(matches):
+        method, _, tag = match.partition("+")
+        entry = get_method(method)
+        plain = build(entry.cls.Config, entry.defaults, "test")
+        assert entry.cls.run_tag(plain) is None, match
+        if tag:
+            assert (method, tag) in RUN_TAG_OPTIONS, f"{match}: no known option gives the tag '{tag}'"
+            cfg = build(entry.cls.Config, {**entry.defaults, **RUN_TAG_OPTIONS[(method, tag)]}, "test")
+            assert entry.cls.run_tag(cfg) == tag, match
 
 
 def test_out_must_be_a_folder_outside_the_runs(runs, tmp_path):
