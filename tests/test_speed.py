@@ -332,9 +332,9 @@ def test_piped_run_tables_are_not_squeezed_to_80_columns(run_cli, tmp_path):
 
 
 # --- start-up: the engine's optimiser ----------------------------------------------------------------------
-def _sgd_twins(**options):
-    """Two copies of a small net, each with torch.optim.SGD's or the engine's SGD over two parameter groups
-    (the second without weight decay, the last bias never getting a gradient)."""
+def _twins(torch_optimizer, engine_optimizer, **options):
+    """Two copies of a small net, each with torch's optimiser or the engine's over two parameter groups (the
+    second without weight decay, the last bias never getting a gradient)."""
     nets = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -342,14 +342,12 @@ def _sgd_twins(**options):
                                         torch.nn.Linear(3, 2)))
     groups = [[{"params": [*net[0].parameters(), *net[3].parameters()]},
                {"params": list(net[2].parameters()), "weight_decay": 0.0}] for net in nets]
-    return nets, (torch.optim.SGD(groups[0], lr=0.1, **options), engine_module.SGD(groups[1], lr=0.1, **options))
+    return nets, (torch_optimizer(groups[0], lr=0.1, **options), engine_optimizer(groups[1], lr=0.1, **options))
 
 
-@pytest.mark.parametrize("options", [{"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-                                     {"momentum": 0.9, "weight_decay": 5e-4}, {}])
-def test_engine_sgd_moves_parameters_as_torch_sgd_bit_for_bit(options):
-    nets, optimizers = _sgd_twins(**options)
+def _same_steps(nets, optimizers):
     x, y = torch.randn(16, 5), torch.randint(3, (16,))
+    before = nets[1][0].weight.detach().clone()
     for step in range(6):
         for net, optimizer in zip(nets, optimizers):
             for group in optimizer.param_groups:
@@ -360,6 +358,23 @@ def test_engine_sgd_moves_parameters_as_torch_sgd_bit_for_bit(options):
     for a, b in zip(*(net.parameters() for net in nets)):
         assert torch.equal(a, b)
     assert torch.equal(nets[1][3].weight, nets[0][3].weight)     # untouched by both
+    assert not torch.equal(nets[1][0].weight, before)            # it did train
+
+
+@pytest.mark.parametrize("options", [{"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+                                     {"momentum": 0.9, "weight_decay": 5e-4}, {}])
+def test_engine_sgd_moves_parameters_as_torch_sgd_bit_for_bit(options):
+    _same_steps(*_twins(torch.optim.SGD, engine_module.SGD, **options))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_engine_adam_and_adamw_move_parameters_as_torch_bit_for_bit(name, weight_decay):
+    """DyTox's AdamW (and Adam) through torch's functional update: same parameters as torch.optim's classes."""
+    torch_optimizer = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    def engine_optimizer(params, **options):
+        return engine_module.Adam(params, decoupled=name == "adamw", **options)
+    _same_steps(*_twins(torch_optimizer, engine_optimizer, weight_decay=weight_decay))
 
 
 def test_engine_sgd_refuses_a_parameter_in_two_groups():
@@ -371,16 +386,18 @@ def test_engine_sgd_refuses_a_parameter_in_two_groups():
 OPTIONAL_LIBRARIES = ("matplotlib", "pandas", "sklearn", "scipy", "submitit", "timm", "torchvision")
 
 
-def test_a_cpu_run_imports_neither_torch_dynamo_nor_optional_libraries(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_cpu_run_imports_neither_torch_dynamo_nor_optional_libraries(tmp_path, optimizer):
     """torch.optim.Optimizer imports torch._dynamo (and sympy) on its first call, 1.5-2 s of a process's
-    start-up; a run through the engine's SGD (clipping included) does not, nor does it load the libraries only
+    start-up; a run through the engine's SGD or AdamW (clipping included) does not, nor does it load the libraries only
     reports, sweeps or other data sets need."""
     code = ("import atexit, sys\n"
             f"atexit.register(lambda: print(sorted(m for m in ('torch._dynamo', *{OPTIONAL_LIBRARIES!r}) "
             "if m in sys.modules)))\n"
             "from cilbench.cli import main\n"
             "sys.argv = ['cilbench', 'run', '--method', 'replay', '--protocol', 'digits_b0s2', '--device', 'cpu', "
-            f"'--epochs', '1', '--quiet', '--set', 'train.clip_norm=1.0', '--out', {str(tmp_path)!r}]\n"
+            f"'--epochs', '1', '--quiet', '--set', 'train.clip_norm=1.0', '--set', 'train.optimizer={optimizer}', "
+            f"'--out', {str(tmp_path)!r}]\n"
             "main()\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)

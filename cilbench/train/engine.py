@@ -17,6 +17,7 @@ from typing import Callable, ClassVar, Iterable, Literal, Protocol
 
 import torch
 from torch import nn
+from torch.optim.adam import adam as functional_adam
 from torch.optim.sgd import sgd as functional_sgd
 
 from cilbench.data.augment import Augmenter
@@ -217,25 +218,20 @@ def schedule_factor(cfg: TrainConfig, epochs: int, epoch: int) -> float:
     return 1.0
 
 
-class SGD:
-    """torch.optim.SGD's update, computed by torch's own functional `torch.optim.sgd.sgd` with the arguments
-    torch.optim.SGD.step passes it (so parameters come out bit for bit the same), without torch.optim.Optimizer:
-    its `add_param_group`, `zero_grad` and `step` wrappers import torch._dynamo (and sympy) on first call,
-    1.5-2 s of every process's start-up on a CPU. What the fit loop uses: `param_groups` (each group's "lr"
-    is set per epoch), `zero_grad`, `step`; momentum buffers live in `state`, per parameter."""
+class _FunctionalOptimizer:
+    """Parameter groups and zero_grad as torch.optim.Optimizer keeps them, without its wrappers: its
+    `add_param_group`, `zero_grad` and `step` import torch._dynamo (and sympy) on first call, 1.5-2 s of every
+    process's start-up on a CPU. What the fit loop uses: `param_groups` (each group's "lr" is set per epoch),
+    `zero_grad`, `step`; per-parameter state lives in `state`."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
-        if nesterov and momentum <= 0:
-            raise ValueError("Nesterov momentum requires a momentum")
-        defaults = {"lr": lr, "momentum": momentum, "dampening": 0.0, "nesterov": nesterov,
-                    "weight_decay": weight_decay}
+    def __init__(self, params, defaults: dict):
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
         seen = [id(p) for group in self.param_groups for p in group["params"]]
         if len(seen) != len(set(seen)):
             raise ValueError("some parameters appear in more than one parameter group")
-        self.state: dict[torch.Tensor, torch.Tensor] = {}
+        self.state: dict[torch.Tensor, object] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -244,6 +240,17 @@ class SGD:
                     p.grad = None
                 elif p.grad is not None:
                     p.grad.detach_().zero_()
+
+
+class SGD(_FunctionalOptimizer):
+    """torch.optim.SGD's update, computed by torch's own functional `torch.optim.sgd.sgd` with the arguments
+    torch.optim.SGD.step passes it (so parameters come out bit for bit the same); momentum buffers in `state`."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        if nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum requires a momentum")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": 0.0, "nesterov": nesterov,
+                                  "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self) -> None:
@@ -257,12 +264,40 @@ class SGD:
                 self.state.update(zip(params, buffers))     # sgd() fills in the buffers it created
 
 
-def make_optimizer(params, cfg: TrainConfig) -> SGD | torch.optim.Optimizer:
+class Adam(_FunctionalOptimizer):
+    """torch.optim.Adam (decoupled=False) and torch.optim.AdamW (decoupled=True) with their default betas and
+    eps, computed by torch's functional `adam` with the arguments their step passes it (parameters come out bit
+    for bit the same, tested), without torch.optim.Optimizer's dynamo import. State per parameter: step count
+    (a CPU float32 scalar tensor, as torch keeps it), first and second moments."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, decoupled: bool = False,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                  "decoupled_weight_decay": decoupled})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p not in self.state:
+                    self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            states = [self.state[p] for p in params]
+            beta1, beta2 = group["betas"]
+            functional_adam(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+                            foreach=None, capturable=False, differentiable=False, fused=None, grad_scale=None,
+                            found_inf=None, has_complex=False, amsgrad=False, beta1=beta1, beta2=beta2,
+                            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                            decoupled_weight_decay=group["decoupled_weight_decay"])
+
+
+def make_optimizer(params, cfg: TrainConfig) -> SGD | Adam:
     if cfg.optimizer == "sgd":
         return SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled=cfg.optimizer == "adamw")
 
 
 class Engine:
