@@ -1,9 +1,9 @@
 """`make demo`: every method of the harness on the embedded digits cards, on a CPU, then one summary table and
 the HTML report. Complete runs already under results/runs are reused (set DEMO_FORCE=1 to redo them).
 
-The demo keeps each card's own budget except where one phase dominates the wall time: TSD's distillation
-runs 12 epochs instead of the reduced cards' 24 so that the whole demo fits in about three minutes on two
-CPU cores. The paper cards are untouched.
+The demo keeps each card's own budget except where one phase dominates the wall time: TSD's distillation and
+FOSTER's compression run 12 epochs instead of the reduced cards' 24 so that the whole demo fits in about
+three minutes on two CPU cores. The paper cards are untouched.
 
 The runs go to DEMO_WORKERS worker processes (default 2, at most one per core), each with one torch thread;
 progress lines and the table keep DEMO_RUNS' order whichever run finishes first, and a run that fails is
@@ -36,7 +36,7 @@ DEMO_RUNS = [
     ("digits_b0s2", "der", [], "der"),
     ("digits_b0s2", "der_prune", [], "der_prune"),
     ("digits_b0s2", "dytox", [], "dytox"),
-    ("digits_b0s2", "foster", [], "foster"),
+    ("digits_b0s2", "foster", [f"foster.compression_epochs={DEMO_KD_EPOCHS}"], "foster"),
     ("digits_b0s2", "memo", [], "memo"),
     ("digits_b0s2", "tsd_grc", ["tsd_grc.n_extractors=2", f"tsd_grc.kd_epochs={DEMO_KD_EPOCHS}"], "tsd_grc+N2"),
     ("digits_b0s2", "tsd_fixed", ["tsd_fixed.n_extractors=2", f"tsd_fixed.kd_epochs={DEMO_KD_EPOCHS}"],
