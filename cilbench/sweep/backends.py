@@ -133,6 +133,7 @@ def check_log_folder(spec: SweepSpec) -> None:
 
 
 def make_executor(backend: Backend, spec: SweepSpec) -> submitit.AutoExecutor:
+    gpus_per_run(backend, spec.device)     # a contradiction in the options is named first, Slurm or not
     if backend.kind == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
         raise UserError("--backend slurm: sbatch/srun not found; submit from a Slurm login node "
                         "(or use --backend local)")
