@@ -65,8 +65,8 @@ def offline_card(per_class: int) -> dict:
         "data": {"synthetic": {"classes": CLASSES, "image_size": 32, "channels": 3, "train_per_class": per_class,
                                "test_per_class": max(per_class // 4, 1), "noise": 1.0, "seed": 0}},
         # SEED with K = 3 experts, so tasks 4-5 fine-tune a selected expert; EXACFS on PODNet's ResNet-32;
-        # DyTox's encoder at a quarter width and 2 + 1 blocks on 4x4 patches (the paper's 384-wide ConViT on 2x2
-        # patches takes minutes per epoch on a CPU; the code path, AdamW and all, is the same)
+        # DyTox's encoder at a quarter width with 2 + 1 blocks (the paper's 384-wide, 5 + 1-block ConViT takes
+        # minutes per epoch on a CPU; the code path, AdamW and all, is the same)
         "methods": {"seed": {"experts": 3}, "exacfs": {"backbone": "resnet32_podnet"},
                     "dytox": {"embed_dim": 96, "heads": 4, "sab_depth": 2, "tab_depth": 1, "patch_size": 4}},
     }
