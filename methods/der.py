@@ -340,13 +340,15 @@ class DER(ConcatExtractorMethod):
         head, stack = self.head, self.stack
         subset = self.balanced_indices(task, ctx)
         stack.eval()
-        chunk = ctx.engine.frozen_chunk
 
-        def loss_fn(batch):
-            u = torch.cat(stack.features_each(batch.x, chunk), dim=1)   # every extractor is frozen here
-            return F.cross_entropy(head(u) / cfg.balanced_temperature, batch.y)
+        def super_feature(x):                       # every extractor is frozen here
+            return torch.cat(stack.features_each(x), dim=1)
 
-        ctx.engine.fit(head.parameters(), loss_fn, subset, self.stage2_config(), phase="der_classifier")
+        def loss_fn(batch):                         # batch.x: the super-feature of the augmented images
+            return F.cross_entropy(head(batch.x) / cfg.balanced_temperature, batch.y)
+
+        ctx.engine.fit(head.parameters(), loss_fn, subset, self.stage2_config(), phase="der_classifier",
+                       frozen=super_feature)
 
     @torch.no_grad()
     def weight_align(self, task: Task) -> None:

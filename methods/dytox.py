@@ -285,10 +285,9 @@ class DyTox(Method):
                 net.tokens[i].requires_grad_(False)
                 net.heads[i].requires_grad_(False)
         net.encoder.eval()
-        chunk = ctx.engine.frozen_chunk
 
         def loss_fn(batch):
-            patches = frozen_forward(net.encoder, batch.x, chunk)
+            patches = batch.x                       # the frozen encoder's output (fit's `frozen`)
             emb = []
             for token in net.tokens:
                 t = token.expand(len(batch.x), -1, -1)
@@ -304,7 +303,7 @@ class DyTox(Method):
         if div is not None:
             named += list(div.named_parameters())
         ctx.fit_balanced(task, decay_groups(named, self.finetune_config().weight_decay), loss_fn,
-                         self.finetune_config(), phase="dytox_finetune")
+                         self.finetune_config(), phase="dytox_finetune", frozen=net.encoder)
         net.encoder.train()
 
     # --- inference -------------------------------------------------------------------------------------

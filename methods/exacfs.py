@@ -266,16 +266,18 @@ class EXACFS(OneNetworkMethod):
         else:
             indices = ctx.balanced_indices(task, cfg.cbf_per_class)
         bn_train = cfg.cbf_bn == "train"
-        chunk = 0 if bn_train else ctx.engine.frozen_chunk   # in train mode BN must see the whole batch
 
         def loss_fn(batch):
-            features = frozen_forward(backbone, batch.x, chunk)
+            # in BN train mode the extractor's statistics move with each batch: it runs inside the step (under
+            # no_grad, the whole batch at once); frozen, the engine gives its features (fit's `frozen`)
+            features = frozen_forward(backbone, batch.x) if bn_train else batch.x
             return self.classification_loss(features, batch.y)
 
         cbf = phase_config(self.train_config(), epochs=cfg.cbf_epochs, lr=cfg.cbf_lr, schedule=cfg.cbf_schedule)
         params = [p for p in head.parameters() if cfg.cbf_train_scale or p is not head.log_scale]
         ctx.engine.fit(params, loss_fn, indices, cbf, phase="exacfs_balanced",
-                       modules=[backbone] if bn_train else [], before_step=self.gradient_clamp(params))
+                       modules=[backbone] if bn_train else [], before_step=self.gradient_clamp(params),
+                       frozen=None if bn_train else backbone)
         backbone.eval()
 
     def gradient_clamp(self, params: list[torch.Tensor]):

@@ -296,6 +296,65 @@ def test_frozen_extractor_stays_in_eval_and_bit_identical(make_engine):
     assert any("running_mean" in k for k in changed) and any(k.endswith("conv1.weight") for k in changed)
 
 
+@pytest.mark.parametrize("amp", [False, True])
+def test_fit_on_a_frozen_network_trains_as_the_loss_would_batch_by_batch(make_engine, amp):
+    """fit(frozen=f) sends blocks of augmented batches through f at once: the same images in the same order,
+    the same steps (so the same head, to float rounding) and the generators left where a batch-by-batch fit
+    leaves them; several blocks per epoch, a short last batch, two views, and under bf16 autocast (CUDA's path)."""
+    heads, states, inputs = [], [], []
+    for block_fit in (False, True):
+        engine, _ = make_engine(inference_batch=64)     # 64 images per frozen forward: 2 batches per block
+        engine.amp = amp
+        torch.manual_seed(0)
+        extractor = build_backbone("resnet20", 1, 4).eval()
+        head = nn.Linear(extractor.out_dim, 10)
+        seen = []
+
+        def loss(batch):
+            feats = batch.views if block_fit else [extractor(v).detach() for v in batch.views]
+            seen.append([f.dtype for f in feats])
+            inputs.append(torch.cat(feats).float())
+            return sum(nn.functional.cross_entropy(head(f).float(), batch.y) for f in feats)
+
+        idx = engine.stream.task(0).train_idx[:150]          # 5 batches of 32: the last has 22
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=0.1, weight_decay=5e-4)
+        engine.fit(head.parameters(), loss, idx, cfg, views=2, frozen=extractor if block_fit else None)
+        assert len(seen) == 10 and all(d == [torch.bfloat16 if amp else torch.float32] * 2 for d in seen)
+        heads.append(head.state_dict())
+        states.append([g.get_state() for g in (engine.order_gen, engine.augmenter.gen)] + [torch.get_rng_state()])
+    batch_by_batch, blocks = inputs[:10], inputs[10:]
+    tol = 2e-2 if amp else 1e-5          # bf16 convolutions round differently with the batch size
+    for a, b in zip(batch_by_batch, blocks):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=tol, rtol=tol)
+    for k in heads[0]:
+        assert torch.allclose(heads[0][k], heads[1][k], atol=tol, rtol=tol), k
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+
+
+def test_bench_bare_loop_of_a_frozen_call_reads_the_frozen_outputs(make_engine):
+    """bench --method's bare window replays a fit(frozen=...) call as the engine runs it: features of a block
+    of pre-made batches at once, then the method's own loss on them."""
+    from cilbench.bench.methods import BareLoopRecorder
+
+    engine, _ = make_engine(inference_batch=64)
+    recorder = engine.recorder = BareLoopRecorder()
+    torch.manual_seed(0)
+    extractor = build_backbone("resnet20", 1, 4).eval()
+    head = nn.Linear(extractor.out_dim, 10)
+    shapes = []
+
+    def loss(batch):
+        shapes.append(tuple(batch.x.shape))
+        return nn.functional.cross_entropy(head(batch.x), batch.y)
+
+    idx = engine.stream.task(0).train_idx[:96]
+    engine.fit(head.parameters(), loss, idx, TrainConfig(epochs=2, batch_size=32, lr=0.1), phase="clf",
+               frozen=extractor)
+    assert set(shapes) == {(32, extractor.out_dim)} and len(shapes) == 2 * 3 + 2 * 4   # harness + bare (+1 warm)
+    (row,) = recorder.rows("m")
+    assert row["name"] == "clf" and row["bare"] > 0
+
+
 # --- resume -------------------------------------------------------------------------------------------------
 
 def _events(path):

@@ -126,7 +126,7 @@ def report_runs(stopped):
 
 def test_report_never_writes_through_a_linked_subfolder(tmp_path, report_runs, error_line, monkeypatch):
     monkeypatch.setattr("cilbench.report.build.protocol_plots", lambda *a, **k: [])   # tables suffice here
-    monkeypatch.setattr("cilbench.report.build.training_plot", lambda *a, **k: None)
+    monkeypatch.setattr("cilbench.report.build._training_jobs", lambda *a, **k: [])
     out = tmp_path / "report"
     assert _report(report_runs, out).exit_code == 0
     elsewhere = tmp_path / "elsewhere"

@@ -359,6 +359,28 @@ def test_every_plot_is_a_non_blank_png_of_the_expected_size_with_a_pdf_beside_it
         assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF") and b"/Page" in pdf, png.name
 
 
+def test_figures_drawn_by_worker_processes_equal_those_drawn_in_place(runs, tmp_path):
+    """The report draws its figures in a pool of processes when there are enough of them: the same files, the
+    same PNGs byte for byte and the same page as one process drawing them all."""
+    events = [{"task": t, "phase": "ce", "epoch": e, "epochs": 3, "loss": 2.0 / (1 + e + t), "lr": 0.1}
+              for t in range(2) for e in range(3)]
+    for seed in (0, 1):
+        (runs / "digits_b0s2" / "replay" / f"seed{seed}" / "events.jsonl").write_text(
+            "".join(json.dumps(e) + "\n" for e in events))
+    pooled, in_place = tmp_path / "pooled", tmp_path / "in_place"
+    build_report(runs, pooled, plot_workers=2)
+    build_report(runs, in_place, plot_workers=1)
+    files = sorted(p.relative_to(pooled) for p in pooled.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(in_place) for p in in_place.rglob("*") if p.is_file())
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert len(pngs) >= 7 and any(f.parts[:2] == ("plots", "training") for f in pngs)
+    assert all((pooled / f).read_bytes() == (in_place / f).read_bytes() for f in pngs)
+
+    def page(root):
+        return re.sub(r"Made \d{4}-\d\d-\d\d \d\d:\d\d UTC", "", (root / "index.html").read_text())
+    assert page(pooled) == page(in_place)
+
+
 def test_extractor_plot_groups_runs_by_name_without_n_tag(runs):
     assert strip_n_tag("tsd_grc+N3") == "tsd_grc" and strip_n_tag("tsd_fixed+N3+long") == "tsd_fixed+long"
     groups = group_runs(scan_runs(runs))["cifar100_b50s25"]

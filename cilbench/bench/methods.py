@@ -153,6 +153,14 @@ def bare_step(engine: Engine, call: FitCall, optimizer, batch: Batch) -> None:
     optimizer.step()
 
 
+def through_frozen(engine: Engine, call: FitCall, batches: list[Batch]) -> list[Batch]:
+    """A fit(frozen=...) call's loss reads the frozen network's outputs: one forward for the block of batches."""
+    if call.frozen is None:
+        return batches
+    outputs = engine.frozen_views(call.frozen, [b.views for b in batches])
+    return [dataclasses.replace(b, views=out) for b, out in zip(batches, outputs)]
+
+
 def bare_window(engine: Engine, call: FitCall, batches: list[Batch], epoch: int) -> float:
     """Images/s of one bare pass over `batches` (stream samples, as the harness counts them). One untimed step
     first: a fresh optimiser allocates its state in its first step."""
@@ -162,11 +170,13 @@ def bare_window(engine: Engine, call: FitCall, batches: list[Batch], epoch: int)
         optimizer = make_optimizer(groups, call.cfg)
         for m in call.modules:
             m.train()
-        bare_step(engine, call, optimizer, batches[0])
+        bare_step(engine, call, optimizer, through_frozen(engine, call, batches[:1])[0])
         _sync(engine.device)
         t0 = time.perf_counter()
-        for batch in batches:
-            bare_step(engine, call, optimizer, batch)
+        per_block = engine.frozen_block_batches(call.cfg.batch_size) if call.frozen else len(batches)
+        for start in range(0, len(batches), per_block):
+            for batch in through_frozen(engine, call, batches[start:start + per_block]):
+                bare_step(engine, call, optimizer, batch)
         _sync(engine.device)
         seconds = time.perf_counter() - t0
     return sum(len(b.idx) for b in batches) / max(seconds, 1e-9)

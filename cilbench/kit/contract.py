@@ -115,10 +115,12 @@ class Context:
         return self.memory.preview(task.classes, self.stream.class_indices,
                                    lambda idx: self.engine.apply(features, idx), self.engine.order_gen)
 
-    def fit_balanced(self, task: Task, params, loss_fn, cfg, *, phase: str, per_class: int | None = None):
+    def fit_balanced(self, task: Task, params, loss_fn, cfg, *, phase: str, per_class: int | None = None,
+                     frozen=None):
         """Class-balanced fine-tuning (EEIL/DER/PODNet): fit `params` (a classifier) on balanced_indices.
-        The caller keeps the extractor frozen in eval mode inside `loss_fn`."""
-        return self.engine.fit(params, loss_fn, self.balanced_indices(task, per_class), cfg, phase=phase)
+        The caller keeps the extractor frozen in eval mode, inside `loss_fn` or as `frozen` (Engine.fit)."""
+        return self.engine.fit(params, loss_fn, self.balanced_indices(task, per_class), cfg, phase=phase,
+                               frozen=frozen)
 
     def seen_indices(self, task: Task) -> torch.Tensor:
         """Every training sample of every class seen so far (the joint upper bound only)."""

@@ -22,24 +22,22 @@ Output (under `out`):
     reference/*.csv                          copy of the published numbers used
     .cilbench-report.json                    the files above (the next report removes only these)
 """
-from cilbench.report.aggregate import (
-    METRICS,
-    Metric,
-    RunGroup,
-    default_metrics,
-    display_name,
-    group_runs,
-    mean_ci95,
-    mean_std,
-    resolve_metrics,
-    strip_n_tag,
-)
-from cilbench.report.build import MANIFEST, build_report
-from cilbench.report.reference import REFERENCE_DIR, RefCurve, RefRow, load_reference
-from cilbench.report.tables import Column, Row, Stat, Table, protocol_table, status_text, to_rich
-from cilbench.run.rundir import SeedRun, load_yaml_bounded, read_run, scan_runs
+import importlib
 
-__all__ = ["METRICS", "MANIFEST", "REFERENCE_DIR", "Column", "Metric", "RefCurve", "RefRow", "Row", "RunGroup",
-           "SeedRun", "Stat", "Table", "build_report", "default_metrics", "display_name", "group_runs",
-           "load_reference", "load_yaml_bounded", "mean_ci95", "mean_std", "protocol_table", "read_run",
-           "resolve_metrics", "scan_runs", "status_text", "strip_n_tag", "to_rich"]
+# Imported on first use: a worker that draws a plot (cilbench.report.plots) imports matplotlib, not torch.
+_EXPORTS = {
+    "cilbench.report.aggregate": ["METRICS", "Metric", "RunGroup", "default_metrics", "display_name", "group_runs",
+                                  "mean_ci95", "mean_std", "resolve_metrics", "strip_n_tag"],
+    "cilbench.report.build": ["MANIFEST", "build_report"],
+    "cilbench.report.reference": ["REFERENCE_DIR", "RefCurve", "RefRow", "load_reference"],
+    "cilbench.report.tables": ["Column", "Row", "Stat", "Table", "protocol_table", "status_text", "to_rich"],
+    "cilbench.run.rundir": ["SeedRun", "load_yaml_bounded", "read_run", "scan_runs"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'cilbench.report' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +25,7 @@ from cilbench.report.aggregate import (
     order_name,
     resolve_metrics,
 )
-from cilbench.report.figures import protocol_plots, training_plot
+from cilbench.report.figures import protocol_plots
 from cilbench.report.page import Section, write_html
 from cilbench.report.reference import REFERENCE_DIR, filter_refs_by_methods, load_reference
 from cilbench.report.tables import (
@@ -37,10 +39,11 @@ from cilbench.report.tables import (
     to_latex_compact,
     to_markdown,
 )
-from cilbench.run.rundir import read_text, scan_runs
+from cilbench.run.rundir import read_events, read_text, scan_runs
 from cilbench.safeio import atomic_write, make_folder, read_bounded
 
 MANIFEST = ".cilbench-report.json"
+PLOTS_PER_PROTOCOL = 6           # accuracy per step (top-1, top-5), per task, heatmaps, #extractors, #params
 RESERVED = {"summary", "runs", "index"}
 
 
@@ -211,10 +214,11 @@ class _Written:
 
 def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, metrics=None,
                  reference_dir: Path | None = None, include: Callable[[Path], bool] | None = None,
-                 plots: bool = True) -> Path:
+                 plots: bool = True, plot_workers: int | None = None) -> Path:
     """Scan runs_dir (only the seed directories include() keeps; None = all), aggregate seeds, write tables,
     plots (unless plots=False: tables and the page only, much faster) and index.html under out_dir;
-    return index.html."""
+    return index.html. The figures are drawn by `plot_workers` processes (default: one per core when there are
+    enough figures to pay for starting the processes; 1 draws them in this process)."""
     # resolved before any check: `--out userdir/missing/..` is userdir, and must meet the guard as such
     runs_dir, out_dir = Path(runs_dir), Path(out_dir).resolve()
     chosen_metrics = resolve_metrics(list(metrics) if metrics else None)
@@ -237,57 +241,58 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
     for folder in (tables_dir, plot_dir / "training") if plots else (tables_dir,):
         make_folder(folder, out_dir)      # a planted `tables -> ~/thesis` is refused before any write
     slugs = unique_slugs(list(groups))
-    sections = []
-    for protocol, gs in groups.items():
-        slug = slugs[protocol]
-        p_refs = filter_refs_by_methods([r for r in refs if r.protocol == protocol], gs, methods)
-        keys = _metrics_for(gs, p_refs, chosen_metrics)
-        spread = "ci95" if gs[0].regime == "online" else "std"
-        table = protocol_table(protocol, gs, p_refs, keys, spread)
-        files = [w.text(tables_dir / f"{slug}{suffix}", render(table))
-                 for suffix, render in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]
-        compact_keys = [k for k in (["last_task_mean", "avg_task_mean", "forgetting"] if spread == "ci95"
-                                    else ["avg", "last", "bwt"]) if k in keys] or keys[:3]
-        bb = all(g.footprint()["params_bb_avg"][0] is not None for g in gs if g.n)
-        caption = f"{'mean ± 95% CI' if spread == 'ci95' else 'mean ± std'} over seeds; #Params = " + \
-            ("backbone" if bb else "total") + " parameters at inference, average over steps (M)"
-        files.append(w.text(tables_dir / f"{slug}_compact.tex",
-                            to_latex_compact(table, compact_keys + ["params_bb_avg" if bb else "params_avg"],
-                                             caption)))
-        section = Section(protocol, f"p-{slug}", protocol_settings(gs), row_differences(gs) + seed_differences(gs),
-                          to_html(table), files)
-        p_curves = [c for c in curves if not methods or c.match in {g.method for g in gs}]
-        if any(g.n for g in gs):
-            st = steps_table(protocol, gs, p_curves)
-            section.steps_html = to_html(st)
-            section.steps_files = [w.text(tables_dir / f"{slug}_steps{suffix}", render(st))
-                                   for suffix, render in ((".md", to_markdown), (".tex", to_latex),
-                                                          (".csv", to_csv))]
-        top5 = any(k.endswith("top5") for k in keys)
-        if plots:
-            section.plots = [(c, w.plot(p)) for c, p in protocol_plots(protocol, slug, gs, p_refs, p_curves,
-                                                                       plot_dir, top5)]
-        sections.append(section)
+    jobs = _training_jobs(groups, slugs, plot_dir / "training") if plots else []
+    figures = len(jobs) + PLOTS_PER_PROTOCOL * len(groups) if plots else 0
+    with FigurePool(figures, plot_workers) as pool:     # figures are drawn meanwhile, tables written here
+        drawn = []
+        sections = []
+        for protocol, gs in groups.items():
+            slug = slugs[protocol]
+            p_refs = filter_refs_by_methods([r for r in refs if r.protocol == protocol], gs, methods)
+            keys = _metrics_for(gs, p_refs, chosen_metrics)
+            spread = "ci95" if gs[0].regime == "online" else "std"
+            table = protocol_table(protocol, gs, p_refs, keys, spread)
+            files = [w.text(tables_dir / f"{slug}{suffix}", render(table))
+                     for suffix, render in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]
+            compact_keys = [k for k in (["last_task_mean", "avg_task_mean", "forgetting"] if spread == "ci95"
+                                        else ["avg", "last", "bwt"]) if k in keys] or keys[:3]
+            bb = all(g.footprint()["params_bb_avg"][0] is not None for g in gs if g.n)
+            caption = f"{'mean ± 95% CI' if spread == 'ci95' else 'mean ± std'} over seeds; #Params = " + \
+                ("backbone" if bb else "total") + " parameters at inference, average over steps (M)"
+            files.append(w.text(tables_dir / f"{slug}_compact.tex",
+                                to_latex_compact(table, compact_keys + ["params_bb_avg" if bb else "params_avg"],
+                                                 caption)))
+            section = Section(protocol, f"p-{slug}", protocol_settings(gs),
+                              row_differences(gs) + seed_differences(gs), to_html(table), files)
+            p_curves = [c for c in curves if not methods or c.match in {g.method for g in gs}]
+            if any(g.n for g in gs):
+                st = steps_table(protocol, gs, p_curves)
+                section.steps_html = to_html(st)
+                section.steps_files = [w.text(tables_dir / f"{slug}_steps{suffix}", render(st))
+                                       for suffix, render in ((".md", to_markdown), (".tex", to_latex),
+                                                              (".csv", to_csv))]
+            top5 = any(k.endswith("top5") for k in keys)
+            if plots:
+                drawn.append((section, pool.submit(protocol_plots, protocol, slug, gs, p_refs, p_curves, plot_dir,
+                                                   top5)))
+            sections.append(section)
 
-    summary = None
-    if groups:
-        s_metrics = chosen_metrics or list(SUMMARY_DEFAULT)
-        s_refs = filter_refs_by_methods(refs, [g for gs in groups.values() for g in gs], methods)
-        table = summary_table(list(groups), groups, s_refs, [k for k in s_metrics if k in METRICS])
-        summary = {"html": to_html(table),
-                   "files": [w.text(tables_dir / f"summary{suffix}", render(table))
-                             for suffix, render in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]}
-    training, used = {}, set()
-    for protocol, gs in (groups.items() if plots else ()):
-        for g in gs:
-            stem = f"{slugs[protocol]}_{_safe(g.run_name)}"
-            while stem.lower() in used:          # two run names that make the same file name
-                stem += "_"
-            used.add(stem.lower())
-            for r in g.runs:
-                png = training_plot(r, g.name, plot_dir / "training" / f"{stem}_seed{r.seed}.png")
-                if png is not None:
-                    training[r.path] = w.plot(png)
+        summary = None
+        if groups:
+            s_metrics = chosen_metrics or list(SUMMARY_DEFAULT)
+            s_refs = filter_refs_by_methods(refs, [g for gs in groups.values() for g in gs], methods)
+            table = summary_table(list(groups), groups, s_refs, [k for k in s_metrics if k in METRICS])
+            summary = {"html": to_html(table),
+                       "files": [w.text(tables_dir / f"summary{suffix}", render(table)) for suffix, render
+                                 in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]}
+        training_curves = []
+        if jobs:
+            from cilbench.report.plots import plot_training
+            training_curves = [(run, pool.submit(plot_training, png, title, events))
+                               for run, png, title, events in jobs]
+        for section, handle in drawn:
+            section.plots = [(c, w.plot(p)) for c, p in handle.result()]
+        training = {run: w.plot(handle.result()) for run, handle in training_curves}
     runs_csv_path = w.text(tables_dir / "runs.csv", runs_csv(shown_runs))
     ref_files = []
     src_dir = Path(reference_dir) if reference_dir is not None else REFERENCE_DIR
@@ -303,6 +308,67 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
     atomic_write(out_dir / MANIFEST, json.dumps({"written_by": f"cilbench {__version__}", "files": w.files},
                                                 indent=1))
     return index
+
+
+def _training_jobs(groups: dict[str, list[RunGroup]], slugs: dict[str, str], folder: Path) -> list[tuple]:
+    """(run directory, png path, title, events) of every run with training events, in the page's order."""
+    jobs, used = [], set()
+    for protocol, gs in groups.items():
+        for g in gs:
+            stem = f"{slugs[protocol]}_{_safe(g.run_name)}"
+            while stem.lower() in used:          # two run names that make the same file name
+                stem += "_"
+            used.add(stem.lower())
+            for r in g.runs:
+                events = read_events(r.path / "events.jsonl")
+                if events:
+                    title = f"{r.protocol} / {g.name} / seed {r.seed}: training loss and lr"
+                    jobs.append((r.path, folder / f"{stem}_seed{r.seed}.png", title, events))
+    return jobs
+
+
+class FigurePool:
+    """Draws the report's figures in worker processes while the main process writes tables, or in place when a
+    pool would not pay for itself. `submit` returns a handle whose result() is the drawing's (a worker's error
+    is raised there)."""
+    FIGURES_PER_WORKER = 4      # a worker's start-up (about 1 s: it imports matplotlib) is worth ~2 figures
+
+    def __init__(self, figures: int, workers: int | None):
+        if workers is None:
+            workers = min(available_cores(), figures // self.FIGURES_PER_WORKER)
+        self.pool = None
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            # spawn: a fresh interpreter, never a fork of a process that may run torch's thread pools
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, fn: Callable, *args):
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        return _Done(fn(*args))
+
+    def __enter__(self) -> "FigurePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+@dataclass
+class _Done:
+    value: object
+
+    def result(self):
+        return self.value
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # macOS
+        return os.cpu_count() or 1
 
 
 def _safe(name: str) -> str:

@@ -5,7 +5,6 @@ from pathlib import Path
 
 from cilbench.report.aggregate import RunGroup, family
 from cilbench.report.reference import RefCurve, RefRow
-from cilbench.run.rundir import SeedRun, read_events
 
 PUBLISHED_GREYS = ["#444444", "#999999", "#8c564b", "#bcbd22", "#17becf", "#7f7f7f"]
 
@@ -129,11 +128,3 @@ def _param_points(protocol: str, done: list[RunGroup], refs: list[RefRow], colou
                                   None, PUBLISHED_GREYS[papers.index(ref.paper) % len(PUBLISHED_GREYS)],
                                   published=True, text=ref.method))
     return points, key == "params_bb_avg"
-
-
-def training_plot(run: SeedRun, name: str, path: Path) -> Path | None:
-    from cilbench.report import plots
-    events = read_events(run.path / "events.jsonl")
-    if not events:
-        return None
-    return plots.plot_training(path, f"{run.protocol} / {name} / seed {run.seed}: training loss and lr", events)

@@ -165,6 +165,7 @@ class FitCall:
     shuffle: bool
     epochs: int
     steps_per_epoch: int
+    frozen: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class FitRecorder(Protocol):
@@ -397,11 +398,52 @@ class Engine:
         labels = self.stream.train.labels[idx].to(self.device, non_blocking=True)
         return [self.augmenter.train(images) for _ in range(views)], labels
 
+    def epoch_batches(self, indices: torch.Tensor, batch_size: int, views: int, shuffle: bool, drop_last: bool,
+                      frozen: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """(idx, views, labels) of each batch of one epoch. With `frozen`, a block of batches is augmented ahead
+        and sent through the frozen network at once: the generators are drawn in the same order as batch by
+        batch, since the steps between never draw from them."""
+        order = self.batches(indices, batch_size, shuffle, drop_last)
+        if frozen is None:
+            for idx in order:
+                yield idx, *self.train_views(idx, views)
+            return
+        block = []
+        for idx in order:
+            block.append((idx, *self.train_views(idx, views)))
+            if len(block) == self.frozen_block_batches(batch_size):
+                yield from self._through_frozen(block, frozen)
+                block = []
+        yield from self._through_frozen(block, frozen)
+
+    def frozen_block_batches(self, batch_size: int) -> int:
+        """Batches per frozen forward of `fit(frozen=...)`: as many as one inference forward holds."""
+        return max(1, self.inference_batch_size() // batch_size)
+
+    def _through_frozen(self, block: list[tuple], frozen: Callable[[torch.Tensor], torch.Tensor]) -> list[tuple]:
+        if not block:
+            return []
+        outputs = self.frozen_views(frozen, [views_x for _, views_x, _ in block])
+        return [(idx, out, y) for (idx, _, y), out in zip(block, outputs)]
+
+    def frozen_views(self, frozen: Callable[[torch.Tensor], torch.Tensor],
+                     views_per_batch: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """frozen(view) for every view of every batch under no_grad and the training autocast (as it would run
+        inside the loss), frozen_chunk images per forward."""
+        flat = [v for views_x in views_per_batch for v in views_x]
+        images = torch.cat(flat)
+        chunk = self.frozen_chunk or len(images)
+        with torch.no_grad(), self.autocast():
+            out = torch.cat([frozen(part) for part in images.split(chunk)])
+        parts = iter(out.split([len(v) for v in flat]))
+        return [[next(parts) for _ in views_x] for views_x in views_per_batch]
+
     # --- training -----------------------------------------------------------------------------------
     def fit(self, params: Iterable, loss_fn: LossFn, indices: torch.Tensor, cfg: TrainConfig, *,
             phase: str = "train", views: int = 1, modules: Iterable[nn.Module] = (),
             before_step: StepHook | None = None, after_step: StepHook | None = None, drop_last: bool = False,
-            shuffle: bool = True, epoch_extras: Callable[[], dict] | None = None) -> FitResult:
+            shuffle: bool = True, epoch_extras: Callable[[], dict] | None = None,
+            frozen: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FitResult:
         """Train `params` to minimise `loss_fn` over `indices` (into the stream's train split).
 
         `modules` are put in train mode at every epoch start (frozen parts of an ExtractorStack stay in eval).
@@ -409,6 +451,11 @@ class Engine:
         gradient compensation); `after_step` after it (online replay updates its buffer there).
         `epoch_extras` is called at each epoch's end; its entries join that epoch's event (a method's loss
         parts, e.g. EXACFS's old/new distillation contributions).
+        `frozen`: a frozen network (eval mode, nothing of it trained) that every input passes through first, as in a
+        classifier stage on frozen extractors. The loss then receives its outputs as the batch's views, computed
+        under no_grad for several batches in one forward (`frozen_views`): the same images and the same steps,
+        with fewer and larger frozen forwards, which is what small images on a CPU are short of. Such a loss must
+        not draw from the run's augmentation generator (the block is augmented ahead of its steps).
         """
         start = time.perf_counter()
         params = list(params)
@@ -422,7 +469,7 @@ class Engine:
         call = None
         if self.recorder is not None:
             call = FitCall(self.task, phase, params, loss_fn, indices, cfg, views, modules, before_step,
-                           drop_last, shuffle, epochs, steps)
+                           drop_last, shuffle, epochs, steps, frozen)
         result = FitResult(epochs=epochs, final_loss=float("nan"), seconds=0.0)
         initial_loss = None     # the first batch's loss, before any update: the phase's reference level
         for epoch in range(epochs):
@@ -433,8 +480,8 @@ class Engine:
                 m.train()
             t0, seen = time.perf_counter(), 0
             loss_sum = torch.zeros((), device=self.device)
-            for step, idx in enumerate(self.batches(indices, cfg.batch_size, shuffle, drop_last)):
-                views_x, y = self.train_views(idx, views)
+            for step, (idx, views_x, y) in enumerate(self.epoch_batches(indices, cfg.batch_size, views, shuffle,
+                                                                        drop_last, frozen)):
                 batch = Batch(views_x, y, idx, epoch, step, steps)
                 with self.autocast():
                     loss = loss_fn(batch)
