@@ -203,7 +203,10 @@ def report(runs: Optional[str] = typer.Option(None, help="root of the run direct
            protocol: List[str] = typer.Option([], "--protocol", help="only these protocols"),
            methods: List[str] = typer.Option([], "--methods", help="only these run names / methods"),
            metric: List[str] = typer.Option([], "--metric", help="only these metric columns (avg, last, bwt, ...)"),
-           sweep: Optional[str] = typer.Option(None, "--sweep", help="only the runs of this sweep file")):
+           sweep: Optional[str] = typer.Option(None, "--sweep", help="only the runs of this sweep file"),
+           workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                                 help="processes drawing the figures [default: one per core "
+                                                      "when there are enough figures; 1: this process only]")):
     """Paper-style tables, plots and an HTML report from every run found."""
     from cilbench.report import build_report
     include = None
@@ -214,7 +217,8 @@ def report(runs: Optional[str] = typer.Option(None, help="root of the run direct
             include = grid.include_filter(grid.prepare(spec))
             runs, out = spec.out, out or str(grid.default_report_dir(spec))
         index = build_report(Path(runs or "results/runs"), Path(out or "results/report"), protocols=protocol or None,
-                             methods=methods or None, metrics=metric or None, include=include)
+                             methods=methods or None, metrics=metric or None, include=include,
+                             plot_workers=workers)
     except UserError as exc:
         _fail(str(exc))
     typer.echo(f"report written: {index}")
