@@ -331,6 +331,15 @@ def test_fit_on_a_frozen_network_trains_as_the_loss_would_batch_by_batch(make_en
     assert all(torch.equal(a, b) for a, b in zip(*states))
 
 
+def test_fit_refuses_a_frozen_network_in_train_mode(make_engine):
+    engine, _ = make_engine()
+    extractor = build_backbone("resnet20", 1, 4)          # train mode: BN would use each block's statistics
+    head = nn.Linear(extractor.out_dim, 10)
+    with pytest.raises(ValueError, match="'clf'.*train mode"):
+        engine.fit(head.parameters(), lambda b: head(b.x).sum(), engine.stream.task(0).train_idx[:32],
+                   TrainConfig(epochs=1, batch_size=32, lr=0.1), phase="clf", frozen=extractor)
+
+
 def test_bench_bare_loop_of_a_frozen_call_reads_the_frozen_outputs(make_engine):
     """bench --method's bare window replays a fit(frozen=...) call as the engine runs it: features of a block
     of pre-made batches at once, then the method's own loss on them."""

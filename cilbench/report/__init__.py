@@ -24,7 +24,7 @@ Output (under `out`):
 """
 import importlib
 
-# Imported on first use: a worker that draws a plot (cilbench.report.plots) imports matplotlib, not torch.
+# Imported on first use: `import cilbench.report.plots` (a figure worker's import) does not import torch.
 _EXPORTS = {
     "cilbench.report.aggregate": ["METRICS", "Metric", "RunGroup", "default_metrics", "display_name", "group_runs",
                                   "mean_ci95", "mean_std", "resolve_metrics", "strip_n_tag"],

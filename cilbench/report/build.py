@@ -331,7 +331,9 @@ class FigurePool:
     """Draws the report's figures in worker processes while the main process writes tables, or in place when a
     pool would not pay for itself. `submit` returns a handle whose result() is the drawing's (a worker's error
     is raised there)."""
-    FIGURES_PER_WORKER = 4      # a worker's start-up (about 1 s: it imports matplotlib) is worth ~2 figures
+    # a worker's start-up (1-4 s: matplotlib, and torch where the plotted runs' data or the calling program
+    # import it) is worth 1-2 figures
+    FIGURES_PER_WORKER = 4
 
     def __init__(self, figures: int, workers: int | None):
         if workers is None:

@@ -457,6 +457,9 @@ class Engine:
         with fewer and larger frozen forwards, which is what small images on a CPU are short of. Such a loss must
         not draw from the run's augmentation generator (the block is augmented ahead of its steps).
         """
+        if isinstance(frozen, nn.Module) and frozen.training:
+            raise ValueError(f"fit(frozen=...) of phase {phase!r}: the frozen network is in train mode; call .eval() "
+                             "on it first (its BN statistics would otherwise depend on the block)")
         start = time.perf_counter()
         params = list(params)
         modules = list(modules)
