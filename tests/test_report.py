@@ -483,6 +483,22 @@ def test_cli_report_and_errors(runs, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
+def test_cli_report_workers_reach_the_figure_pool_and_zero_is_refused(runs, tmp_path, monkeypatch):
+    from cilbench.report import build
+    asked = []
+    real = build.FigurePool.__init__
+    monkeypatch.setattr(build.FigurePool, "__init__",
+                        lambda self, figures, workers: asked.append(workers) or real(self, figures, workers))
+    cli = CliRunner()
+    result = cli.invoke(app, ["report", "--runs", str(runs), "--out", str(tmp_path / "out"), "--protocol",
+                              "digits_b0s2", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert asked == [1]
+    result = cli.invoke(app, ["report", "--runs", str(runs), "--out", str(tmp_path / "zero"), "--workers", "0"])
+    assert result.exit_code == 2 and "--workers" in result.output
+    assert not (tmp_path / "zero").exists()
+
+
 def test_reference_csv_errors_name_file_and_line(runs, tmp_path):
     ref = tmp_path / "ref"
     ref.mkdir()

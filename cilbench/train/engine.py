@@ -408,10 +408,10 @@ class Engine:
             for idx in order:
                 yield idx, *self.train_views(idx, views)
             return
-        block = []
+        block, per_block = [], self.frozen_block_batches(batch_size)
         for idx in order:
             block.append((idx, *self.train_views(idx, views)))
-            if len(block) == self.frozen_block_batches(batch_size):
+            if len(block) == per_block:
                 yield from self._through_frozen(block, frozen)
                 block = []
         yield from self._through_frozen(block, frozen)
