@@ -70,5 +70,8 @@ def test_the_longest_runs_are_submitted_first_and_every_demo_method_has_a_time()
     from cilbench.bench import demo
     order = sorted(range(len(demo.DEMO_RUNS)), key=lambda i: demo._longest_first(demo.DEMO_RUNS[i][1]))
     methods = [demo.DEMO_RUNS[i][1] for i in order]
-    assert methods[:2] == ["dytox", "tsd_grc"] and methods.index("der") < methods.index("finetune")
+    times = [demo.EXPECTED_SECONDS.get(m, 10) for m in methods]
+    assert times == sorted(times, reverse=True)                 # the longest first, whatever the figures are
+    assert methods[0] == max(demo.EXPECTED_SECONDS, key=demo.EXPECTED_SECONDS.get)
+    assert methods.index("der") < methods.index("finetune")     # an unlisted method counts as a short run
     assert {"der", "dytox", "foster", "memo"} <= set(demo.EXPECTED_SECONDS)

@@ -3,9 +3,10 @@
 Every function takes plain numbers (already aggregated over seeds by cilbench.report) and writes one PNG of
 exactly pixel_size(kind) pixels (SIZES[kind] CSS pixels at SCALE times the density, so legends stay sharp
 where the page shows the figure at its CSS size) and the same figure as vector PDFs beside it, sized for a
-paper: `<name>.pdf` 6.9 in wide (double column) and `<name>_1col.pdf` 3.3 in wide (single column), without
-the title (the page and the paper's caption say it) and with TrueType (Type 42) fonts, which IEEE and ACM
-checkers accept where they flag Type 3. Error bars and bands are clipped to [0, 100].
+paper: `<name>.pdf` 6.9 in wide (double column) and `<name>_1col.pdf` 3.3 in wide (single column; not for a
+run's two-panel training curves), without the title (the page and the paper's caption say it) and with
+TrueType (Type 42) fonts, which IEEE and ACM checkers accept where they flag Type 3. Error bars and bands are
+clipped to [0, 100].
 Every text given is drawn literally: a '$' in a run name never starts matplotlib's math mode.
 """
 from __future__ import annotations
@@ -123,19 +124,22 @@ def _title(fig: Figure, artist):
     return artist
 
 
-def pdf_paths(path: Path) -> list[Path]:
+TRAINING_PDF_WIDTHS = {"": PDF_WIDTHS[""]}         # a two-panel diagnostic: no single-column version
+
+
+def pdf_paths(path: Path, widths: dict[str, float] = PDF_WIDTHS) -> list[Path]:
     """The PDFs written beside a PNG: double column first."""
-    return [path.with_name(path.stem + suffix + ".pdf") for suffix in PDF_WIDTHS]
+    return [path.with_name(path.stem + suffix + ".pdf") for suffix in widths]
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    """PNG at the fixed pixel size, and the same figure as PDFs (vector) at paper column widths, untitled."""
+def _save(fig: Figure, path: Path, widths: dict[str, float] = PDF_WIDTHS) -> Path:
+    """PNG at the fixed pixel size, and the same figure as PDFs (vector) at the given column widths, untitled."""
     path.parent.mkdir(parents=True, exist_ok=True)   # the report made its folders link-free already
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI * SCALE))
     for artist in getattr(fig, "_cilbench_titles", []):
         artist.set_visible(False)
     w, h = fig.get_size_inches()
-    for target, width in zip(pdf_paths(path), PDF_WIDTHS.values()):
+    for target, width in zip(pdf_paths(path, widths), widths.values()):
         fig.set_size_inches(width, max(width * h / w, PDF_MIN_HEIGHT))
         with matplotlib.rc_context(PDF_RC), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)     # constrained layout on a narrow page may give up
@@ -410,4 +414,4 @@ def plot_training(path: Path, title: str, events: list[dict]) -> Path:
     fig.supxlabel("epoch (tasks and phases in order; one line per phase)", fontsize=9)
     _title(fig, fig.suptitle(literal(title), fontsize=11))
     _legend(axes[0], len(tasks) if len(tasks) <= 12 else 0)
-    return _save(fig, path)
+    return _save(fig, path, TRAINING_PDF_WIDTHS)
