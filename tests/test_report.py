@@ -355,8 +355,9 @@ def test_every_plot_is_a_non_blank_png_of_the_expected_size_with_a_pdf_beside_it
             assert colours is not None and len(colours) > 20, f"{png.name} looks blank"
             lo, hi = im.convert("L").getextrema()
             assert hi - lo > 100, f"{png.name} has no contrast"
-        pdf = png.with_suffix(".pdf").read_bytes()
-        assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF") and b"/Page" in pdf, png.name
+        for path in plots.pdf_paths(png):                      # the page links both column widths
+            pdf = path.read_bytes()
+            assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF") and b"/Page" in pdf, path.name
 
 
 def test_figures_drawn_by_worker_processes_equal_those_drawn_in_place(runs, tmp_path):
@@ -737,6 +738,7 @@ def test_training_curves_from_events_are_plotted_and_linked(tmp_path):
     build_report(root, out)
     png = out / "plots" / "training" / "digits_b0s2_replay_seed0.png"
     assert png.exists() and png.with_suffix(".pdf").read_bytes().startswith(b"%PDF-")
+    assert not png.with_name(png.stem + "_1col.pdf").exists()     # a two-panel diagnostic: double column only
     assert "plots/training/digits_b0s2_replay_seed0.png" in (out / "index.html").read_text()
 
 
