@@ -382,6 +382,32 @@ def test_figures_drawn_by_worker_processes_equal_those_drawn_in_place(runs, tmp_
     assert page(pooled) == page(in_place)
 
 
+def test_an_interrupted_report_lists_what_it_wrote_and_the_next_one_replaces_it(runs, tmp_path, monkeypatch):
+    """Ctrl-C (or an error) after the workers drew the figures but before the page: the folder keeps a manifest
+    marked incomplete that lists every file written, figures drawn by workers included, so the next report
+    into it runs and leaves exactly its own files; no page claims a complete report."""
+    import cilbench.report.build as build
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    out = tmp_path / "report"
+    monkeypatch.setattr(build, "write_html", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(runs, out, protocols=["digits_b0s2"], plot_workers=2)
+    manifest = json.loads((out / ".cilbench-report.json").read_text())
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert manifest["complete"] is False and not (out / "index.html").exists()
+    assert sorted(manifest["files"] + [".cilbench-report.json"]) == written
+    assert any(f.endswith(".png") for f in manifest["files"])          # the workers' figures are listed
+
+    monkeypatch.undo()
+    build_report(runs, out, protocols=["cifar100_b50s25"], plot_workers=1)
+    manifest = json.loads((out / ".cilbench-report.json").read_text())
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert manifest["complete"] is True and sorted(manifest["files"] + [".cilbench-report.json"]) == written
+    assert not any("digits_b0s2" in f for f in written)                # nothing left of the interrupted one
+
+
 def test_extractor_plot_groups_runs_by_name_without_n_tag(runs):
     assert strip_n_tag("tsd_grc+N3") == "tsd_grc" and strip_n_tag("tsd_fixed+N3+long") == "tsd_fixed+long"
     groups = group_runs(scan_runs(runs))["cifar100_b50s25"]
