@@ -383,29 +383,38 @@ def test_figures_drawn_by_worker_processes_equal_those_drawn_in_place(runs, tmp_
 
 
 def test_an_interrupted_report_lists_what_it_wrote_and_the_next_one_replaces_it(runs, tmp_path, monkeypatch):
-    """Ctrl-C (or an error) after the workers drew the figures but before the page: the folder keeps a manifest
-    marked incomplete that lists every file written, figures drawn by workers included, so the next report
-    into it runs and leaves exactly its own files; no page claims a complete report."""
+    """Ctrl-C while the workers draw (after the protocol figures were handed to them, before their results were
+    collected) or before anything was written: the folder keeps a manifest marked incomplete that lists every
+    file written, the workers' figures included, and no page; the next report into it runs and leaves exactly
+    its own files."""
     import cilbench.report.build as build
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    out = tmp_path / "report"
-    monkeypatch.setattr(build, "write_html", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        build_report(runs, out, protocols=["digits_b0s2"], plot_workers=2)
-    manifest = json.loads((out / ".cilbench-report.json").read_text())
-    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert manifest["complete"] is False and not (out / "index.html").exists()
-    assert sorted(manifest["files"] + [".cilbench-report.json"]) == written
-    assert any(f.endswith(".png") for f in manifest["files"])          # the workers' figures are listed
 
-    monkeypatch.undo()
-    build_report(runs, out, protocols=["cifar100_b50s25"], plot_workers=1)
-    manifest = json.loads((out / ".cilbench-report.json").read_text())
-    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert manifest["complete"] is True and sorted(manifest["files"] + [".cilbench-report.json"]) == written
-    assert not any("digits_b0s2" in f for f in written)                # nothing left of the interrupted one
+    def files_of(out):
+        return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+    for where in ("summary_table", "_training_jobs"):
+        out = tmp_path / where
+        (out / "notes").mkdir(parents=True)
+        (out / "notes" / "mine.txt").write_text("not the report's")      # a user's file: never listed
+        (out / ".cilbench-report.json").write_text('{"files": []}')
+        monkeypatch.setattr(build, where, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_report(runs, out, protocols=["digits_b0s2"], plot_workers=2)
+        monkeypatch.undo()
+        manifest = json.loads((out / ".cilbench-report.json").read_text())
+        assert manifest["complete"] is False and not (out / "index.html").exists()
+        assert sorted(manifest["files"] + [".cilbench-report.json", "notes/mine.txt"]) == files_of(out)
+        if where == "summary_table":                                   # figures drawn by the workers are listed
+            assert any(f.startswith("plots/digits_b0s2") and f.endswith(".png") for f in manifest["files"])
+
+        build_report(runs, out, protocols=["cifar100_b50s25"], plot_workers=1)
+        manifest = json.loads((out / ".cilbench-report.json").read_text())
+        assert manifest["complete"] is True
+        assert sorted(manifest["files"] + [".cilbench-report.json", "notes/mine.txt"]) == files_of(out)
+        assert not any("digits_b0s2" in f for f in files_of(out))      # nothing left of the interrupted one
 
 
 def test_extractor_plot_groups_runs_by_name_without_n_tag(runs):

@@ -238,92 +238,112 @@ def build_report(runs_dir: Path, out_dir: Path, protocols=None, methods=None, me
 
     _clear_previous(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    before = _files_under(out_dir)     # files the previous report did not list: never ours to remove
     w = _Written(out_dir)
+    _write_manifest(out_dir, [], complete=False)       # from here on the folder is a report's, even if cut short
+    try:
+        index = _write_report(out_dir, w, groups, refs, curves, shown_runs, runs_dir, methods, chosen_metrics,
+                              reference_dir, plots, plot_workers)
+    except BaseException:    # interrupted or failed: list every file it wrote, so the next report removes them
+        try:
+            _write_manifest(out_dir, sorted(set(w.files) | (_files_under(out_dir) - before)), complete=False)
+        except Exception:    # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
+    _write_manifest(out_dir, w.files, complete=True)
+    return index
+
+
+def _write_report(out_dir: Path, w: "_Written", groups: dict, refs: list, curves: list, shown_runs: list,
+                  runs_dir: Path, methods, chosen_metrics, reference_dir, plots: bool,
+                  plot_workers: int | None) -> Path:
+    """Tables, figures and the page of build_report into out_dir (prepared and emptied); returns index.html."""
     tables_dir, plot_dir, ref_out = out_dir / "tables", out_dir / "plots", out_dir / "reference"
     for folder in (tables_dir, plot_dir / "training") if plots else (tables_dir,):
         make_folder(folder, out_dir)      # a planted `tables -> ~/thesis` is refused before any write
     slugs = unique_slugs(list(groups))
     jobs = _training_jobs(groups, slugs, plot_dir / "training") if plots else []
     figures = len(jobs) + PLOTS_PER_PROTOCOL * len(groups) if plots else 0
-    pool = FigurePool(figures, plot_workers)
-    try:
-        with pool:     # figures are drawn meanwhile, tables written here
-            drawn = []
-            sections = []
-            for protocol, gs in groups.items():
-                slug = slugs[protocol]
-                p_refs = filter_refs_by_methods([r for r in refs if r.protocol == protocol], gs, methods)
-                keys = _metrics_for(gs, p_refs, chosen_metrics)
-                spread = "ci95" if gs[0].regime == "online" else "std"
-                table = protocol_table(protocol, gs, p_refs, keys, spread)
-                files = [w.text(tables_dir / f"{slug}{suffix}", render(table))
-                         for suffix, render in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]
-                compact_keys = [k for k in (["last_task_mean", "avg_task_mean", "forgetting"] if spread == "ci95"
-                                            else ["avg", "last", "bwt"]) if k in keys] or keys[:3]
-                bb = all(g.footprint()["params_bb_avg"][0] is not None for g in gs if g.n)
-                caption = f"{'mean ± 95% CI' if spread == 'ci95' else 'mean ± std'} over seeds; #Params = " + \
-                    ("backbone" if bb else "total") + " parameters at inference, average over steps (M)"
-                files.append(w.text(tables_dir / f"{slug}_compact.tex",
-                                    to_latex_compact(table, compact_keys + ["params_bb_avg" if bb else "params_avg"],
-                                                     caption)))
-                section = Section(protocol, f"p-{slug}", protocol_settings(gs),
-                                  row_differences(gs) + seed_differences(gs), to_html(table), files)
-                p_curves = [c for c in curves if not methods or c.match in {g.method for g in gs}]
-                if any(g.n for g in gs):
-                    st = steps_table(protocol, gs, p_curves)
-                    section.steps_html = to_html(st)
-                    section.steps_files = [w.text(tables_dir / f"{slug}_steps{suffix}", render(st))
-                                           for suffix, render in ((".md", to_markdown), (".tex", to_latex),
-                                                                  (".csv", to_csv))]
-                top5 = any(k.endswith("top5") for k in keys)
-                if plots:
-                    drawn.append((section, pool.submit(protocol_plots, protocol, slug, gs, p_refs, p_curves, plot_dir,
-                                                       top5)))
-                sections.append(section)
+    with FigurePool(figures, plot_workers) as pool:     # figures are drawn meanwhile, tables written here
+        drawn = []
+        sections = []
+        for protocol, gs in groups.items():
+            slug = slugs[protocol]
+            p_refs = filter_refs_by_methods([r for r in refs if r.protocol == protocol], gs, methods)
+            keys = _metrics_for(gs, p_refs, chosen_metrics)
+            spread = "ci95" if gs[0].regime == "online" else "std"
+            table = protocol_table(protocol, gs, p_refs, keys, spread)
+            files = [w.text(tables_dir / f"{slug}{suffix}", render(table))
+                     for suffix, render in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]
+            compact_keys = [k for k in (["last_task_mean", "avg_task_mean", "forgetting"] if spread == "ci95"
+                                        else ["avg", "last", "bwt"]) if k in keys] or keys[:3]
+            bb = all(g.footprint()["params_bb_avg"][0] is not None for g in gs if g.n)
+            caption = f"{'mean ± 95% CI' if spread == 'ci95' else 'mean ± std'} over seeds; #Params = " + \
+                ("backbone" if bb else "total") + " parameters at inference, average over steps (M)"
+            files.append(w.text(tables_dir / f"{slug}_compact.tex",
+                                to_latex_compact(table, compact_keys + ["params_bb_avg" if bb else "params_avg"],
+                                                 caption)))
+            section = Section(protocol, f"p-{slug}", protocol_settings(gs),
+                              row_differences(gs) + seed_differences(gs), to_html(table), files)
+            p_curves = [c for c in curves if not methods or c.match in {g.method for g in gs}]
+            if any(g.n for g in gs):
+                st = steps_table(protocol, gs, p_curves)
+                section.steps_html = to_html(st)
+                section.steps_files = [w.text(tables_dir / f"{slug}_steps{suffix}", render(st))
+                                       for suffix, render in ((".md", to_markdown), (".tex", to_latex),
+                                                              (".csv", to_csv))]
+            top5 = any(k.endswith("top5") for k in keys)
+            if plots:
+                drawn.append((section, pool.submit(protocol_plots, protocol, slug, gs, p_refs, p_curves, plot_dir,
+                                                   top5)))
+            sections.append(section)
 
-            summary = None
-            if groups:
-                s_metrics = chosen_metrics or list(SUMMARY_DEFAULT)
-                s_refs = filter_refs_by_methods(refs, [g for gs in groups.values() for g in gs], methods)
-                table = summary_table(list(groups), groups, s_refs, [k for k in s_metrics if k in METRICS])
-                summary = {"html": to_html(table),
-                           "files": [w.text(tables_dir / f"summary{suffix}", render(table)) for suffix, render
-                                     in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]}
-            training_curves = []
-            if jobs:
-                from cilbench.report.plots import plot_training
-                training_curves = [(run, pool.submit(plot_training, png, title, events))
-                                   for run, png, title, events in jobs]
-            for section, handle in drawn:
-                section.plots = [(c, w.plot(p)) for c, p in handle.result()]
-            training = {run: w.plot(handle.result()) for run, handle in training_curves}
-        runs_csv_path = w.text(tables_dir / "runs.csv", runs_csv(shown_runs))
-        ref_files = []
-        src_dir = Path(reference_dir) if reference_dir is not None else REFERENCE_DIR
-        if src_dir.is_dir():
-            make_folder(ref_out, out_dir)
-            for f in sorted(src_dir.glob("*.csv")):
-                atomic_write(ref_out / f.name, read_bounded(f, 1 << 24, "a reference CSV"), root=out_dir)
-                ref_files.append(w.add(ref_out / f.name))
-        made = (f"Made {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by cilbench {__version__}"
-                + (f" (commit {commit})" if (commit := git_commit(Path(__file__))) else ""))
-        index = write_html(out_dir, made, sections, summary, shown_runs, training, ref_files, runs_dir, runs_csv_path)
-        w.add(index)
-    except BaseException:    # interrupted or failed: list what was written, so the next report removes it
-        for value in pool.finished():
-            for path in [value] if isinstance(value, Path) else [path for _, path in value]:
-                w.plot(path)
-        _write_manifest(out_dir, w, complete=False)
-        raise
-    _write_manifest(out_dir, w, complete=True)
+        summary = None
+        if groups:
+            s_metrics = chosen_metrics or list(SUMMARY_DEFAULT)
+            s_refs = filter_refs_by_methods(refs, [g for gs in groups.values() for g in gs], methods)
+            table = summary_table(list(groups), groups, s_refs, [k for k in s_metrics if k in METRICS])
+            summary = {"html": to_html(table),
+                       "files": [w.text(tables_dir / f"summary{suffix}", render(table)) for suffix, render
+                                 in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv))]}
+        training_curves = []
+        if jobs:
+            from cilbench.report.plots import plot_training
+            training_curves = [(run, pool.submit(plot_training, png, title, events))
+                               for run, png, title, events in jobs]
+        for section, handle in drawn:
+            section.plots = [(c, w.plot(p)) for c, p in handle.result()]
+        training = {run: w.plot(handle.result()) for run, handle in training_curves}
+    runs_csv_path = w.text(tables_dir / "runs.csv", runs_csv(shown_runs))
+    ref_files = []
+    src_dir = Path(reference_dir) if reference_dir is not None else REFERENCE_DIR
+    if src_dir.is_dir():
+        make_folder(ref_out, out_dir)
+        for f in sorted(src_dir.glob("*.csv")):
+            atomic_write(ref_out / f.name, read_bounded(f, 1 << 24, "a reference CSV"), root=out_dir)
+            ref_files.append(w.add(ref_out / f.name))
+    made = (f"Made {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by cilbench {__version__}"
+            + (f" (commit {commit})" if (commit := git_commit(Path(__file__))) else ""))
+    index = write_html(out_dir, made, sections, summary, shown_runs, training, ref_files, runs_dir, runs_csv_path)
+    w.add(index)
     return index
 
 
-def _write_manifest(out_dir: Path, w: "_Written", complete: bool) -> None:
+def _write_manifest(out_dir: Path, files: list[str], complete: bool) -> None:
     """The list of files this report wrote (the next report into the folder removes exactly these); an
     interrupted report writes it too, marked incomplete, so its folder is never left unusable."""
     atomic_write(out_dir / MANIFEST, json.dumps({"written_by": f"cilbench {__version__}", "complete": complete,
-                                                 "files": w.files}, indent=1))
+                                                 "files": files}, indent=1))
+
+
+def _files_under(out_dir: Path) -> set[str]:
+    """Every file (or link) under out_dir but the manifest, relative, without following links to folders."""
+    found = set()
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            found.add((Path(folder) / name).relative_to(out_dir).as_posix())
+    found.discard(MANIFEST)
+    return found
 
 
 def _training_jobs(groups: dict[str, list[RunGroup]], slugs: dict[str, str], folder: Path) -> list[tuple]:
@@ -354,23 +374,21 @@ class FigurePool:
     def __init__(self, figures: int, workers: int | None):
         if workers is None:
             workers = min(available_cores(), figures // self.FIGURES_PER_WORKER)
-        self.pool, self.handles = None, []
+        self.pool = None
         if workers > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
-            # spawn: a fresh interpreter, never a fork of a process that may run torch's thread pools
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+            from cilbench.report.plots import ignore_interrupts
+            # spawn: a fresh interpreter, never a fork of a process that may run torch's thread pools; Ctrl-C
+            # stops the main process only, the workers finish the figures they draw (listed, not torn)
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=ignore_interrupts)
 
     def submit(self, fn: Callable, *args):
-        handle = self.pool.submit(fn, *args) if self.pool is not None else _Done(fn(*args))
-        self.handles.append(handle)
-        return handle
-
-    def finished(self) -> list:
-        """The results of the drawings that completed without error (after the pool was shut down: also those
-        a worker was drawing when the main process stopped)."""
-        return [h.value if isinstance(h, _Done) else h.result() for h in self.handles
-                if isinstance(h, _Done) or (h.done() and not h.cancelled() and h.exception() is None)]
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        return _Done(fn(*args))
 
     def __enter__(self) -> "FigurePool":
         return self

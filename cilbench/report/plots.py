@@ -105,6 +105,12 @@ class Group:
     marker: str = "o"
 
 
+def ignore_interrupts() -> None:
+    """A figure worker's start: Ctrl-C is for the report's main process, which then lets the workers finish."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _figure(kind: str, nrows: int = 1, ncols: int = 1, rows_scale: int = 1):
     w, h = SIZES[kind]
     fig = Figure(figsize=(w / DPI, h * rows_scale / DPI), dpi=DPI * SCALE, layout="constrained")
