@@ -2,6 +2,7 @@
 reported while the others finish."""
 from __future__ import annotations
 
+import io
 import json
 
 from cilbench.bench import demo
@@ -66,12 +67,30 @@ def test_a_bad_worker_count_is_one_line(monkeypatch, capsys):
     assert "DEMO_WORKERS='two'" in out and "Traceback" not in out
 
 
-def test_the_longest_runs_are_submitted_first_and_every_demo_method_has_a_time():
-    from cilbench.bench import demo
-    order = sorted(range(len(demo.DEMO_RUNS)), key=lambda i: demo._longest_first(demo.DEMO_RUNS[i][1]))
-    methods = [demo.DEMO_RUNS[i][1] for i in order]
-    times = [demo.EXPECTED_SECONDS.get(m, 10) for m in methods]
-    assert times == sorted(times, reverse=True)                 # the longest first, whatever the figures are
-    assert methods[0] == max(demo.EXPECTED_SECONDS, key=demo.EXPECTED_SECONDS.get)
-    assert methods.index("der") < methods.index("finetune")     # an unlisted method counts as a short run
+def test_the_longest_runs_are_submitted_first_and_every_demo_method_has_a_time(tmp_path, monkeypatch):
+    """What the demo hands to its workers, in order: the longest expected runs first (an unlisted method counts
+    as a short run), so the two workers finish together."""
+    from concurrent.futures import Future
+    submitted = []
+
+    class Recorder:                                  # stands in for the process pool: records, runs nothing
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, protocol, method, overrides, out, epochs):
+            submitted.append(method)
+            done = Future()
+            done.set_result(("error", "not run", 0.0))
+            return done
+
+        def shutdown(self, **kwargs):
+            pass
+    monkeypatch.setattr(demo, "ProcessPoolExecutor", Recorder)
+    monkeypatch.setattr(demo, "RUNS", tmp_path / "runs")
+    rows, failed = demo._run_all(demo.Console(file=io.StringIO()), True, None)
+    assert failed == len(demo.DEMO_RUNS) == len(submitted) and not rows
+    times = [demo.EXPECTED_SECONDS.get(m, 10) for m in submitted]
+    assert times == sorted(times, reverse=True)
+    assert submitted[0] == max(demo.EXPECTED_SECONDS, key=demo.EXPECTED_SECONDS.get)
+    assert submitted.index("der") < submitted.index("finetune")
     assert {"der", "dytox", "foster", "memo"} <= set(demo.EXPECTED_SECONDS)
