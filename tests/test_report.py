@@ -382,6 +382,17 @@ def test_figures_drawn_by_worker_processes_equal_those_drawn_in_place(runs, tmp_
     assert page(pooled) == page(in_place)
 
 
+def test_figure_workers_leave_ctrl_c_to_the_main_process():
+    """A terminal's Ctrl-C reaches the whole process group: the figure workers ignore it, so the report's main
+    process decides (it waits for the figures in progress and lists them) and no figure is left torn."""
+    import signal
+
+    from cilbench.report.build import FigurePool
+    with FigurePool(8, 2) as pool:
+        assert pool.pool is not None
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+
+
 def test_an_interrupted_report_lists_what_it_wrote_and_the_next_one_replaces_it(runs, tmp_path, monkeypatch):
     """Ctrl-C while the workers draw (after the protocol figures were handed to them, before their results were
     collected) or before anything was written: the folder keeps a manifest marked incomplete that lists every

@@ -200,9 +200,7 @@ class _Written:
         return self.add(path)
 
     def add(self, path: Path) -> Path:
-        name = path.relative_to(self.out_dir).as_posix()
-        if name not in self.files:
-            self.files.append(name)
+        self.files.append(path.relative_to(self.out_dir).as_posix())
         return path
 
     def plot(self, path: Path) -> Path:
