@@ -16,8 +16,8 @@ Per task t:
   L_clf a binary cross-entropy on every logit, L_kd the KL divergence between the old model's and the current
   model's old-class logits at temperature tau, L_div the divergence head's loss: a classifier on e_t over the
   new classes + one "old" class (label 0), trained only while the task trains and dropped afterwards;
-- fine-tuning on a class-balanced subset of memory + new data (the code's `finetuning: balanced`): encoder
-  frozen in eval mode, TAB, every token and every classifier trained with L_clf alone.
+- fine-tuning (the code's `finetuning: balanced`) on the memory after this task's herding, herded before
+  fine-tuning: encoder frozen in eval mode, TAB, every token and every classifier trained with L_clf alone.
 """
 from __future__ import annotations
 
@@ -101,10 +101,14 @@ class DyToxConfig:
     freeze_old: bool = option(True, help="freeze old task tokens and old classifiers while a new task trains")
     # --- fine-tuning on a balanced set -----------------------------------------------------------------
     finetune: bool = option(True, help="balanced fine-tuning after each incremental task (code: finetuning "
-                                       "balanced)")
+                                       "balanced); none without an exemplar memory, as in the code")
     ft_epochs: int = option(20, unit="epochs", bounds=(0, None), help="fine-tuning epochs")
     ft_lr: float = option(5e-5, bounds=(0, None), help="fine-tuning AdamW lr for a batch of 512 (scaled like "
                                                        "lr; constant, the code makes no scheduler there)")
+    ft_set: Literal["memory", "balanced"] = option(
+        "memory", help="what fine-tuning trains on: memory = the memory after this task's herding, herded with the "
+                       "model before fine-tuning (the code's get_finetuning_dataset: the budget over every class "
+                       "seen); balanced = the memory before the update plus as many random new images per class")
     ft_freeze_old: bool = option(False, help="keep old tokens and classifiers frozen during fine-tuning too "
                                              "(the code trains them: its freeze_ft is [sab] alone)")
     herding_features: Literal["all", "last"] = option(
@@ -269,13 +273,13 @@ class DyTox(Method):
                               self.train_config().weight_decay)
         ctx.engine.fit(groups, loss_fn, ctx.train_indices(task), self.train_config(), phase="dytox",
                        modules=[net] + ([div] if div is not None else []))
-        if cfg.finetune and task.index > 0 and cfg.ft_epochs > 0:
+        if cfg.finetune and task.index > 0 and cfg.ft_epochs > 0 and ctx.memory is not None:   # code: "and memory"
             self.finetune(task, ctx, div if cfg.div_in_finetuning else None)
         freeze(net)
 
     def finetune(self, task: Task, ctx: Context, div: nn.Module | None) -> None:
         """Balanced fine-tuning: encoder frozen (eval mode, no gradient), TAB + tokens + classifiers trained with
-        the classification loss on a class-balanced subset of memory + new data."""
+        the classification loss on the fine-tuning set (finetune_indices)."""
         cfg, net, n_old = self.cfg, self.net, task.n_old
         for p in net.parameters():
             p.requires_grad_(True)
@@ -302,9 +306,22 @@ class DyTox(Method):
         named = [(n, p) for n, p in net.named_parameters() if not n.startswith("encoder.")]
         if div is not None:
             named += list(div.named_parameters())
-        ctx.fit_balanced(task, decay_groups(named, self.finetune_config().weight_decay), loss_fn,
-                         self.finetune_config(), phase="dytox_finetune", frozen=net.encoder)
+        groups = decay_groups(named, self.finetune_config().weight_decay)
+        ctx.engine.fit(groups, loss_fn, self.finetune_indices(task, ctx), self.finetune_config(),
+                       phase="dytox_finetune", frozen=net.encoder)
         net.encoder.train()
+
+    def finetune_indices(self, task: Task, ctx: Context) -> torch.Tensor:
+        """The fine-tuning set. The code's: this task's herding runs now, with the model before fine-tuning, and
+        fine-tuning trains on the memory it leaves (the harness keeps that selection)."""
+        if self.cfg.ft_set == "balanced":
+            return ctx.balanced_indices(task)
+        training = [(m, m.training) for m in self.net.modules()]
+        self.net.eval()
+        indices = ctx.select_exemplars_now(task, self.features)
+        for module, mode in training:
+            module.train(mode)
+        return indices
 
     # --- inference -------------------------------------------------------------------------------------
     def networks(self) -> list[nn.Module]:

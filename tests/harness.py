@@ -48,13 +48,15 @@ def tiny_context(card: dict, max_epochs: int | None = 1):
 
 
 def learn_and_remember(method, ctx, stream, engine, memory, t):
-    """One harness step without evaluation: reseed, learn task t, herd exemplars on the method's features."""
+    """One harness step without evaluation: reseed, learn task t, herd exemplars on the method's features
+    (unless the method selected them in learn(), as the runner does)."""
     task = stream.task(t)
     engine.begin_task(0, t)
     method.learn(task, ctx)
     method.eval()
-    memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
-                  engine.order_gen)
+    if not memory.holds(task.classes):
+        memory.update(task.classes, stream.class_indices, lambda idx: engine.apply(method.features, idx),
+                      engine.order_gen)
     return task
 
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cilbench.cli import app
 from cilbench.config import build
-from cilbench.kit import ClassAttention, ClassAttentionBlock, PatchEncoder, SelfAttentionBlock, decay_groups
+from cilbench.kit import ClassAttention, ClassAttentionBlock, Context, PatchEncoder, SelfAttentionBlock, decay_groups
+from cilbench.train.memory import ExemplarMemory, herding
 
 CARD = tiny_card(name="tiny_dytox")
 TINY = {"embed_dim": 8, "heads": 2, "sab_depth": 1, "patch_size": 2, "epochs": 2, "batch_size": 16,
@@ -99,6 +100,78 @@ def test_old_tokens_and_classifiers_frozen_encoder_trains(finetune):
     assert any(not torch.equal(v, method.net.tabs.state_dict()[k]) for k, v in tab.items())
 
 
+def fine_tuning_sets(engine, method, stream, check=None):
+    """Record the indices every fine-tuning fit trains on; `check(task)` runs just before it trains."""
+    sets, fit = [], engine.fit
+
+    def recording_fit(params, loss_fn, indices, cfg, *, phase="train", **kw):
+        if phase == "dytox_finetune":
+            sets.append(indices.clone())
+            if check is not None:
+                check()
+        return fit(params, loss_fn, indices, cfg, phase=phase, **kw)
+    engine.fit = recording_fit
+    return sets
+
+
+def test_fine_tuning_trains_on_the_memory_herded_before_it_which_the_harness_keeps():
+    ctx, stream, engine, memory = tiny_context(CARD, max_epochs=1)
+    method = dytox(ctx)
+    herded_before = []
+
+    def herd_with_the_model_as_it_is():
+        # fine-tuning's modes after herding: the frozen encoder in eval, the TAB training
+        assert not method.net.encoder.training and method.net.tabs.training
+        # the memory already holds the new classes, herded with the model before fine-tuning
+        modes = [(m, m.training) for m in method.net.modules()]
+        method.eval()
+        for c in range(2, 4):
+            feats = engine.apply(method.features, stream.class_indices(c))
+            herded_before.append(torch.equal(memory.class_exemplars(c),
+                                             stream.class_indices(c)[herding(feats, memory.quota)]))
+        for m, mode in modes:
+            m.train(mode)
+
+    sets = fine_tuning_sets(engine, method, stream, herd_with_the_model_as_it_is)
+    learn_and_remember(method, ctx, stream, engine, memory, 0)
+    before = memory.indices().clone()
+    learn_and_remember(method, ctx, stream, engine, memory, 1)
+    assert herded_before == [True, True]
+    assert len(sets) == 1 and torch.equal(sets[0], memory.indices())    # not selected again after fine-tuning
+    labels = stream.train.labels[sets[0]]
+    assert torch.bincount(labels).tolist() == [24 // 4] * 4                 # the budget over every seen class
+    assert set(sets[0].tolist()) < set(before.tolist()) | set(stream.task(1).train_idx.tolist())
+
+
+def test_fine_tuning_on_the_balanced_set_leaves_herding_to_the_harness():
+    ctx, stream, engine, memory = tiny_context(CARD, max_epochs=1)
+    method = dytox(ctx, ft_set="balanced")
+    sets = fine_tuning_sets(engine, method, stream)
+    learn_and_remember(method, ctx, stream, engine, memory, 0)
+    before = memory.indices().clone()
+    learn_and_remember(method, ctx, stream, engine, memory, 1)
+    labels = stream.train.labels[sets[0]]
+    assert torch.bincount(labels).tolist() == [24 // 2] * 4             # old quota; as many new per class
+    old = sets[0][labels < 2]
+    assert sorted(old.tolist()) == sorted(before.tolist())
+    method.eval()                                                        # the harness herded after fine-tuning
+    for c in range(2, 4):
+        feats = engine.apply(method.features, stream.class_indices(c))
+        assert torch.equal(memory.class_exemplars(c), stream.class_indices(c)[herding(feats, memory.quota)])
+
+
+def test_no_fine_tuning_without_a_memory():
+    card = tiny_card(name="tiny_dytox_no_memory", memory={"policy": "none"})
+    ctx, stream, engine, memory = tiny_context(card, max_epochs=1)
+    assert memory is None
+    method = dytox(ctx)
+    sets = fine_tuning_sets(engine, method, stream)
+    for t in range(2):
+        engine.begin_task(0, t)
+        method.learn(stream.task(t), ctx)
+    assert sets == []
+
+
 def test_params_grow_by_one_token_and_one_classifier_per_task():
     ctx, stream, engine, memory = tiny_context(CARD, max_epochs=1)
     method = dytox(ctx)
@@ -147,7 +220,18 @@ def test_bad_patch_size_is_one_line():
         dytox(ctx, patch_size=3)
 
 
-def test_cli_run_on_digits(tmp_path):
+def test_cli_run_on_digits(tmp_path, monkeypatch):
+    selections, update, select_now = [], ExemplarMemory.update, Context.select_exemplars_now
+
+    def counted_update(memory, labels, *args):
+        selections.append(labels)
+        return update(memory, labels, *args)
+
+    def counted_select_now(ctx, task, features):
+        selections.append(f"learn {task.index}")
+        return select_now(ctx, task, features)
+    monkeypatch.setattr(ExemplarMemory, "update", counted_update)
+    monkeypatch.setattr(Context, "select_exemplars_now", counted_select_now)
     result = CliRunner().invoke(app, ["run", "--method", "dytox", "--protocol", "digits_b0s2", "--epochs", "1",
                                       "--device", "cpu", "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -158,6 +242,8 @@ def test_cli_run_on_digits(tmp_path):
         steps = list(csv.DictReader(fh))
     assert [int(s["task_tokens"]) for s in steps] == [1, 2, 3, 4, 5]
     assert all(int(s["extractors"]) == 1 for s in steps)
+    # each task's classes selected once: by the harness after task 1, by fine-tuning after the others
+    assert selections == [range(0, 2)] + [x for t in range(1, 5) for x in (f"learn {t}", range(2 * t, 2 * t + 2))]
 
 
 def test_code_recipe_adamw_warmup_from_warmup_lr_cosine_to_min_lr():

@@ -111,6 +111,14 @@ def test_fixed_total_shrinks_by_truncation_keeping_herding_order():
     assert mem.nbytes(3 * 32 * 32) == 10 * 3 * 32 * 32
 
 
+def test_holds_tells_whether_a_task_was_selected_already():
+    toy = ToyStream(n=10)
+    mem = ExemplarMemory(MemoryConfig(policy="fixed_total", total=12, selection="herding"))
+    assert not mem.holds(range(0, 2))
+    mem.update(range(0, 2), toy.class_indices, toy.feats, _gen())
+    assert mem.holds(range(0, 2)) and not mem.holds(range(2, 4)) and not mem.holds(range(1, 3))
+
+
 def test_per_class_memory_grows_with_the_classes():
     toy = ToyStream(n=10)
     mem = ExemplarMemory(MemoryConfig(policy="per_class", per_class=4))

@@ -9,6 +9,7 @@ method never evaluates itself, and it reaches the run only through its Context.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -70,6 +71,7 @@ class Context:
     seed: int
     log_sink: Callable[[str], None] | None = None   # set by the harness: progress output and events.jsonl
     extra: dict = field(default_factory=dict)
+    selection_seconds: float = 0.0   # time in select_exemplars_now, which the run's timing counts as herding
 
     def log(self, message: str) -> None:
         """A progress message: printed with the run's progress and recorded in events.jsonl."""
@@ -114,6 +116,19 @@ class Context:
             raise TypeError("exemplars_after() needs the offline exemplar memory")
         return self.memory.preview(task.classes, self.stream.class_indices,
                                    lambda idx: self.engine.apply(features, idx), self.engine.order_gen)
+
+    def select_exemplars_now(self, task: Task, features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Update the exemplar memory for this task now, inside learn(), with `features` (as exemplars_after;
+        call it with the networks in eval mode), and return the train-split indices it then holds. The harness
+        keeps this selection and does not select again after learn(). For a method that trains on the updated
+        memory before the task ends: DyTox fine-tunes on the memory herded with the model before fine-tuning."""
+        if not isinstance(self.memory, ExemplarMemory):
+            raise TypeError("select_exemplars_now() needs the offline exemplar memory")
+        start = time.perf_counter()
+        self.memory.update(task.classes, self.stream.class_indices,
+                           lambda idx: self.engine.apply(features, idx), self.engine.order_gen)
+        self.selection_seconds += time.perf_counter() - start
+        return self.memory.indices()
 
     def fit_balanced(self, task: Task, params, loss_fn, cfg, *, phase: str, per_class: int | None = None,
                      frozen=None):
@@ -250,7 +265,8 @@ class Method:
         raise NotImplementedError
 
     def after_memory_update(self, task: Task, ctx: Context) -> None:
-        """Called after the harness selected this task's exemplars (offline memory): write their payload."""
+        """Called after this task's exemplars were selected (offline memory; by the harness after learn(), or by
+        the method inside it with ctx.select_exemplars_now): write their payload."""
 
     def networks(self) -> list[nn.Module]:
         """Modules put in eval mode before evaluation and herding."""

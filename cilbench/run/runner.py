@@ -426,15 +426,18 @@ class RunSession:
         task = stream.task(t)
         engine.begin_task(self.request.seed, t)
         t0, fit0, aside0 = time.perf_counter(), engine.fit_seconds, engine.recorder_seconds
+        select0 = self.ctx.selection_seconds
         method.learn(task, self.ctx)
         aside = engine.recorder_seconds - aside0       # a recorder's bare windows (bench) are not the run's time
         self.started += aside
         t0 += aside
-        learn_s, fit_s = time.perf_counter() - t0, engine.fit_seconds - fit0
+        selected_s = self.ctx.selection_seconds - select0    # exemplars the method selected inside learn()
+        learn_s, fit_s = time.perf_counter() - t0 - selected_s, engine.fit_seconds - fit0
         if isinstance(memory, ExemplarMemory):
             method.eval()
-            memory.update(task.classes, stream.class_indices,
-                          lambda idx: engine.apply(method.features, idx), engine.order_gen)
+            if not memory.holds(task.classes):     # unless the method selected them in learn()
+                memory.update(task.classes, stream.class_indices,
+                              lambda idx: engine.apply(method.features, idx), engine.order_gen)
             method.after_memory_update(task, self.ctx)
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -76,6 +76,10 @@ class ExemplarMemory:
             return idx[herding(features(idx), m).to(idx.device)]
         return idx[torch.randperm(len(idx), generator=generator)[:m].to(idx.device)]
 
+    def holds(self, labels: range) -> bool:
+        """Whether `labels` were already selected (a method selected them during learn())."""
+        return all(label in self.order for label in labels)
+
     def preview(self, labels: range, class_indices: Callable[[int], torch.Tensor],
                 features: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """The indices `update(labels, ...)` would keep with these `features`, without changing the memory:
