@@ -82,8 +82,8 @@ def _execute(protocol: str, method: str, overrides: list[str], out: str,
 
 # Demo run times on 2 idle CPU cores, two workers (seconds, rounded): the longest runs are submitted first, so the
 # two workers finish together instead of one starting DER while the other has nothing left.
-EXPECTED_SECONDS = {"dytox": 34, "tsd_fixed": 33, "der_prune": 28, "tsd_grc": 28, "foster": 26, "der": 23,
-                    "memo": 22, "joint": 16, "exacfs": 12, "replay": 11}
+EXPECTED_SECONDS = {"dytox": 25, "tsd_fixed": 25, "der_prune": 23, "tsd_grc": 23, "foster": 22, "der": 20,
+                    "memo": 19, "joint": 15, "exacfs": 11, "replay": 8}
 
 
 def _longest_first(method: str) -> float:
