@@ -2,7 +2,7 @@
 the HTML report. Complete runs already under results/runs are reused (set DEMO_FORCE=1 to redo them).
 
 The demo keeps each card's own budget except where one phase dominates the wall time: TSD's distillation and
-FOSTER's compression run the card's 8 epochs instead of the reduced cards' 3 x 8, DyTox 30 + 5 fine-tuning
+FOSTER's compression run the card's training epochs (8) instead of the reduced cards' 3 x 8, DyTox 30 + 5 fine-tuning
 epochs instead of 50 + 20, so that the whole demo fits in three minutes on two CPU cores. The paper cards are
 untouched.
 
@@ -23,13 +23,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cilbench.data.protocol import load_card
 from cilbench.errors import UserError
 from cilbench.run.rundir import manifest_of, read_metrics, run_dir
 from cilbench.run.runner import RunRequest, execute
 
 RUNS = Path(os.environ.get("DEMO_RUNS", "results/runs"))
 REPORT = Path(os.environ.get("DEMO_REPORT", "results/report"))
-DEMO_KD_EPOCHS = 8       # the digits cards' training epochs
+DEMO_KD_EPOCHS = load_card("digits_b0s2")["train"]["epochs"]   # distillation at the card's training epochs
 DEMO_DYTOX_EPOCHS, DEMO_DYTOX_FT_EPOCHS = 30, 5
 # (protocol, method, --set overrides, run name): offline B0, offline B4 (EXACFS's B50-like setting), online
 DEMO_RUNS = [
