@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -100,8 +101,8 @@ def test_old_tokens_and_classifiers_frozen_encoder_trains(finetune):
     assert any(not torch.equal(v, method.net.tabs.state_dict()[k]) for k, v in tab.items())
 
 
-def fine_tuning_sets(engine, method, stream, check=None):
-    """Record the indices every fine-tuning fit trains on; `check(task)` runs just before it trains."""
+def fine_tuning_sets(engine, check=None):
+    """Record the indices every fine-tuning fit trains on; `check()` runs just before it trains."""
     sets, fit = [], engine.fit
 
     def recording_fit(params, loss_fn, indices, cfg, *, phase="train", **kw):
@@ -132,7 +133,7 @@ def test_fine_tuning_trains_on_the_memory_herded_before_it_which_the_harness_kee
         for m, mode in modes:
             m.train(mode)
 
-    sets = fine_tuning_sets(engine, method, stream, herd_with_the_model_as_it_is)
+    sets = fine_tuning_sets(engine, herd_with_the_model_as_it_is)
     learn_and_remember(method, ctx, stream, engine, memory, 0)
     before = memory.indices().clone()
     learn_and_remember(method, ctx, stream, engine, memory, 1)
@@ -146,7 +147,7 @@ def test_fine_tuning_trains_on_the_memory_herded_before_it_which_the_harness_kee
 def test_fine_tuning_on_the_balanced_set_leaves_herding_to_the_harness():
     ctx, stream, engine, memory = tiny_context(CARD, max_epochs=1)
     method = dytox(ctx, ft_set="balanced")
-    sets = fine_tuning_sets(engine, method, stream)
+    sets = fine_tuning_sets(engine)
     learn_and_remember(method, ctx, stream, engine, memory, 0)
     before = memory.indices().clone()
     learn_and_remember(method, ctx, stream, engine, memory, 1)
@@ -165,7 +166,7 @@ def test_no_fine_tuning_without_a_memory():
     ctx, stream, engine, memory = tiny_context(card, max_epochs=1)
     assert memory is None
     method = dytox(ctx)
-    sets = fine_tuning_sets(engine, method, stream)
+    sets = fine_tuning_sets(engine)
     for t in range(2):
         engine.begin_task(0, t)
         method.learn(stream.task(t), ctx)
@@ -229,7 +230,11 @@ def test_cli_run_on_digits(tmp_path, monkeypatch):
 
     def counted_select_now(ctx, task, features):
         selections.append(f"learn {task.index}")
-        return select_now(ctx, task, features)
+
+        def slow_features(x):          # a selection that takes >= 0.2 s, to find it in the run's time split
+            time.sleep(0.1)
+            return features(x)
+        return select_now(ctx, task, slow_features)
     monkeypatch.setattr(ExemplarMemory, "update", counted_update)
     monkeypatch.setattr(Context, "select_exemplars_now", counted_select_now)
     result = CliRunner().invoke(app, ["run", "--method", "dytox", "--protocol", "digits_b0s2", "--epochs", "1",
@@ -244,6 +249,8 @@ def test_cli_run_on_digits(tmp_path, monkeypatch):
     assert all(int(s["extractors"]) == 1 for s in steps)
     # each task's classes selected once: by the harness after task 1, by fine-tuning after the others
     assert selections == [range(0, 2)] + [x for t in range(1, 5) for x in (f"learn {t}", range(2 * t, 2 * t + 2))]
+    # a selection made inside learn() is herding time, not statistics (the rest of learn outside fit)
+    assert all(float(s["herding_seconds"]) >= 0.2 > float(s["statistics_seconds"]) for s in steps[1:])
 
 
 def test_code_recipe_adamw_warmup_from_warmup_lr_cosine_to_min_lr():
